@@ -1,0 +1,39 @@
+//! Maps and globals shared by every program of the object.
+
+use agent_common::{DropReason, KernelOffsets, CRITICAL_RING_BYTES, DROP_REASONS};
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+
+#[map(name = "CRITICAL_EVENTS")]
+pub static CRITICAL_EVENTS: RingBuf = RingBuf::with_byte_size(CRITICAL_RING_BYTES, 0);
+
+#[map(name = "DROP_COUNTERS")]
+pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
+
+/// Set by user space at load time from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    valid: 0,
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_mm: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+};
+
+#[inline(always)]
+pub fn kernel_offsets() -> KernelOffsets {
+    // SAFETY: a global in .rodata; volatile so that the compiler does not fold
+    // the zero initialiser into the code.
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(counter) = DROP_COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *counter += 1 };
+    }
+}

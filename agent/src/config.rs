@@ -1,0 +1,248 @@
+//! The agent's configuration: one typed struct, layered as defaults < TOML
+//! file < environment (`ZT_AGENT_*`, nested with `__`) < command-line flags.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+/// Read when no `--config` is given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/zt/agent.toml";
+pub const ENV_PREFIX: &str = "ZT_AGENT_";
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// gRPC endpoint of the collector.
+    pub collector_url: String,
+    /// Organisation (tenant) this device belongs to.
+    pub org_id: String,
+    /// Where the agent keeps its device id (and later keys, spool, policy).
+    pub state_dir: PathBuf,
+    pub uplink: UplinkConfig,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// A batch is sent when it holds this many events ...
+    pub batch_max_events: usize,
+    /// ... or when its oldest event is this old, whichever comes first.
+    pub batch_max_delay_ms: u64,
+    /// Events held in memory while the collector is unreachable; beyond it
+    /// the oldest are dropped and counted.
+    pub buffer_max_events: usize,
+    /// Batches sent and not yet acknowledged.
+    pub max_in_flight_batches: usize,
+    /// Reconnect backoff: first delay and ceiling (with jitter).
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            collector_url: "http://127.0.0.1:50051".to_owned(),
+            org_id: "local".to_owned(),
+            state_dir: PathBuf::from("/var/lib/zt-agent"),
+            uplink: UplinkConfig::default(),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_events: 512,
+            batch_max_delay_ms: 250,
+            buffer_max_events: 200_000,
+            max_in_flight_batches: 16,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 10_000,
+        }
+    }
+}
+
+impl UplinkConfig {
+    pub fn batch_max_delay(&self) -> Duration {
+        Duration::from_millis(self.batch_max_delay_ms)
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+/// Which file to read: the explicit one (must exist), else the default one
+/// when present.
+pub fn config_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match explicit {
+        Some(path) if path.exists() => Ok(Some(path.to_owned())),
+        Some(path) => Err(ConfigError::Missing(path.display().to_string())),
+        None => Ok(Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists())),
+    }
+}
+
+/// Builds the configuration from its layers.
+pub fn build(figment: Figment, flags: &FlagOverrides) -> Result<AgentConfig, ConfigError> {
+    let config: AgentConfig = figment
+        .merge(Serialized::defaults(flags))
+        .extract()
+        .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// The standard layers: defaults, file, environment.
+pub fn layers(file: Option<&Path>) -> Figment {
+    let mut figment = Figment::from(Serialized::defaults(AgentConfig::default()));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+}
+
+/// Reads file and environment, applies flags.
+pub fn load(
+    explicit_file: Option<&Path>,
+    flags: &FlagOverrides,
+) -> Result<AgentConfig, ConfigError> {
+    let file = config_file(explicit_file)?;
+    build(layers(file.as_deref()), flags)
+}
+
+impl AgentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let u = &self.uplink;
+        if u.batch_max_events == 0 || u.max_in_flight_batches == 0 {
+            return Err(ConfigError::Value(
+                "uplink.batch_max_events and uplink.max_in_flight_batches must be at least 1"
+                    .into(),
+            ));
+        }
+        if u.buffer_max_events < u.batch_max_events {
+            return Err(ConfigError::Value(
+                "uplink.buffer_max_events must be at least uplink.batch_max_events".into(),
+            ));
+        }
+        if self.org_id.is_empty() {
+            return Err(ConfigError::Value("org_id must not be empty".into()));
+        }
+        if !(self.collector_url.starts_with("http://")
+            || self.collector_url.starts_with("https://"))
+        {
+            return Err(ConfigError::Value(format!(
+                "collector_url {:?} must start with http:// or https://",
+                self.collector_url
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_suit_the_local_stack() {
+        // In a jail: other tests set ZT_AGENT_* variables.
+        figment::Jail::expect_with(|_| {
+            let config = build(layers(None), &FlagOverrides::default()).unwrap();
+            assert_eq!(config, AgentConfig::default());
+            assert_eq!(config.collector_url, "http://127.0.0.1:50051");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "agent.toml",
+                r#"
+                collector_url = "http://10.0.0.1:50051"
+                org_id = "file-org"
+                [uplink]
+                batch_max_events = 64
+                "#,
+            )?;
+            jail.set_env("ZT_AGENT_ORG_ID", "env-org");
+            jail.set_env("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "50");
+            let flags = FlagOverrides {
+                state_dir: Some("/tmp/flag-state".into()),
+                ..Default::default()
+            };
+            let config = build(layers(Some(Path::new("agent.toml"))), &flags).unwrap();
+            assert_eq!(config.collector_url, "http://10.0.0.1:50051");
+            assert_eq!(config.org_id, "env-org");
+            assert_eq!(config.uplink.batch_max_events, 64);
+            assert_eq!(config.uplink.batch_max_delay_ms, 50);
+            assert_eq!(config.state_dir, PathBuf::from("/tmp/flag-state"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("agent.toml", "colector_url = \"http://x\"\n")?;
+            let err = build(
+                layers(Some(Path::new("agent.toml"))),
+                &FlagOverrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("colector_url"), "{err}");
+
+            jail.create_file("bad.toml", "[uplink]\nbatch_max_events = 0\n")?;
+            let err = build(
+                layers(Some(Path::new("bad.toml"))),
+                &FlagOverrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("batch_max_events"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let err = config_file(Some(Path::new("/nonexistent/agent.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing(_)));
+    }
+}

@@ -1,0 +1,242 @@
+//! Decoding of the raw records the kernel programs write to ring buffers into
+//! owned, validated user-space events. Sans-IO: bytes in, events out.
+
+use std::mem::size_of;
+
+use agent_common::{
+    EventHeader, EventKind, ExecEvent, ARGS_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED,
+    FLAG_FILENAME_TRUNCATED, FLAG_PPID_UNKNOWN,
+};
+
+/// A process execution as the kernel saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessExec {
+    /// Nanoseconds since boot (`CLOCK_BOOTTIME`).
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub filename: String,
+    pub argv: Vec<String>,
+    pub argv_truncated: bool,
+    pub filename_truncated: bool,
+    pub ppid_unknown: bool,
+}
+
+/// Every event kind the kernel can send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Exec(ProcessExec),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than an event header")]
+    TooShort(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record has {actual} bytes, expected {expected}")]
+    WrongSize {
+        kind: EventKind,
+        actual: usize,
+        expected: usize,
+    },
+    #[error("{field} length {len} exceeds its capacity {capacity}")]
+    LengthOutOfRange {
+        field: &'static str,
+        len: u32,
+        capacity: usize,
+    },
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
+    if record.len() < size_of::<EventHeader>() {
+        return Err(DecodeError::TooShort(record.len()));
+    }
+    // SAFETY: length checked; EventHeader is plain old data; unaligned read.
+    let header: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+    match kind {
+        EventKind::Exec => decode_exec(record).map(KernelEvent::Exec),
+    }
+}
+
+fn decode_exec(record: &[u8]) -> Result<ProcessExec, DecodeError> {
+    let expected = size_of::<ExecEvent>();
+    if record.len() != expected {
+        return Err(DecodeError::WrongSize {
+            kind: EventKind::Exec,
+            actual: record.len(),
+            expected,
+        });
+    }
+    // SAFETY: length checked; ExecEvent is plain old data; unaligned read.
+    let raw: ExecEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let filename_len = checked_len("filename", raw.filename_len, FILENAME_CAPACITY)?;
+    let args_len = checked_len("args", raw.args_len, ARGS_CAPACITY)?;
+    let flags = raw.header.flags;
+    Ok(ProcessExec {
+        boot_ns: raw.header.boot_ns,
+        pid: raw.pid,
+        tid: raw.tid,
+        ppid: raw.ppid,
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        filename: String::from_utf8_lossy(until_nul(&raw.filename[..filename_len])).into_owned(),
+        argv: split_args(&raw.args[..args_len]),
+        argv_truncated: flags & FLAG_ARGS_TRUNCATED != 0,
+        filename_truncated: flags & FLAG_FILENAME_TRUNCATED != 0,
+        ppid_unknown: flags & FLAG_PPID_UNKNOWN != 0,
+    })
+}
+
+fn checked_len(field: &'static str, len: u32, capacity: usize) -> Result<usize, DecodeError> {
+    let as_usize = len as usize;
+    if as_usize > capacity {
+        return Err(DecodeError::LengthOutOfRange {
+            field,
+            len,
+            capacity,
+        });
+    }
+    Ok(as_usize)
+}
+
+fn until_nul(bytes: &[u8]) -> &[u8] {
+    bytes
+        .iter()
+        .position(|&b| b == 0)
+        .map_or(bytes, |end| &bytes[..end])
+}
+
+/// Splits the argument area (NUL-terminated strings back to back) into argv.
+/// A last string cut by truncation is kept as it is.
+fn split_args(area: &[u8]) -> Vec<String> {
+    let area = area.strip_suffix(&[0]).unwrap_or(area);
+    if area.is_empty() {
+        return Vec::new();
+    }
+    area.split(|&b| b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds the bytes the kernel would write for an exec.
+    pub(crate) fn exec_record(filename: &str, args: &[&str], flags: u32) -> Vec<u8> {
+        // SAFETY: all-zero is a valid ExecEvent.
+        let mut raw: ExecEvent = unsafe { std::mem::zeroed() };
+        raw.header.kind = EventKind::Exec as u32;
+        raw.header.flags = flags;
+        raw.header.boot_ns = 123_456_789;
+        raw.pid = 4242;
+        raw.tid = 4243;
+        raw.ppid = 1;
+        raw.uid = 1000;
+        raw.gid = 100;
+        raw.cgroup_id = 77;
+        raw.filename[..filename.len()].copy_from_slice(filename.as_bytes());
+        raw.filename_len = filename.len() as u32;
+        let mut at = 0;
+        for arg in args {
+            let end = (at + arg.len()).min(ARGS_CAPACITY);
+            raw.args[at..end].copy_from_slice(&arg.as_bytes()[..end - at]);
+            at = (end + 1).min(ARGS_CAPACITY);
+        }
+        raw.args_len = at as u32;
+        // SAFETY: ExecEvent is plain old data without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (&raw as *const ExecEvent).cast::<u8>(),
+                size_of::<ExecEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_exec() {
+        let record = exec_record("/usr/bin/env", &["env", "-i", "FOO=bar baz"], 0);
+        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        assert_eq!(exec.pid, 4242);
+        assert_eq!(exec.tid, 4243);
+        assert_eq!(exec.ppid, 1);
+        assert_eq!(exec.uid, 1000);
+        assert_eq!(exec.gid, 100);
+        assert_eq!(exec.cgroup_id, 77);
+        assert_eq!(exec.boot_ns, 123_456_789);
+        assert_eq!(exec.filename, "/usr/bin/env");
+        assert_eq!(exec.argv, vec!["env", "-i", "FOO=bar baz"]);
+        assert!(!exec.argv_truncated && !exec.filename_truncated && !exec.ppid_unknown);
+    }
+
+    #[test]
+    fn keeps_empty_arguments_and_flags() {
+        let record = exec_record(
+            "/bin/true",
+            &["true", "", "x"],
+            FLAG_ARGS_TRUNCATED | FLAG_PPID_UNKNOWN,
+        );
+        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        assert_eq!(exec.argv, vec!["true", "", "x"]);
+        assert!(exec.argv_truncated);
+        assert!(exec.ppid_unknown);
+    }
+
+    #[test]
+    fn no_arguments() {
+        let record = exec_record("/bin/true", &[], 0);
+        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        assert!(exec.argv.is_empty());
+    }
+
+    #[test]
+    fn truncated_last_argument_is_kept() {
+        let long = "a".repeat(ARGS_CAPACITY + 10);
+        let record = exec_record("/bin/echo", &["echo", &long], FLAG_ARGS_TRUNCATED);
+        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        assert_eq!(exec.argv.len(), 2);
+        assert_eq!(exec.argv[1].len(), ARGS_CAPACITY - "echo".len() - 1);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_not_rejected() {
+        let mut record = exec_record("/bin/x", &["x", "ab"], 0);
+        let args_at = size_of::<ExecEvent>() - ARGS_CAPACITY;
+        record[args_at + 2] = 0xff;
+        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        assert_eq!(exec.argv[1], "\u{fffd}b");
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        assert_eq!(decode(&[0; 4]), Err(DecodeError::TooShort(4)));
+
+        let mut unknown = exec_record("/bin/x", &[], 0);
+        unknown[0] = 99;
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
+
+        let short = exec_record("/bin/x", &[], 0);
+        assert!(matches!(
+            decode(&short[..100]),
+            Err(DecodeError::WrongSize { actual: 100, .. })
+        ));
+
+        let mut bad_len = exec_record("/bin/x", &[], 0);
+        let args_len_at = 16 + 6 * 4 + 8;
+        bad_len[args_len_at..args_len_at + 4]
+            .copy_from_slice(&(ARGS_CAPACITY as u32 + 1).to_ne_bytes());
+        assert!(matches!(
+            decode(&bad_len),
+            Err(DecodeError::LengthOutOfRange { field: "args", .. })
+        ));
+    }
+}

@@ -1,0 +1,82 @@
+//! The endpoint agent (`zt-agent`): kernel sensors, event decoding and
+//! enrichment, and the uplink that streams telemetry to the collector.
+
+pub mod clock;
+pub mod config;
+pub mod event;
+pub mod identity;
+pub mod kernel_offsets;
+pub mod metrics;
+pub mod outbox;
+pub mod sensors;
+pub mod sysfs;
+pub mod uplink;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::{
+    config::AgentConfig,
+    metrics::AgentMetrics,
+    sensors::{KernelSensors, Sequencer},
+    uplink::Uplink,
+};
+
+/// Events between the sensors and the uplink; the uplink never blocks on the
+/// network, so this only absorbs scheduling jitter.
+const SENSOR_CHANNEL_CAPACITY: usize = 16_384;
+/// How long a stopping agent lets the uplink deliver what it holds.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let identity =
+        identity::load(&config.org_id, &config.state_dir).context("loading agent identity")?;
+    info!(org = %identity.org_id, device = %identity.device_id, host = %identity.hostname, "agent identity");
+    let metrics = Arc::new(AgentMetrics::default());
+
+    let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
+    // Event sequence numbers start at the agent's start time in nanoseconds,
+    // so (device, boot_id, seq) stays unique across agent restarts.
+    let sequencer = Sequencer::starting_at(clock::unix_now_ns());
+    let sensors =
+        KernelSensors::start(tx, metrics.clone(), sequencer).context("starting kernel sensors")?;
+
+    let uplink = Uplink::new(
+        config.collector_url.clone(),
+        identity,
+        config.uplink.clone(),
+        metrics.clone(),
+    );
+    let mut uplink_task = tokio::spawn(uplink.run(rx));
+
+    tokio::select! {
+        () = shutdown => info!("stopping"),
+        result = &mut uplink_task => {
+            result.context("uplink task failed")?;
+            anyhow::bail!("uplink stopped unexpectedly");
+        }
+    }
+    // Detaches every program; the reader ends and closes the channel.
+    drop(sensors);
+    if tokio::time::timeout(STOP_TIMEOUT, uplink_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("uplink did not finish within {STOP_TIMEOUT:?}");
+    }
+    info!(
+        kernel_records = AgentMetrics::get(&metrics.kernel_records),
+        acked = AgentMetrics::get(&metrics.events_acked),
+        dropped_queue_full = AgentMetrics::get(&metrics.events_dropped_queue_full),
+        kernel_drops = AgentMetrics::get(&metrics.kernel_drops),
+        "stopped"
+    );
+    Ok(())
+}

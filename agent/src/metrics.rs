@@ -1,0 +1,32 @@
+//! Counters of the agent, shared by its tasks. Every drop and error has one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Records read from the kernel ring buffers.
+    pub kernel_records: AtomicU64,
+    /// Records that failed to decode (and were discarded).
+    pub decode_errors: AtomicU64,
+    /// Events the kernel could not deliver (ring buffer full), summed per CPU.
+    pub kernel_drops: AtomicU64,
+    /// Events the collector acknowledged as stored.
+    pub events_acked: AtomicU64,
+    /// Events the collector refused as malformed.
+    pub events_rejected: AtomicU64,
+    /// Events dropped because the in-memory queue was full.
+    pub events_dropped_queue_full: AtomicU64,
+    pub batches_sent: AtomicU64,
+    /// Connection attempts to the collector that failed or broke.
+    pub uplink_failures: AtomicU64,
+}
+
+impl AgentMetrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,163 @@
+//! The uplink's queue of events not yet acknowledged by the collector.
+//! Sans-IO: the uplink task drives it; tests drive it directly.
+//!
+//! Events wait in `pending`, leave in numbered batches, and stay `in_flight`
+//! until the collector acknowledges their batch (after storing it). When the
+//! connection breaks, in-flight batches go back to the front of `pending`, in
+//! order, and are sent again. The queue is bounded: when it is full the oldest
+//! pending events are dropped and counted (the disk spool replaces this).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use proto::telemetry::Event;
+
+#[derive(Debug)]
+pub struct Outbox {
+    pending: VecDeque<Event>,
+    in_flight: BTreeMap<u64, Vec<Event>>,
+    in_flight_events: usize,
+    next_batch_seq: u64,
+    capacity: usize,
+    dropped: u64,
+}
+
+impl Outbox {
+    /// `capacity` bounds pending plus in-flight events.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            in_flight_events: 0,
+            next_batch_seq: 1,
+            capacity,
+            dropped: 0,
+        }
+    }
+
+    /// Queues an event; returns how many old events were dropped for it.
+    pub fn push(&mut self, event: Event) -> u64 {
+        let mut dropped = 0;
+        while self.pending.len() + self.in_flight_events >= self.capacity {
+            if self.pending.pop_front().is_none() {
+                // Everything is in flight: the new event is the one to lose.
+                self.dropped += 1;
+                return 1;
+            }
+            dropped += 1;
+        }
+        self.pending.push_back(event);
+        self.dropped += dropped;
+        dropped
+    }
+
+    /// Takes up to `max_events` pending events as the next batch.
+    pub fn next_batch(&mut self, max_events: usize) -> Option<(u64, Vec<Event>)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let take = self.pending.len().min(max_events);
+        let events: Vec<Event> = self.pending.drain(..take).collect();
+        let seq = self.next_batch_seq;
+        self.next_batch_seq += 1;
+        self.in_flight_events += events.len();
+        self.in_flight.insert(seq, events.clone());
+        Some((seq, events))
+    }
+
+    /// The collector stored batch `seq`; returns its event count, or `None`
+    /// for an unknown (already acknowledged or requeued) batch.
+    pub fn ack(&mut self, seq: u64) -> Option<usize> {
+        let events = self.in_flight.remove(&seq)?;
+        self.in_flight_events -= events.len();
+        Some(events.len())
+    }
+
+    /// The connection broke: everything in flight will be sent again, first
+    /// and in its original order.
+    pub fn requeue_in_flight(&mut self) {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        self.in_flight_events = 0;
+        for events in in_flight.into_values().rev() {
+            for event in events.into_iter().rev() {
+                self.pending.push_front(event);
+            }
+        }
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn in_flight_batches(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            time_unix_ns: seq,
+            kind: None,
+        }
+    }
+
+    fn seqs(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn batches_in_order_and_acks_release() {
+        let mut outbox = Outbox::new(100);
+        for i in 0..5 {
+            outbox.push(event(i));
+        }
+        let (b1, e1) = outbox.next_batch(3).unwrap();
+        let (b2, e2) = outbox.next_batch(3).unwrap();
+        assert_eq!((b1, seqs(&e1)), (1, vec![0, 1, 2]));
+        assert_eq!((b2, seqs(&e2)), (2, vec![3, 4]));
+        assert!(outbox.next_batch(3).is_none());
+        assert_eq!(outbox.ack(b1), Some(3));
+        assert_eq!(outbox.ack(b1), None);
+        assert_eq!(outbox.in_flight_batches(), 1);
+    }
+
+    #[test]
+    fn requeue_resends_in_original_order_before_newer_events() {
+        let mut outbox = Outbox::new(100);
+        for i in 0..6 {
+            outbox.push(event(i));
+        }
+        let (b1, _) = outbox.next_batch(2).unwrap();
+        let _ = outbox.next_batch(2).unwrap();
+        outbox.ack(b1);
+        outbox.push(event(6));
+        outbox.requeue_in_flight();
+        let (seq, events) = outbox.next_batch(10).unwrap();
+        assert_eq!(seq, 3, "batch numbers never repeat");
+        assert_eq!(seqs(&events), vec![2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn full_queue_drops_oldest_pending_and_counts() {
+        let mut outbox = Outbox::new(3);
+        for i in 0..3 {
+            assert_eq!(outbox.push(event(i)), 0);
+        }
+        assert_eq!(outbox.push(event(3)), 1);
+        assert_eq!(outbox.dropped_total(), 1);
+        let (_, events) = outbox.next_batch(10).unwrap();
+        assert_eq!(seqs(&events), vec![1, 2, 3]);
+        // All in flight: a new event cannot displace unacknowledged ones.
+        assert_eq!(outbox.push(event(4)), 1);
+        assert_eq!(outbox.dropped_total(), 2);
+        assert_eq!(outbox.pending_len(), 0);
+    }
+}

@@ -1,0 +1,538 @@
+//! The collector's configuration: one typed [`CollectorConfig`], layered as
+//! defaults < TOML file < `ZT_COLLECTOR_*` environment < command-line flags.
+//!
+//! Reading the sources (files, the process environment) is IO and lives in
+//! [`ConfigSources::read`]; turning them into a validated config is pure and
+//! lives in [`ConfigSources::build`], which the unit tests exercise.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use figment::{
+    providers::{Format, Serialized, Toml},
+    value::{Dict, Map, Value},
+    Figment, Metadata, Profile, Provider,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Default configuration file, read only when it exists and `--config` is absent.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/zt/collector.toml";
+/// Prefix of the environment variables that override the file; nested keys
+/// are separated by `__` (`ZT_COLLECTOR_CLICKHOUSE__URL`).
+pub const ENV_PREFIX: &str = "ZT_COLLECTOR_";
+
+/// Errors reading or building the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {field}: {reason}")]
+    Value { field: &'static str, reason: String },
+}
+
+/// Output format of the collector's logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the collector needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    /// Address of the gRPC server (telemetry and control services).
+    pub listen: SocketAddr,
+    pub clickhouse: ClickHouseConfig,
+    pub batch: BatchConfig,
+    pub log_format: LogFormat,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            clickhouse: ClickHouseConfig::default(),
+            batch: BatchConfig::default(),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+/// Where and how to reach ClickHouse.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP endpoint, `http://host:port`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub url: String,
+    /// Database holding the zt tables; created by the migrations.
+    #[serde(deserialize_with = "lenient_string")]
+    pub database: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub user: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub password: String,
+    /// How long to keep trying to reach ClickHouse at start before giving up.
+    pub startup_timeout_secs: u64,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".to_owned(),
+            database: "zt".to_owned(),
+            user: "default".to_owned(),
+            password: String::new(),
+            startup_timeout_secs: 30,
+        }
+    }
+}
+
+// The password never reaches the logs.
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseConfig")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field(
+                "password",
+                &if self.password.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("startup_timeout_secs", &self.startup_timeout_secs)
+            .finish()
+    }
+}
+
+/// When the batch writer flushes: whichever limit is reached first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_rows: usize,
+    pub max_delay_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_rows: 10_000,
+            max_delay_ms: 1_000,
+        }
+    }
+}
+
+/// Command-line flags; each one set overrides every other source.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "zt-collector",
+    version,
+    about = "Telemetry ingest, ClickHouse storage and control plane of the zt EDR",
+    after_help = "Environment: ZT_COLLECTOR_<KEY>, nested keys joined by `__`, e.g. \
+                  ZT_COLLECTOR_CLICKHOUSE__URL, ZT_COLLECTOR_BATCH__MAX_ROWS. \
+                  RUST_LOG sets the log filter (default info)."
+)]
+pub struct CliArgs {
+    /// TOML configuration file [default: /etc/zt/collector.toml when it exists]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// ClickHouse HTTP URL [default: http://127.0.0.1:8123]
+    #[arg(long, value_name = "URL")]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database [default: zt]
+    #[arg(long, value_name = "NAME")]
+    pub database: Option<String>,
+    /// Log format [default: plain]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The raw configuration sources, as read from the outside world.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSources {
+    /// The TOML file's path and contents, if one is used.
+    pub file: Option<(PathBuf, String)>,
+    /// Environment variables (all of them; only `ZT_COLLECTOR_*` are used).
+    pub env: Vec<(String, String)>,
+    pub flags: CliArgs,
+}
+
+impl ConfigSources {
+    /// Reads the config file (`--config`, else [`DEFAULT_CONFIG_PATH`] if it
+    /// exists) and the process environment.
+    pub fn read(flags: &CliArgs) -> Result<ConfigSources, ConfigError> {
+        let path = match &flags.config {
+            Some(path) => Some(path.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        let file = match path {
+            Some(path) => {
+                let text = read_file(&path)?;
+                Some((path, text))
+            }
+            None => None,
+        };
+        Ok(ConfigSources {
+            file,
+            env: std::env::vars().collect(),
+            flags: flags.clone(),
+        })
+    }
+
+    /// Layers the sources over the defaults and validates the result. Pure.
+    pub fn build(&self) -> Result<CollectorConfig, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(CollectorConfig::default()));
+        if let Some((path, text)) = &self.file {
+            let name = format!("config file {}", path.display());
+            figment = figment.merge(Named {
+                inner: Toml::string(text),
+                name,
+            });
+        }
+        let mut env: Vec<&(String, String)> = self.env.iter().collect();
+        env.sort();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if rest.is_empty() {
+                continue;
+            }
+            figment = figment.merge(Layer {
+                source: format!("environment variable {name}"),
+                key: rest.to_ascii_lowercase().replace("__", "."),
+                value: value.parse().unwrap_or_else(|never| match never {}),
+            });
+        }
+        let flags = &self.flags;
+        let flag_values = [
+            ("--listen", "listen", flags.listen.map(|a| a.to_string())),
+            (
+                "--clickhouse-url",
+                "clickhouse.url",
+                flags.clickhouse_url.clone(),
+            ),
+            ("--database", "clickhouse.database", flags.database.clone()),
+            (
+                "--log-format",
+                "log_format",
+                flags.log_format.map(|f| match f {
+                    LogFormat::Plain => "plain".to_owned(),
+                    LogFormat::Json => "json".to_owned(),
+                }),
+            ),
+        ];
+        for (flag, key, value) in flag_values {
+            if let Some(value) = value {
+                figment = figment.merge(Layer {
+                    source: format!("flag {flag}"),
+                    key: key.to_owned(),
+                    value: Value::from(value),
+                });
+            }
+        }
+        let config: CollectorConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl CollectorConfig {
+    /// Reads the sources for `flags` and builds the effective configuration.
+    pub fn load(flags: &CliArgs) -> Result<CollectorConfig, ConfigError> {
+        ConfigSources::read(flags)?.build()
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ch = &self.clickhouse;
+        if !ch.url.starts_with("http://") {
+            return Err(ConfigError::Value {
+                field: "clickhouse.url",
+                reason: format!("{:?} must start with http://", ch.url),
+            });
+        }
+        if !is_identifier(&ch.database) {
+            return Err(ConfigError::Value {
+                field: "clickhouse.database",
+                reason: format!(
+                    "{:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
+                    ch.database
+                ),
+            });
+        }
+        if self.batch.max_rows == 0 {
+            return Err(ConfigError::Value {
+                field: "batch.max_rows",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One value from one named source (an environment variable or a flag), so
+/// errors name where a bad value came from.
+struct Layer {
+    source: String,
+    key: String,
+    value: Value,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.source.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        match figment::util::nest(&self.key, self.value.clone()) {
+            Value::Dict(_, dict) => Ok(Profile::Default.collect(dict)),
+            _ => Err(figment::Error::from(format!("{}: empty key", self.source))),
+        }
+    }
+}
+
+/// A provider under another name (the TOML text read from a file).
+struct Named<P> {
+    inner: P,
+    name: String,
+}
+
+impl<P: Provider> Provider for Named<P> {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(self.name.clone())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.inner.data()
+    }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`: safe to splice into DDL unquoted.
+pub fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    })
+}
+
+/// Accepts a string, or a number or boolean written where a string is meant
+/// (`ZT_COLLECTOR_CLICKHOUSE__PASSWORD=1234` parses as a number).
+fn lenient_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    deserializer.deserialize_any(Visitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> Option<(PathBuf, String)> {
+        Some((PathBuf::from("/test/collector.toml"), text.to_owned()))
+    }
+
+    #[test]
+    fn defaults_are_the_local_stack() {
+        let config = ConfigSources::default().build().unwrap();
+        assert_eq!(config, CollectorConfig::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.clickhouse.url, "http://127.0.0.1:8123");
+        assert_eq!(config.clickhouse.database, "zt");
+        assert_eq!(config.clickhouse.user, "default");
+        assert_eq!(config.clickhouse.password, "");
+        assert_eq!(config.clickhouse.startup_timeout_secs, 30);
+        assert_eq!(config.batch.max_rows, 10_000);
+        assert_eq!(config.batch.max_delay_ms, 1_000);
+        assert_eq!(config.log_format, LogFormat::Plain);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_keeps_the_rest() {
+        let sources = ConfigSources {
+            file: file(
+                "listen = \"0.0.0.0:6000\"\nlog_format = \"json\"\n\
+                 [clickhouse]\nurl = \"http://ch:8123\"\n[batch]\nmax_rows = 5\n",
+            ),
+            ..Default::default()
+        };
+        let config = sources.build().unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:6000");
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.clickhouse.url, "http://ch:8123");
+        assert_eq!(config.clickhouse.database, "zt");
+        assert_eq!(config.batch.max_rows, 5);
+        assert_eq!(config.batch.max_delay_ms, 1_000);
+    }
+
+    #[test]
+    fn env_overrides_file_and_nests_with_double_underscore() {
+        let sources = ConfigSources {
+            file: file("[clickhouse]\nurl = \"http://file:8123\"\ndatabase = \"fromfile\"\n"),
+            env: env(&[
+                ("ZT_COLLECTOR_CLICKHOUSE__URL", "http://env:8123"),
+                ("ZT_COLLECTOR_CLICKHOUSE__PASSWORD", "1234"),
+                ("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "250"),
+                ("ZT_COLLECTOR_LOG_FORMAT", "json"),
+                ("OTHER_VARIABLE", "ignored"),
+                ("ZT_COLLECTORX", "ignored"),
+            ]),
+            ..Default::default()
+        };
+        let config = sources.build().unwrap();
+        assert_eq!(config.clickhouse.url, "http://env:8123");
+        assert_eq!(config.clickhouse.database, "fromfile");
+        assert_eq!(config.clickhouse.password, "1234");
+        assert_eq!(config.batch.max_delay_ms, 250);
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn flags_override_everything() {
+        let sources = ConfigSources {
+            file: file("listen = \"127.0.0.1:1\"\n[clickhouse]\ndatabase = \"f\"\n"),
+            env: env(&[
+                ("ZT_COLLECTOR_LISTEN", "127.0.0.1:2"),
+                ("ZT_COLLECTOR_CLICKHOUSE__URL", "http://env:1"),
+                ("ZT_COLLECTOR_CLICKHOUSE__DATABASE", "e"),
+                ("ZT_COLLECTOR_LOG_FORMAT", "plain"),
+            ]),
+            flags: CliArgs {
+                config: None,
+                listen: Some("127.0.0.1:3".parse().unwrap()),
+                clickhouse_url: Some("http://flag:1".to_owned()),
+                database: Some("flagdb".to_owned()),
+                log_format: Some(LogFormat::Json),
+            },
+        };
+        let config = sources.build().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(config.clickhouse.url, "http://flag:1");
+        assert_eq!(config.clickhouse.database, "flagdb");
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let in_file = ConfigSources {
+            file: file("[clickhouse]\nurll = \"http://x:1\"\n"),
+            ..Default::default()
+        };
+        let err = in_file.build().unwrap_err().to_string();
+        assert!(err.contains("urll"), "{err}");
+
+        let in_env = ConfigSources {
+            env: env(&[("ZT_COLLECTOR_BATCH__MAX_ROW", "1")]),
+            ..Default::default()
+        };
+        assert!(in_env.build().is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (key, value) in [
+            ("ZT_COLLECTOR_CLICKHOUSE__DATABASE", "zt; DROP TABLE x"),
+            ("ZT_COLLECTOR_CLICKHOUSE__URL", "https://tls.example:8443"),
+            ("ZT_COLLECTOR_BATCH__MAX_ROWS", "0"),
+            ("ZT_COLLECTOR_LISTEN", "not an address"),
+            ("ZT_COLLECTOR_LOG_FORMAT", "xml"),
+        ] {
+            let sources = ConfigSources {
+                env: env(&[(key, value)]),
+                ..Default::default()
+            };
+            assert!(sources.build().is_err(), "{key}={value} accepted");
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::Parser;
+        let args = CliArgs::try_parse_from([
+            "zt-collector",
+            "--config",
+            "/x.toml",
+            "--listen",
+            "127.0.0.1:9",
+            "--clickhouse-url",
+            "http://h:1",
+            "--database",
+            "d",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(args.config.as_deref(), Some(Path::new("/x.toml")));
+        assert_eq!(args.log_format, Some(LogFormat::Json));
+        assert_eq!(args.database.as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn password_is_not_logged() {
+        let mut config = CollectorConfig::default();
+        config.clickhouse.password = "s3cret".to_owned();
+        let text = format!("{config:?}");
+        assert!(!text.contains("s3cret"));
+        assert!(text.contains("<redacted>"));
+    }
+}

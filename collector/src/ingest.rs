@@ -1,0 +1,170 @@
+//! Telemetry ingest: the `zt.telemetry.v1.Telemetry` gRPC service.
+//!
+//! Each agent holds one `Stream`. For every `EventBatch` the service converts
+//! the events ([`convert`]), hands the valid rows to the batch writer, waits
+//! until ClickHouse has stored them, and only then answers with a `BatchAck`
+//! (stored, rejected, first reject reason). Malformed events are refused and
+//! counted; they never fail the rest of their batch. When the rows cannot be
+//! stored the stream ends with `UNAVAILABLE`, and the agent sends the
+//! unacknowledged batches again after reconnecting.
+
+pub mod convert;
+
+use std::sync::Arc;
+
+use proto::telemetry::{telemetry_server::Telemetry, BatchAck, EventBatch};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    metrics::{ConnectedAgent, Metrics},
+    writer::{WriteError, WriterHandle},
+};
+
+pub use self::convert::{convert_batch, Converted, RejectReason};
+
+/// Acks buffered per stream before the handler waits for the agent to read.
+const ACK_BUFFER: usize = 16;
+
+/// Errors of the ingest path, as seen by the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("events of batch {batch_seq} not stored: {source}")]
+    NotStored { batch_seq: u64, source: WriteError },
+}
+
+impl From<IngestError> for Status {
+    fn from(e: IngestError) -> Status {
+        // UNAVAILABLE: retry later; the batch was not acknowledged.
+        Status::unavailable(e.to_string())
+    }
+}
+
+/// The telemetry service; one per server, shared by all streams.
+#[derive(Debug, Clone)]
+pub struct TelemetryService {
+    writer: WriterHandle,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TelemetryService {
+    /// `shutdown` turning true ends every stream after its current batch.
+    pub fn new(
+        writer: WriterHandle,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> TelemetryService {
+        TelemetryService {
+            writer,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Converts, stores and acknowledges one batch.
+    pub async fn handle_batch(&self, batch: EventBatch) -> Result<BatchAck, IngestError> {
+        let Converted {
+            rows,
+            rejected,
+            first_reason,
+        } = convert_batch(batch.agent.as_ref(), &batch.events, unix_seconds_now());
+        let stored = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+        if rejected > 0 {
+            Metrics::add(&self.metrics.events_rejected, u64::from(rejected));
+            let agent = batch.agent.as_ref();
+            warn!(
+                batch_seq = batch.batch_seq,
+                org_id = agent.map(|a| a.org_id.as_str()).unwrap_or(""),
+                device_id = agent.map(|a| a.device_id.as_str()).unwrap_or(""),
+                rejected,
+                reason = %first_reason.as_ref().map(ToString::to_string).unwrap_or_default(),
+                "rejected malformed events"
+            );
+        }
+        self.writer
+            .write(rows)
+            .await
+            .map_err(|source| IngestError::NotStored {
+                batch_seq: batch.batch_seq,
+                source,
+            })?;
+        Metrics::add(&self.metrics.batches_acked, 1);
+        Ok(BatchAck {
+            batch_seq: batch.batch_seq,
+            stored,
+            rejected,
+            reject_reason: first_reason.map(|r| r.to_string()).unwrap_or_default(),
+        })
+    }
+
+    async fn serve_stream(
+        self,
+        mut inbound: Streaming<EventBatch>,
+        acks: mpsc::Sender<Result<BatchAck, Status>>,
+        peer: String,
+    ) {
+        let _connected = ConnectedAgent::new(self.metrics.clone());
+        let mut shutdown = self.shutdown.clone();
+        info!(%peer, "agent stream opened");
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    debug!(%peer, "closing agent stream for shutdown");
+                    break;
+                }
+                next = inbound.message() => next,
+            };
+            let batch = match next {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(%peer, %status, "agent stream failed");
+                    break;
+                }
+            };
+            match self.handle_batch(batch).await {
+                Ok(ack) => {
+                    if acks.send(Ok(ack)).await.is_err() {
+                        break; // the agent went away
+                    }
+                }
+                Err(e) => {
+                    warn!(%peer, error = %e, "ending agent stream");
+                    let _ = acks.send(Err(e.into())).await;
+                    break;
+                }
+            }
+        }
+        info!(%peer, "agent stream closed");
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for TelemetryService {
+    type StreamStream = ReceiverStream<Result<BatchAck, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<EventBatch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let (tx, rx) = mpsc::channel(ACK_BUFFER);
+        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, peer));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn unix_seconds_now() -> u32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}

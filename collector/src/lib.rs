@@ -1,0 +1,24 @@
+//! `zt-collector`: receives agent telemetry over gRPC, stores it in
+//! ClickHouse in batches, and answers status queries.
+//!
+//! One module per role:
+//! - [`config`]: the typed, layered configuration;
+//! - [`storage`]: the ClickHouse client, schema migrations, row types;
+//! - [`writer`]: the batch writer (a sans-IO [`writer::Batcher`] and its task);
+//! - [`ingest`]: the `Telemetry` service and event validation;
+//! - [`control`]: the `Control` status service;
+//! - [`metrics`]: counters and gauges;
+//! - [`server`]: wiring, start-up and graceful shutdown.
+//!
+//! The binary calls [`CollectorConfig::load`] and [`run`].
+
+pub mod config;
+pub mod control;
+pub mod ingest;
+pub mod metrics;
+pub mod server;
+pub mod storage;
+pub mod writer;
+
+pub use config::{CliArgs, CollectorConfig, ConfigError, LogFormat};
+pub use server::{run, start, RunError, RunningCollector};

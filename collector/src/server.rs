@@ -1,0 +1,232 @@
+//! Wiring: reach ClickHouse, migrate, start the batch writer, serve the gRPC
+//! services, and shut down gracefully.
+//!
+//! [`run`] is what the binary calls: it serves until SIGINT or SIGTERM, then
+//! stops accepting, lets open streams finish their current batch, flushes the
+//! writer and returns. [`start`] does the same start-up but returns a
+//! [`RunningCollector`] handle, for tests and embedding.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use proto::{control::control_server::ControlServer, telemetry::telemetry_server::TelemetryServer};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tonic::transport::{server::TcpIncoming, Server};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::CollectorConfig,
+    control::ControlService,
+    ingest::TelemetryService,
+    metrics::Metrics,
+    storage::{Storage, StorageError},
+    writer::{self, BatchLimits, WriterTask},
+};
+
+/// How long shutdown waits for streams to finish, then for the writer to flush.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why the collector could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("ClickHouse at {url} unreachable after {secs} s: {last}")]
+    ClickHouseUnreachable {
+        url: String,
+        secs: u64,
+        last: StorageError,
+    },
+    #[error("ClickHouse at {url} refused the collector: {error}")]
+    ClickHouseRefused { url: String, error: StorageError },
+    #[error("schema migration failed on ClickHouse at {url}: {error}")]
+    Migration { url: String, error: StorageError },
+    #[error("invalid storage configuration: {0}")]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("grpc server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// A collector started by [`start`]; stop it with [`RunningCollector::shutdown`].
+#[derive(Debug)]
+pub struct RunningCollector {
+    local_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: WriterTask,
+}
+
+impl RunningCollector {
+    /// The address the gRPC server is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, ends the streams after their current batch, flushes
+    /// the writer; each step bounded by a grace period.
+    pub async fn shutdown(self) -> Result<(), RunError> {
+        info!("collector shutting down");
+        let _ = self.shutdown.send(true);
+        let mut server = self.server;
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+            Ok(Ok(result)) => result.map_err(RunError::from),
+            Ok(Err(join)) => {
+                error!(error = %join, "grpc server task failed");
+                Ok(())
+            }
+            Err(_) => {
+                warn!(
+                    "streams still open after {} s; closing them",
+                    SHUTDOWN_GRACE.as_secs()
+                );
+                server.abort();
+                Ok(())
+            }
+        };
+        if self.writer.shutdown(SHUTDOWN_GRACE).await {
+            info!("batch writer flushed");
+        } else {
+            warn!(
+                "batch writer could not flush within {} s; unacknowledged batches will be resent by agents",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+        served
+    }
+}
+
+/// Starts the collector and serves until SIGINT or SIGTERM.
+pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let collector = start(config).await?;
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = interrupt.recv() => info!("SIGINT received"),
+    }
+    collector.shutdown().await
+}
+
+/// Reaches ClickHouse (retrying until the startup timeout), applies the
+/// migrations, starts the writer and binds the gRPC server.
+pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError> {
+    let storage = Storage::new(&config.clickhouse)?;
+    wait_for_clickhouse(
+        &storage,
+        Duration::from_secs(config.clickhouse.startup_timeout_secs),
+    )
+    .await?;
+    let report = storage
+        .migrate()
+        .await
+        .map_err(|error| RunError::Migration {
+            url: storage.url().to_owned(),
+            error,
+        })?;
+    info!(
+        url = storage.url(),
+        database = storage.database(),
+        applied = ?report.applied,
+        already_applied = ?report.already_applied,
+        "ClickHouse schema up to date"
+    );
+
+    let metrics = Metrics::new();
+    let limits = BatchLimits {
+        max_rows: config.batch.max_rows,
+        max_delay: Duration::from_millis(config.batch.max_delay_ms),
+    };
+    let (writer_handle, writer) = writer::spawn(storage.clone(), limits, metrics.clone());
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let incoming =
+        TcpIncoming::from_listener(listener, true, None).map_err(|e| RunError::Bind {
+            addr: config.listen,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let telemetry = TelemetryService::new(writer_handle, metrics.clone(), shutdown_rx.clone());
+    let control = ControlService::new(storage, metrics.clone());
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(
+        Server::builder()
+            .add_service(TelemetryServer::new(telemetry))
+            .add_service(ControlServer::new(control))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            }),
+    );
+    info!(%local_addr, "collector listening on {local_addr}");
+    Ok(RunningCollector {
+        local_addr,
+        metrics,
+        shutdown,
+        server,
+        writer,
+    })
+}
+
+/// Pings ClickHouse with backoff until it answers or `timeout` has passed.
+/// A permanent refusal (e.g. authentication) fails at once.
+async fn wait_for_clickhouse(storage: &Storage, timeout: Duration) -> Result<(), RunError> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut delay = CONNECT_BACKOFF_START;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = storage.ping(PING_TIMEOUT.min(remaining.max(Duration::from_millis(100))));
+        match attempt.await {
+            Ok(()) => {
+                info!(url = storage.url(), "ClickHouse reachable");
+                return Ok(());
+            }
+            Err(error) if !error.is_retriable() => {
+                return Err(RunError::ClickHouseRefused {
+                    url: storage.url().to_owned(),
+                    error,
+                });
+            }
+            Err(error) => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(RunError::ClickHouseUnreachable {
+                        url: storage.url().to_owned(),
+                        secs: timeout.as_secs(),
+                        last: error,
+                    });
+                }
+                warn!(
+                    url = storage.url(),
+                    error = %error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "ClickHouse not reachable yet"
+                );
+                tokio::time::sleep(delay.min(deadline - now)).await;
+                delay = (delay * 2).min(CONNECT_BACKOFF_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_build::configure().compile_protos(
+        &["proto/telemetry.proto", "proto/control.proto"],
+        &["proto"],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Wire definitions shared by the agent, the collector and `ztctl`: the
+//! `.proto` files under `proto/` and the tonic/prost code generated from them.
+
+/// Agent → collector telemetry (`zt.telemetry.v1`).
+pub mod telemetry {
+    tonic::include_proto!("zt.telemetry.v1");
+}
+
+/// Collector control and status API (`zt.control.v1`).
+pub mod control {
+    tonic::include_proto!("zt.control.v1");
+}
