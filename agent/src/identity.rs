@@ -1,12 +1,14 @@
 //! Who this agent is: its organisation, a device id kept in the state
-//! directory across restarts, the host name and the kernel's boot id.
+//! directory across restarts, the host name, and the id of this agent run
+//! (`boot_id`: a fresh UUID at every start; events are numbered from 1 within
+//! it, so `(device_id, boot_id, seq)` names an event and holes in `seq` are
+//! lost events).
 
 use std::{fs, io, path::Path};
 
 use proto::telemetry::AgentIdentity;
 
 const DEVICE_ID_FILE: &str = "device_id";
-const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -16,8 +18,6 @@ pub enum IdentityError {
     DeviceId { path: String, source: io::Error },
     #[error("device id in {path} is not a UUID: {value:?}")]
     BadDeviceId { path: String, value: String },
-    #[error("cannot read boot id from {BOOT_ID_PATH}: {0}")]
-    BootId(io::Error),
 }
 
 /// Loads the identity, creating the device id on first start.
@@ -27,10 +27,7 @@ pub fn load(org_id: &str, state_dir: &Path) -> Result<AgentIdentity, IdentityErr
         source,
     })?;
     let device_id = load_or_create_device_id(state_dir)?;
-    let boot_id = fs::read_to_string(BOOT_ID_PATH)
-        .map_err(IdentityError::BootId)?
-        .trim()
-        .to_owned();
+    let boot_id = uuid::Uuid::new_v4().to_string();
     Ok(AgentIdentity {
         org_id: org_id.to_owned(),
         device_id,
@@ -87,6 +84,10 @@ mod tests {
         let first = load("org-a", dir.path()).unwrap();
         let second = load("org-a", dir.path()).unwrap();
         assert_eq!(first.device_id, second.device_id);
+        assert_ne!(
+            first.boot_id, second.boot_id,
+            "every agent run has its own id"
+        );
         assert!(uuid::Uuid::parse_str(&first.device_id).is_ok());
         assert_eq!(first.org_id, "org-a");
         assert_eq!(first.boot_id.len(), 36);

@@ -42,9 +42,8 @@ pub async fn run(
     let metrics = Arc::new(AgentMetrics::default());
 
     let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
-    // Event sequence numbers start at the agent's start time in nanoseconds,
-    // so (device, boot_id, seq) stays unique across agent restarts.
-    let sequencer = Sequencer::starting_at(clock::unix_now_ns());
+    // Events are numbered 1, 2, ... within this run (identity.boot_id).
+    let sequencer = Sequencer::default();
     let sensors =
         KernelSensors::start(tx, metrics.clone(), sequencer).context("starting kernel sensors")?;
 

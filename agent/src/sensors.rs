@@ -71,10 +71,6 @@ impl Drop for KernelSensors {
 pub struct Sequencer(u64);
 
 impl Sequencer {
-    pub fn starting_at(first: u64) -> Self {
-        Self(first)
-    }
-
     fn next(&mut self) -> u64 {
         self.0 += 1;
         self.0
