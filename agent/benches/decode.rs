@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p agent --bench decode`; see docs/benchmarks.md.
 
-use std::{hint::black_box, mem::size_of};
+use std::{cell::Cell, hint::black_box, mem::size_of};
 
 use agent_common::{EventKind, ExecEvent, ARGS_CAPACITY, FLAG_ARGS_TRUNCATED};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -70,7 +70,10 @@ fn bench_decode(c: &mut Criterion) {
     let typical = typical_record();
     let full = full_record();
     let args_bytes: usize = TYPICAL_ARGS.iter().map(|a| a.len() + 1).sum();
-    assert_eq!(args_bytes, 80, "the typical record carries 80 argument bytes");
+    assert_eq!(
+        args_bytes, 80,
+        "the typical record carries 80 argument bytes"
+    );
 
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(1));
@@ -111,16 +114,16 @@ fn bench_outbox(c: &mut Criterion) {
     // keep it until the ack, as the uplink does), one ack. The events are made
     // outside the timed part; the outbox is long-lived, as in the agent.
     let mut outbox = Outbox::new(200_000);
-    let mut seq = 0u64;
+    let next_seq = Cell::new(1u64);
     group.bench_function("push_batch_ack_512", |b| {
         b.iter_batched(
             || {
-                (0..BATCH as u64)
-                    .map(|i| wire_event(seq + i))
+                let first = next_seq.replace(next_seq.get() + BATCH as u64);
+                (first..first + BATCH as u64)
+                    .map(wire_event)
                     .collect::<Vec<_>>()
             },
             |events| {
-                seq += BATCH as u64;
                 for event in events {
                     outbox.push(event);
                 }

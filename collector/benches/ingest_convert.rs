@@ -4,6 +4,7 @@
 //! `cargo bench -p collector --bench ingest_convert`; see docs/benchmarks.md.
 
 use std::{
+    cell::RefCell,
     hint::black_box,
     time::{Duration, Instant},
 };
@@ -96,11 +97,12 @@ fn bench_batcher(c: &mut Criterion) {
     // "flush now?". The batcher is emptied (outside the timing) whenever it
     // would flush, so it stays in its steady state.
     group.throughput(Throughput::Elements(BATCH as u64));
-    let mut batcher: Batcher<ProcessEventRow, u64> = Batcher::new(limits);
+    let batcher: RefCell<Batcher<ProcessEventRow, u64>> = RefCell::new(Batcher::new(limits));
     let mut handle = 0u64;
     group.bench_function("push_512_and_decide", |b| {
         b.iter_batched(
             || {
+                let mut batcher = batcher.borrow_mut();
                 if batcher.len() + BATCH > limits.max_rows {
                     drop(batcher.take());
                 }
@@ -109,6 +111,7 @@ fn bench_batcher(c: &mut Criterion) {
             |rows| {
                 handle += 1;
                 let now = Instant::now();
+                let mut batcher = batcher.borrow_mut();
                 batcher.push(rows, handle, now);
                 black_box(batcher.should_flush(now))
             },

@@ -220,7 +220,9 @@ async fn throughput(
     for a in 0..agents {
         let batches = agent_batches(a, per_agent);
         let barrier = barrier.clone();
-        tasks.push(tokio::spawn(simulated_agent(addr, batches, barrier, budget)));
+        tasks.push(tokio::spawn(simulated_agent(
+            addr, batches, barrier, budget,
+        )));
     }
     barrier.wait().await;
     let started = Instant::now();
@@ -365,7 +367,13 @@ const COMMANDS: [(&str, &[&str]); 4] = [
     ),
     (
         "/usr/bin/git",
-        &["git", "-C", "/home/staff/projects/budget-2025", "status", "--porcelain=v2"],
+        &[
+            "git",
+            "-C",
+            "/home/staff/projects/budget-2025",
+            "status",
+            "--porcelain=v2",
+        ],
     ),
     ("/bin/sh", &["/bin/sh", "-c", "ls -la /tmp | wc -l"]),
     (

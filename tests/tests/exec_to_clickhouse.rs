@@ -30,6 +30,13 @@ struct ExecRow {
     time_ns: u64,
 }
 
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct TruncationRow {
+    pid: u32,
+    argv: Vec<String>,
+    argv_truncated: u8,
+}
+
 struct Stack {
     clickhouse: ClickHouseServer,
     database: String,
@@ -103,6 +110,17 @@ impl Stack {
             .await?)
     }
 
+    async fn truncation_of(&self, marker: &str) -> Result<Option<TruncationRow>> {
+        Ok(self
+            .clickhouse
+            .client()
+            .with_database(&self.database)
+            .query("SELECT ?fields FROM process_events WHERE has(argv, ?)")
+            .bind(marker)
+            .fetch_optional::<TruncationRow>()
+            .await?)
+    }
+
     fn logs(&self) -> String {
         ["collector", "agent"]
             .iter()
@@ -117,9 +135,14 @@ impl Stack {
 
 /// Runs `/bin/echo <marker> "second arg"` inside `cgroup`; returns its pid.
 fn exec_in_cgroup(cgroup: &TestCgroup, marker: &str) -> Result<u32> {
+    exec_in_cgroup_with(cgroup, &[marker, "second arg"])
+}
+
+/// Runs `/bin/echo <args>` inside `cgroup`; returns its pid.
+fn exec_in_cgroup_with(cgroup: &TestCgroup, args: &[&str]) -> Result<u32> {
     let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
     let mut command = Command::new("/bin/echo");
-    command.args([marker, "second arg"]);
+    command.args(args);
     // SAFETY: only async-signal-safe calls (open, write, close) between fork
     // and exec: the child joins the test's cgroup before it executes.
     unsafe {
@@ -147,7 +170,11 @@ fn exec_in_cgroup(cgroup: &TestCgroup, marker: &str) -> Result<u32> {
 }
 
 fn marker() -> String {
-    format!("zt-e2e-marker-{}", uuid::Uuid::new_v4().simple())
+    marker_for("marker")
+}
+
+fn marker_for(what: &str) -> String {
+    format!("zt-e2e-{what}-{}", uuid::Uuid::new_v4().simple())
 }
 
 async fn assert_row_arrives(
@@ -234,7 +261,31 @@ async fn exec_in_test_cgroup_reaches_clickhouse_within_5s() -> Result<()> {
         started,
         Duration::from_secs(5),
     )
+    .await?;
+
+    // An argument list longer than the event carries (4 KiB) arrives cut,
+    // flagged as cut, with its leading arguments intact.
+    let long_marker = marker_for("long");
+    let filler = "x".repeat(3000);
+    let pid = exec_in_cgroup_with(&cgroup, &[&long_marker, &filler, &filler])?;
+    let row = eventually(Duration::from_secs(5), || async {
+        stack.truncation_of(&long_marker).await.ok().flatten()
+    })
     .await
+    .with_context(|| format!("no row for the long argv\n{}", stack.logs()))?;
+    assert_eq!(row.pid, pid);
+    assert_eq!(
+        row.argv_truncated, 1,
+        "argv longer than 4 KiB must be flagged"
+    );
+    assert_eq!(row.argv[..2], ["/bin/echo".to_owned(), long_marker.clone()]);
+    assert_eq!(row.argv[2], filler, "the first filler fits whole");
+    let carried: usize = row.argv.iter().map(|a| a.len() + 1).sum();
+    assert!(
+        carried <= 4096 + 1 && carried > 4000,
+        "argv area carried: {carried} bytes"
+    );
+    Ok(())
 }
 
 /// The collector is down when the process runs: the agent keeps running,
