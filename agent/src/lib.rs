@@ -55,6 +55,7 @@ pub async fn run(
     );
     let mut uplink_task = tokio::spawn(uplink.run(rx));
 
+    let stats = tokio::spawn(log_stats(metrics.clone()));
     tokio::select! {
         () = shutdown => info!("stopping"),
         result = &mut uplink_task => {
@@ -62,6 +63,7 @@ pub async fn run(
             anyhow::bail!("uplink stopped unexpectedly");
         }
     }
+    stats.abort();
     // Detaches every program; the reader ends and closes the channel.
     drop(sensors);
     if tokio::time::timeout(STOP_TIMEOUT, uplink_task)
@@ -70,12 +72,32 @@ pub async fn run(
     {
         tracing::warn!("uplink did not finish within {STOP_TIMEOUT:?}");
     }
+    log_counters(&metrics, "stopped");
+    Ok(())
+}
+
+/// How often the agent logs its counters.
+const STATS_INTERVAL: Duration = Duration::from_secs(60);
+
+async fn log_stats(metrics: Arc<AgentMetrics>) {
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        log_counters(&metrics, "agent counters");
+    }
+}
+
+fn log_counters(metrics: &AgentMetrics, message: &str) {
     info!(
         kernel_records = AgentMetrics::get(&metrics.kernel_records),
-        acked = AgentMetrics::get(&metrics.events_acked),
-        dropped_queue_full = AgentMetrics::get(&metrics.events_dropped_queue_full),
+        decode_errors = AgentMetrics::get(&metrics.decode_errors),
         kernel_drops = AgentMetrics::get(&metrics.kernel_drops),
-        "stopped"
+        batches_sent = AgentMetrics::get(&metrics.batches_sent),
+        acked = AgentMetrics::get(&metrics.events_acked),
+        rejected = AgentMetrics::get(&metrics.events_rejected),
+        dropped_queue_full = AgentMetrics::get(&metrics.events_dropped_queue_full),
+        uplink_failures = AgentMetrics::get(&metrics.uplink_failures),
+        "{message}"
     );
-    Ok(())
 }

@@ -50,6 +50,8 @@ pub enum RunError {
     },
     #[error("grpc server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("grpc server stopped unexpectedly")]
+    ServerStopped,
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -60,7 +62,8 @@ pub struct RunningCollector {
     local_addr: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// `None` once the server task has been awaited.
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     writer: WriterTask,
 }
 
@@ -74,12 +77,32 @@ impl RunningCollector {
         &self.metrics
     }
 
+    /// Resolves only if the gRPC server stops on its own (an accept or
+    /// transport failure): the caller then shuts the rest down.
+    pub async fn server_stopped(&mut self) -> Result<(), RunError> {
+        let Some(server) = self.server.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = server.await;
+        self.server = None;
+        match result {
+            Ok(served) => served.map_err(RunError::from),
+            Err(join) => {
+                error!(error = %join, "grpc server task failed");
+                Ok(())
+            }
+        }
+    }
+
     /// Stops accepting, ends the streams after their current batch, flushes
     /// the writer; each step bounded by a grace period.
     pub async fn shutdown(self) -> Result<(), RunError> {
         info!("collector shutting down");
         let _ = self.shutdown.send(true);
-        let mut server = self.server;
+        let Some(mut server) = self.server else {
+            self.writer.shutdown(SHUTDOWN_GRACE).await;
+            return Ok(());
+        };
         let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
             Ok(Ok(result)) => result.map_err(RunError::from),
             Ok(Err(join)) => {
@@ -112,12 +135,17 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    let collector = start(config).await?;
-    tokio::select! {
-        _ = terminate.recv() => info!("SIGTERM received"),
-        _ = interrupt.recv() => info!("SIGINT received"),
-    }
-    collector.shutdown().await
+    let mut collector = start(config).await?;
+    let stopped = tokio::select! {
+        _ = terminate.recv() => { info!("SIGTERM received"); Ok(()) }
+        _ = interrupt.recv() => { info!("SIGINT received"); Ok(()) }
+        result = collector.server_stopped() => {
+            error!("grpc server stopped unexpectedly");
+            Err(result.err().unwrap_or(RunError::ServerStopped))
+        }
+    };
+    let shutdown = collector.shutdown().await;
+    stopped.and(shutdown)
 }
 
 /// Reaches ClickHouse (retrying until the startup timeout), applies the
@@ -184,7 +212,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         local_addr,
         metrics,
         shutdown,
-        server,
+        server: Some(server),
         writer,
     })
 }
