@@ -17,8 +17,10 @@ pub const CRITICAL_EVENTS_MAP: &str = "CRITICAL_EVENTS";
 pub const DROP_COUNTERS_MAP: &str = "DROP_COUNTERS";
 /// Read-only global holding the [`KernelOffsets`] user space resolved from BTF.
 pub const KERNEL_OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
-/// Name of the exec tracepoint program in the object file.
+/// Names of the programs in the object file.
 pub const EXEC_PROGRAM: &str = "sched_process_exec";
+pub const FORK_PROGRAM: &str = "task_newtask";
+pub const EXIT_PROGRAM: &str = "sched_process_exit";
 
 /// Bytes of the size of the critical ring buffer (power of two, page multiple).
 pub const CRITICAL_RING_BYTES: u32 = 8 * 1024 * 1024;
@@ -34,12 +36,16 @@ pub const ARGS_CAPACITY: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Exec = 1,
+    Fork = 2,
+    Exit = 3,
 }
 
 impl EventKind {
     pub const fn from_u32(raw: u32) -> Option<Self> {
         match raw {
             1 => Some(Self::Exec),
+            2 => Some(Self::Fork),
+            3 => Some(Self::Exit),
             _ => None,
         }
     }
@@ -77,6 +83,17 @@ pub const FLAG_FILENAME_TRUNCATED: u32 = 1 << 1;
 pub const FLAG_PPID_UNKNOWN: u32 = 1 << 2;
 /// The argument area could not be read.
 pub const FLAG_ARGS_UNREADABLE: u32 = 1 << 3;
+/// Credentials (euid, egid) could not be read.
+pub const FLAG_CREDS_UNKNOWN: u32 = 1 << 4;
+/// The login uid could not be read (kernel without audit).
+pub const FLAG_LOGINUID_UNKNOWN: u32 = 1 << 5;
+/// The process start time could not be read.
+pub const FLAG_START_UNKNOWN: u32 = 1 << 6;
+
+/// `clone_flags` bit of a new thread (not a new process).
+pub const CLONE_THREAD: u64 = 0x0001_0000;
+/// Login uid of a process no login session set.
+pub const LOGINUID_UNSET: u32 = u32::MAX;
 
 /// A successful `execve`/`execveat`, emitted from `sched/sched_process_exec`
 /// in the context of the new program.
@@ -92,17 +109,59 @@ pub struct ExecEvent {
     pub ppid: u32,
     pub uid: u32,
     pub gid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    /// Audit login uid; [`LOGINUID_UNSET`] outside a login session.
+    pub loginuid: u32,
     /// Valid bytes of `filename`, NUL excluded.
     pub filename_len: u32,
-    /// cgroup v2 id (the inode number of the cgroup directory).
-    pub cgroup_id: u64,
     /// Valid bytes of `args`.
     pub args_len: u32,
-    pub _reserved: u32,
+    /// cgroup v2 id (the inode number of the cgroup directory).
+    pub cgroup_id: u64,
+    /// When the process (not the program) started, boot-clock nanoseconds.
+    pub start_boot_ns: u64,
     /// The path given to execve, NUL-terminated.
     pub filename: [u8; FILENAME_CAPACITY],
     /// The new program's argument area: `argv` strings, each NUL-terminated.
     pub args: [u8; ARGS_CAPACITY],
+}
+
+/// A new process (`clone`/`fork` without `CLONE_THREAD`), emitted from
+/// `task/task_newtask` in the parent's context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// Thread-group id of the parent.
+    pub parent_pid: u32,
+    /// Thread of the parent that called clone.
+    pub parent_tid: u32,
+    /// Pid of the new process.
+    pub child_pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _reserved: u32,
+    pub clone_flags: u64,
+    pub cgroup_id: u64,
+}
+
+/// A process ended (its last thread exited), emitted from
+/// `sched/sched_process_exit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    pub pid: u32,
+    /// The thread whose exit ended the process.
+    pub tid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// `task->exit_code`: `(status << 8) | signal`, bit 7 core dumped.
+    pub exit_code: u32,
+    pub cgroup_id: u64,
+    pub start_boot_ns: u64,
 }
 
 /// Byte offsets inside kernel structures, resolved by user space from the
@@ -112,20 +171,44 @@ pub struct ExecEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
     pub valid: u32,
+    /// Bit set of `OPT_*`: optional offsets that are present.
+    pub optional: u32,
     pub task_real_parent: u32,
     pub task_tgid: u32,
     pub task_mm: u32,
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    pub task_cred: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    pub task_exit_code: u32,
+    pub task_start_boottime: u32,
+    pub task_signal: u32,
+    pub signal_live: u32,
+    /// `task_struct.loginuid` ([`OPT_LOGINUID`]).
+    pub task_loginuid: u32,
+    /// Offset of `group_dead` in the `sched_process_exit` record
+    /// ([`OPT_EXIT_GROUP_DEAD`]; kernels since 6.16).
+    pub tp_exit_group_dead: u32,
+    /// Offset of `clone_flags` in the `task_newtask` record.
+    pub tp_newtask_clone_flags: u32,
+    pub task_group_leader: u32,
 }
+
+/// [`KernelOffsets::task_loginuid`] is valid.
+pub const OPT_LOGINUID: u32 = 1 << 0;
+/// [`KernelOffsets::tp_exit_group_dead`] is valid.
+pub const OPT_EXIT_GROUP_DEAD: u32 = 1 << 1;
 
 // Wire layout is part of the contract between kernel and user space: fixed
 // sizes, no implicit padding.
 const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(align_of::<EventHeader>() == 8);
 const _: () =
-    assert!(size_of::<ExecEvent>() == 16 + 6 * 4 + 8 + 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
-const _: () = assert!(size_of::<KernelOffsets>() == 24);
+    assert!(size_of::<ExecEvent>() == 16 + 10 * 4 + 2 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
+const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
+const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
+const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
 const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());
 

@@ -3,14 +3,15 @@
 
 use agent_common::{
     DropReason, EventKind, ExecEvent, KernelOffsets, ARGS_CAPACITY, FILENAME_CAPACITY,
-    FLAG_ARGS_TRUNCATED, FLAG_ARGS_UNREADABLE, FLAG_FILENAME_TRUNCATED, FLAG_PPID_UNKNOWN,
+    FLAG_ARGS_TRUNCATED, FLAG_ARGS_UNREADABLE, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED,
+    FLAG_LOGINUID_UNKNOWN, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET,
 };
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_boot_ns,
-            bpf_probe_read_kernel_str, bpf_probe_read_user,
+            bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str,
+            bpf_probe_read_user,
         },
     },
     macros::tracepoint,
@@ -18,7 +19,10 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use crate::maps::{count_drop, kernel_offsets, CRITICAL_EVENTS};
+use crate::{
+    maps::{count_drop, kernel_offsets, CRITICAL_EVENTS},
+    task::Task,
+};
 
 /// Offsets in the tracepoint record (see its `format` file; stable ABI).
 const TP_FILENAME_LOC: usize = 8;
@@ -57,7 +61,6 @@ unsafe fn fill(ctx: &TracePointContext, event: &mut ExecEvent) {
     event.uid = uid_gid as u32;
     event.gid = (uid_gid >> 32) as u32;
     event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    event._reserved = 0;
 
     // Filename: a __data_loc field, (length << 16 | offset) into the record.
     event.filename[0] = 0;
@@ -82,37 +85,44 @@ unsafe fn fill(ctx: &TracePointContext, event: &mut ExecEvent) {
     let offsets = kernel_offsets();
     event.ppid = 0;
     event.args_len = 0;
+    event.euid = event.uid;
+    event.egid = event.gid;
+    event.loginuid = LOGINUID_UNSET;
+    event.start_boot_ns = 0;
     if offsets.valid == 0 {
-        flags |= FLAG_PPID_UNKNOWN | FLAG_ARGS_UNREADABLE;
+        flags |= FLAG_PPID_UNKNOWN
+            | FLAG_ARGS_UNREADABLE
+            | FLAG_CREDS_UNKNOWN
+            | FLAG_LOGINUID_UNKNOWN
+            | FLAG_START_UNKNOWN;
     } else {
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        match unsafe { read_ppid(task, &offsets) } {
+        let task = Task::current();
+        match task.ppid(&offsets) {
             Some(ppid) => event.ppid = ppid,
             None => flags |= FLAG_PPID_UNKNOWN,
+        }
+        match task.effective_ids(&offsets) {
+            Some((euid, egid)) => (event.euid, event.egid) = (euid, egid),
+            None => flags |= FLAG_CREDS_UNKNOWN,
+        }
+        match task.loginuid(&offsets) {
+            Some(loginuid) => event.loginuid = loginuid,
+            None => flags |= FLAG_LOGINUID_UNKNOWN,
+        }
+        // After exec the thread carries its group's start time (de_thread).
+        match task.start_boot_ns(&offsets) {
+            Some(start) => event.start_boot_ns = start,
+            None => flags |= FLAG_START_UNKNOWN,
         }
         flags |= unsafe { read_args(task, &offsets, event) };
     }
     event.header.flags = flags;
 }
 
-#[inline(always)]
-unsafe fn read_ppid(task: *const u8, offsets: &KernelOffsets) -> Option<u32> {
-    let parent: *const u8 = unsafe {
-        bpf_probe_read_kernel(task.add(offsets.task_real_parent as usize) as *const *const u8)
-    }
-    .ok()?;
-    let tgid: i32 =
-        unsafe { bpf_probe_read_kernel(parent.add(offsets.task_tgid as usize) as *const i32) }
-            .ok()?;
-    Some(tgid as u32)
-}
-
 /// Copies the new program's argument area; returns flags to set.
 #[inline(always)]
-unsafe fn read_args(task: *const u8, offsets: &KernelOffsets, event: &mut ExecEvent) -> u32 {
-    let Ok(mm) =
-        (unsafe { bpf_probe_read_kernel(task.add(offsets.task_mm as usize) as *const *const u8) })
-    else {
+unsafe fn read_args(task: Task, offsets: &KernelOffsets, event: &mut ExecEvent) -> u32 {
+    let Some(mm) = task.mm(offsets) else {
         return FLAG_ARGS_UNREADABLE;
     };
     let start: Result<u64, _> =

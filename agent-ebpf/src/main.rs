@@ -5,7 +5,9 @@
 #![no_main]
 
 mod exec;
+mod lifecycle;
 mod maps;
+mod task;
 
 #[cfg(not(test))]
 #[panic_handler]

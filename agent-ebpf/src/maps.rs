@@ -16,11 +16,23 @@ pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     valid: 0,
+    optional: 0,
     task_real_parent: 0,
     task_tgid: 0,
     task_mm: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
+    task_cred: 0,
+    cred_euid: 0,
+    cred_egid: 0,
+    task_exit_code: 0,
+    task_start_boottime: 0,
+    task_signal: 0,
+    signal_live: 0,
+    task_loginuid: 0,
+    tp_exit_group_dead: 0,
+    tp_newtask_clone_flags: 0,
+    task_group_leader: 0,
 };
 
 #[inline(always)]

@@ -52,7 +52,7 @@ const TYPICAL_ARGS: [&str; 5] = [
     "-m",
     "pip",
     "install",
-    "--user=requests-2.32.3-py3-none-any",
+    "--requirement=/srv/apps/budget/requirements.txt",
 ];
 
 fn typical_record() -> Vec<u8> {
@@ -87,10 +87,12 @@ fn bench_decode(c: &mut Criterion) {
 }
 
 /// What the agent sends for one exec: the wire event with typical argv.
+#[allow(clippy::needless_update)]
 fn wire_event(seq: u64) -> Event {
     Event {
         seq,
         time_unix_ns: 1_750_000_000_000_000_000 + seq * 1_000,
+        ancestors: Vec::new(),
         kind: Some(Kind::Exec(ProcessExec {
             pid: 31_337,
             tid: 31_337,
@@ -103,6 +105,7 @@ fn wire_event(seq: u64) -> Event {
             argv_truncated: false,
             filename_truncated: false,
             ppid_unknown: false,
+            ..Default::default()
         })),
     }
 }

@@ -25,6 +25,16 @@ impl BootClock {
     }
 }
 
+/// Wall-clock nanoseconds since the Unix epoch, now.
+pub fn unix_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME).max(0) as u64
+}
+
+/// Boot-clock nanoseconds, now (the clock of kernel event timestamps).
+pub fn boot_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME).max(0) as u64
+}
+
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,

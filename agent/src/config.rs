@@ -26,7 +26,25 @@ pub struct AgentConfig {
     /// Where the agent keeps its device id (and later keys, spool, policy).
     pub state_dir: PathBuf,
     pub uplink: UplinkConfig,
+    pub sensors: SensorConfig,
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SensorConfig {
+    /// Bytes of the kernel ring buffer for critical events (exec, fork,
+    /// exit): a power of two, at least one page. Full means lost events,
+    /// counted and reported as gaps.
+    pub critical_ring_bytes: u32,
+}
+
+impl Default for SensorConfig {
+    fn default() -> Self {
+        Self {
+            critical_ring_bytes: agent_common::CRITICAL_RING_BYTES,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -61,6 +79,7 @@ impl Default for AgentConfig {
             org_id: "local".to_owned(),
             state_dir: PathBuf::from("/var/lib/zt-agent"),
             uplink: UplinkConfig::default(),
+            sensors: SensorConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -159,6 +178,12 @@ impl AgentConfig {
             return Err(ConfigError::Value(
                 "uplink.buffer_max_events must be at least uplink.batch_max_events".into(),
             ));
+        }
+        let ring = self.sensors.critical_ring_bytes;
+        if !ring.is_power_of_two() || ring < 4096 {
+            return Err(ConfigError::Value(format!(
+                "sensors.critical_ring_bytes {ring} must be a power of two of at least 4096"
+            )));
         }
         if self.org_id.is_empty() {
             return Err(ConfigError::Value("org_id must not be empty".into()));

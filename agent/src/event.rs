@@ -4,8 +4,9 @@
 use std::mem::size_of;
 
 use agent_common::{
-    EventHeader, EventKind, ExecEvent, ARGS_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED,
-    FLAG_FILENAME_TRUNCATED, FLAG_PPID_UNKNOWN,
+    EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ARGS_CAPACITY, FILENAME_CAPACITY,
+    FLAG_ARGS_TRUNCATED, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN,
+    FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET,
 };
 
 /// A process execution as the kernel saw it.
@@ -18,18 +19,79 @@ pub struct ProcessExec {
     pub ppid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Effective ids; equal to uid/gid when `creds_unknown`.
+    pub euid: u32,
+    pub egid: u32,
+    /// Audit login uid, `None` outside a login session or when unknown.
+    pub loginuid: Option<u32>,
+    /// Process start, boot-clock nanoseconds; `None` when unknown.
+    pub start_boot_ns: Option<u64>,
     pub cgroup_id: u64,
     pub filename: String,
     pub argv: Vec<String>,
     pub argv_truncated: bool,
     pub filename_truncated: bool,
     pub ppid_unknown: bool,
+    pub creds_unknown: bool,
+}
+
+/// A new process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessFork {
+    pub boot_ns: u64,
+    pub parent_pid: u32,
+    pub parent_tid: u32,
+    pub child_pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub clone_flags: u64,
+    pub cgroup_id: u64,
+}
+
+/// The end of a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    /// `None` when the parent could not be read.
+    pub ppid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// Exit status (0..=255) when the process exited normally.
+    pub exit_status: Option<u8>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<u8>,
+    pub core_dumped: bool,
+    pub start_boot_ns: Option<u64>,
+}
+
+impl ProcessExit {
+    /// How long the process lived, when its start is known.
+    pub fn lifetime_ns(&self) -> Option<u64> {
+        self.start_boot_ns
+            .map(|start| self.boot_ns.saturating_sub(start))
+    }
 }
 
 /// Every event kind the kernel can send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ProcessExec),
+    Fork(ProcessFork),
+    Exit(ProcessExit),
+}
+
+impl KernelEvent {
+    /// Boot-clock nanoseconds of the event.
+    pub fn boot_ns(&self) -> u64 {
+        match self {
+            Self::Exec(e) => e.boot_ns,
+            Self::Fork(e) => e.boot_ns,
+            Self::Exit(e) => e.boot_ns,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,20 +124,62 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     match kind {
         EventKind::Exec => decode_exec(record).map(KernelEvent::Exec),
+        EventKind::Fork => decode_fork(record).map(KernelEvent::Fork),
+        EventKind::Exit => decode_exit(record).map(KernelEvent::Exit),
     }
 }
 
-fn decode_exec(record: &[u8]) -> Result<ProcessExec, DecodeError> {
-    let expected = size_of::<ExecEvent>();
+/// Reads a fixed-size record of kind `kind` as `T`.
+fn read_record<T: Copy>(record: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
     if record.len() != expected {
         return Err(DecodeError::WrongSize {
-            kind: EventKind::Exec,
+            kind,
             actual: record.len(),
             expected,
         });
     }
-    // SAFETY: length checked; ExecEvent is plain old data; unaligned read.
-    let raw: ExecEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    // SAFETY: length checked; callers use only `#[repr(C)]` plain-old-data
+    // event types of agent-common, valid for any bit pattern; unaligned read.
+    Ok(unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) })
+}
+
+fn decode_fork(record: &[u8]) -> Result<ProcessFork, DecodeError> {
+    let raw: ForkEvent = read_record(record, EventKind::Fork)?;
+    Ok(ProcessFork {
+        boot_ns: raw.header.boot_ns,
+        parent_pid: raw.parent_pid,
+        parent_tid: raw.parent_tid,
+        child_pid: raw.child_pid,
+        uid: raw.uid,
+        gid: raw.gid,
+        clone_flags: raw.clone_flags,
+        cgroup_id: raw.cgroup_id,
+    })
+}
+
+fn decode_exit(record: &[u8]) -> Result<ProcessExit, DecodeError> {
+    let raw: ExitEvent = read_record(record, EventKind::Exit)?;
+    let flags = raw.header.flags;
+    let code = raw.exit_code;
+    let signal = (code & 0x7f) as u8;
+    Ok(ProcessExit {
+        boot_ns: raw.header.boot_ns,
+        pid: raw.pid,
+        tid: raw.tid,
+        ppid: (flags & FLAG_PPID_UNKNOWN == 0).then_some(raw.ppid),
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        exit_status: (signal == 0).then_some(((code >> 8) & 0xff) as u8),
+        signal: (signal != 0).then_some(signal),
+        core_dumped: code & 0x80 != 0,
+        start_boot_ns: (flags & FLAG_START_UNKNOWN == 0).then_some(raw.start_boot_ns),
+    })
+}
+
+fn decode_exec(record: &[u8]) -> Result<ProcessExec, DecodeError> {
+    let raw: ExecEvent = read_record(record, EventKind::Exec)?;
     let filename_len = checked_len("filename", raw.filename_len, FILENAME_CAPACITY)?;
     let args_len = checked_len("args", raw.args_len, ARGS_CAPACITY)?;
     let flags = raw.header.flags;
@@ -86,12 +190,18 @@ fn decode_exec(record: &[u8]) -> Result<ProcessExec, DecodeError> {
         ppid: raw.ppid,
         uid: raw.uid,
         gid: raw.gid,
+        euid: raw.euid,
+        egid: raw.egid,
+        loginuid: (flags & FLAG_LOGINUID_UNKNOWN == 0 && raw.loginuid != LOGINUID_UNSET)
+            .then_some(raw.loginuid),
+        start_boot_ns: (flags & FLAG_START_UNKNOWN == 0).then_some(raw.start_boot_ns),
         cgroup_id: raw.cgroup_id,
         filename: String::from_utf8_lossy(until_nul(&raw.filename[..filename_len])).into_owned(),
         argv: split_args(&raw.args[..args_len]),
         argv_truncated: flags & FLAG_ARGS_TRUNCATED != 0,
         filename_truncated: flags & FLAG_FILENAME_TRUNCATED != 0,
         ppid_unknown: flags & FLAG_PPID_UNKNOWN != 0,
+        creds_unknown: flags & FLAG_CREDS_UNKNOWN != 0,
     })
 }
 
@@ -142,6 +252,10 @@ pub(crate) mod tests {
         raw.ppid = 1;
         raw.uid = 1000;
         raw.gid = 100;
+        raw.euid = 0;
+        raw.egid = 0;
+        raw.loginuid = 1000;
+        raw.start_boot_ns = 100_000_000;
         raw.cgroup_id = 77;
         raw.filename[..filename.len()].copy_from_slice(filename.as_bytes());
         raw.filename_len = filename.len() as u32;
@@ -165,7 +279,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_exec() {
         let record = exec_record("/usr/bin/env", &["env", "-i", "FOO=bar baz"], 0);
-        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        let KernelEvent::Exec(exec) = decode(&record).unwrap() else {
+            panic!("not an exec");
+        };
         assert_eq!(exec.pid, 4242);
         assert_eq!(exec.tid, 4243);
         assert_eq!(exec.ppid, 1);
@@ -173,6 +289,13 @@ pub(crate) mod tests {
         assert_eq!(exec.gid, 100);
         assert_eq!(exec.cgroup_id, 77);
         assert_eq!(exec.boot_ns, 123_456_789);
+        assert_eq!(
+            (exec.euid, exec.egid),
+            (0, 0),
+            "setuid program: effective ids differ"
+        );
+        assert_eq!(exec.loginuid, Some(1000));
+        assert_eq!(exec.start_boot_ns, Some(100_000_000));
         assert_eq!(exec.filename, "/usr/bin/env");
         assert_eq!(exec.argv, vec!["env", "-i", "FOO=bar baz"]);
         assert!(!exec.argv_truncated && !exec.filename_truncated && !exec.ppid_unknown);
@@ -185,7 +308,9 @@ pub(crate) mod tests {
             &["true", "", "x"],
             FLAG_ARGS_TRUNCATED | FLAG_PPID_UNKNOWN,
         );
-        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        let KernelEvent::Exec(exec) = decode(&record).unwrap() else {
+            panic!("not an exec");
+        };
         assert_eq!(exec.argv, vec!["true", "", "x"]);
         assert!(exec.argv_truncated);
         assert!(exec.ppid_unknown);
@@ -194,7 +319,9 @@ pub(crate) mod tests {
     #[test]
     fn no_arguments() {
         let record = exec_record("/bin/true", &[], 0);
-        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        let KernelEvent::Exec(exec) = decode(&record).unwrap() else {
+            panic!("not an exec");
+        };
         assert!(exec.argv.is_empty());
     }
 
@@ -202,7 +329,9 @@ pub(crate) mod tests {
     fn truncated_last_argument_is_kept() {
         let long = "a".repeat(ARGS_CAPACITY + 10);
         let record = exec_record("/bin/echo", &["echo", &long], FLAG_ARGS_TRUNCATED);
-        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        let KernelEvent::Exec(exec) = decode(&record).unwrap() else {
+            panic!("not an exec");
+        };
         assert_eq!(exec.argv.len(), 2);
         assert_eq!(exec.argv[1].len(), ARGS_CAPACITY - "echo".len() - 1);
     }
@@ -212,8 +341,85 @@ pub(crate) mod tests {
         let mut record = exec_record("/bin/x", &["x", "ab"], 0);
         let args_at = size_of::<ExecEvent>() - ARGS_CAPACITY;
         record[args_at + 2] = 0xff;
-        let KernelEvent::Exec(exec) = decode(&record).unwrap();
+        let KernelEvent::Exec(exec) = decode(&record).unwrap() else {
+            panic!("not an exec");
+        };
         assert_eq!(exec.argv[1], "\u{fffd}b");
+    }
+
+    fn bytes_of<T>(value: &T) -> Vec<u8> {
+        // SAFETY: event types are plain old data without padding.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_fork() {
+        let raw = ForkEvent {
+            header: EventHeader {
+                kind: EventKind::Fork as u32,
+                flags: 0,
+                boot_ns: 5,
+            },
+            parent_pid: 10,
+            parent_tid: 11,
+            child_pid: 12,
+            uid: 1000,
+            gid: 1000,
+            _reserved: 0,
+            clone_flags: 0x11,
+            cgroup_id: 3,
+        };
+        let KernelEvent::Fork(fork) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert_eq!(
+            (fork.parent_pid, fork.parent_tid, fork.child_pid),
+            (10, 11, 12)
+        );
+        assert_eq!(fork.clone_flags, 0x11);
+    }
+
+    fn exit_with(code: u32, flags: u32) -> ProcessExit {
+        let raw = ExitEvent {
+            header: EventHeader {
+                kind: EventKind::Exit as u32,
+                flags,
+                boot_ns: 3_000,
+            },
+            pid: 20,
+            tid: 21,
+            ppid: 1,
+            uid: 0,
+            gid: 0,
+            exit_code: code,
+            cgroup_id: 9,
+            start_boot_ns: 1_000,
+        };
+        match decode(&bytes_of(&raw)).unwrap() {
+            KernelEvent::Exit(exit) => exit,
+            other => panic!("not an exit: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_exit_status_and_signals() {
+        let normal = exit_with(3 << 8, 0);
+        assert_eq!(
+            (normal.exit_status, normal.signal, normal.core_dumped),
+            (Some(3), None, false)
+        );
+        assert_eq!(normal.lifetime_ns(), Some(2_000));
+        assert_eq!(normal.ppid, Some(1));
+
+        let killed = exit_with(9, 0);
+        assert_eq!((killed.exit_status, killed.signal), (None, Some(9)));
+
+        let segv_core = exit_with(11 | 0x80, 0);
+        assert_eq!((segv_core.signal, segv_core.core_dumped), (Some(11), true));
+
+        let unknown = exit_with(0, FLAG_PPID_UNKNOWN | FLAG_START_UNKNOWN);
+        assert_eq!((unknown.ppid, unknown.lifetime_ns()), (None, None));
     }
 
     #[test]
@@ -231,7 +437,7 @@ pub(crate) mod tests {
         ));
 
         let mut bad_len = exec_record("/bin/x", &[], 0);
-        let args_len_at = 16 + 6 * 4 + 8;
+        let args_len_at = 16 + 9 * 4;
         bad_len[args_len_at..args_len_at + 4]
             .copy_from_slice(&(ARGS_CAPACITY as u32 + 1).to_ne_bytes());
         assert!(matches!(

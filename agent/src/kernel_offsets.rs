@@ -1,10 +1,11 @@
-//! Resolves the byte offsets the kernel programs need (inside `task_struct`
-//! and `mm_struct`) from the running kernel's BTF, so one object file works
-//! across kernel builds without compiled-in structure layouts.
+//! Resolves the byte offsets the kernel programs need — inside `task_struct`,
+//! `mm_struct`, `cred` and `signal_struct` from the running kernel's BTF, and
+//! inside tracepoint records from their tracefs `format` files — so one object
+//! file works across kernel builds without compiled-in layouts.
 
 use std::path::Path;
 
-use agent_common::KernelOffsets;
+use agent_common::{KernelOffsets, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID};
 use btf_rs::{Btf, Struct, Type};
 
 /// Where the running kernel publishes its BTF.
@@ -25,6 +26,16 @@ pub enum OffsetError {
         strukt: &'static str,
         member: &'static str,
     },
+    #[error("cannot read tracepoint format of {tracepoint}: {source}")]
+    Format {
+        tracepoint: &'static str,
+        source: std::io::Error,
+    },
+    #[error("tracepoint {tracepoint} has no field {field}")]
+    NoField {
+        tracepoint: &'static str,
+        field: &'static str,
+    },
     #[error("kernel BTF: {strukt}.{member} is a bit field")]
     BitField {
         strukt: &'static str,
@@ -41,18 +52,71 @@ pub fn resolve_from_file(path: &Path) -> Result<KernelOffsets, OffsetError> {
     resolve(&btf)
 }
 
-/// Resolves every offset in [`KernelOffsets`] from parsed BTF.
+/// Resolves the structure offsets of [`KernelOffsets`] from parsed BTF
+/// (tracepoint fields are left for [`resolve_tracepoint_fields`]).
 pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
     let task = find_struct(btf, "task_struct")?;
     let mm = find_struct(btf, "mm_struct")?;
-    Ok(KernelOffsets {
+    let cred = find_struct(btf, "cred")?;
+    let signal = find_struct(btf, "signal_struct")?;
+    let task_off = |member| byte_offset(btf, &task, "task_struct", member);
+    let mut offsets = KernelOffsets {
         valid: 1,
-        task_real_parent: byte_offset(btf, &task, "task_struct", "real_parent")?,
-        task_tgid: byte_offset(btf, &task, "task_struct", "tgid")?,
-        task_mm: byte_offset(btf, &task, "task_struct", "mm")?,
+        task_real_parent: task_off("real_parent")?,
+        task_tgid: task_off("tgid")?,
+        task_mm: task_off("mm")?,
+        task_cred: task_off("cred")?,
+        task_exit_code: task_off("exit_code")?,
+        task_start_boottime: task_off("start_boottime")?,
+        task_signal: task_off("signal")?,
+        task_group_leader: task_off("group_leader")?,
         mm_arg_start: byte_offset(btf, &mm, "mm_struct", "arg_start")?,
         mm_arg_end: byte_offset(btf, &mm, "mm_struct", "arg_end")?,
-    })
+        cred_euid: byte_offset(btf, &cred, "cred", "euid")?,
+        cred_egid: byte_offset(btf, &cred, "cred", "egid")?,
+        signal_live: byte_offset(btf, &signal, "signal_struct", "live")?,
+        ..KernelOffsets::default()
+    };
+    // Only with CONFIG_AUDIT.
+    if let Ok(loginuid) = task_off("loginuid") {
+        offsets.task_loginuid = loginuid;
+        offsets.optional |= OPT_LOGINUID;
+    }
+    Ok(offsets)
+}
+
+/// Fills the tracepoint-record offsets from the tracefs `format` files.
+/// `clone_flags` of `task_newtask` is required (the fork sensor cannot tell
+/// threads from processes without it); `group_dead` of `sched_process_exit`
+/// exists since 6.16 and otherwise the program reads `signal->live`.
+pub fn resolve_tracepoint_fields(
+    tracefs: &Path,
+    offsets: &mut KernelOffsets,
+) -> Result<(), OffsetError> {
+    use crate::tracefs_format::{field, read_format};
+    let newtask =
+        read_format(tracefs, "task", "task_newtask").map_err(|source| OffsetError::Format {
+            tracepoint: "task/task_newtask",
+            source,
+        })?;
+    offsets.tp_newtask_clone_flags = field(&newtask, "clone_flags")
+        .filter(|f| f.size == 8)
+        .ok_or(OffsetError::NoField {
+            tracepoint: "task/task_newtask",
+            field: "clone_flags",
+        })?
+        .offset;
+    let exit = read_format(tracefs, "sched", "sched_process_exit").map_err(|source| {
+        OffsetError::Format {
+            tracepoint: "sched/sched_process_exit",
+            source,
+        }
+    })?;
+    if let Some(group_dead) = field(&exit, "group_dead").filter(|f| f.size == 1) {
+        offsets.tp_exit_group_dead = group_dead.offset;
+        offsets.optional |= OPT_EXIT_GROUP_DEAD;
+    }
+    Ok(())
 }
 
 fn find_struct(btf: &Btf, name: &'static str) -> Result<Struct, OffsetError> {
@@ -120,6 +184,23 @@ mod tests {
         assert!(offsets.task_tgid > 0);
         assert_ne!(offsets.task_real_parent, offsets.task_tgid);
         assert_eq!(offsets.mm_arg_end, offsets.mm_arg_start + 8);
+        assert_eq!(
+            offsets.cred_egid,
+            offsets.cred_euid + 4,
+            "egid follows euid in struct cred"
+        );
+        assert!(offsets.task_cred > 0 && offsets.task_signal > 0 && offsets.task_group_leader > 0);
+        assert_ne!(offsets.optional & OPT_LOGINUID, 0, "this kernel has audit");
+    }
+
+    #[test]
+    fn resolves_tracepoint_fields_of_running_kernel() {
+        let mut offsets = KernelOffsets::default();
+        resolve_tracepoint_fields(Path::new("/sys/kernel/tracing"), &mut offsets).unwrap();
+        assert_eq!(offsets.tp_newtask_clone_flags, 32);
+        // 6.18 has group_dead in sched_process_exit.
+        assert_ne!(offsets.optional & OPT_EXIT_GROUP_DEAD, 0);
+        assert_eq!(offsets.tp_exit_group_dead, 32);
     }
 
     #[test]

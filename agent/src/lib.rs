@@ -8,8 +8,10 @@ pub mod identity;
 pub mod kernel_offsets;
 pub mod metrics;
 pub mod outbox;
+pub mod process_table;
 pub mod sensors;
 pub mod sysfs;
+pub mod tracefs_format;
 pub mod uplink;
 
 use std::{sync::Arc, time::Duration};
@@ -44,8 +46,8 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
     // Events are numbered 1, 2, ... within this run (identity.boot_id).
     let sequencer = Sequencer::default();
-    let sensors =
-        KernelSensors::start(tx, metrics.clone(), sequencer).context("starting kernel sensors")?;
+    let sensors = KernelSensors::start(&config.sensors, tx, metrics.clone(), sequencer.clone())
+        .context("starting kernel sensors")?;
 
     let uplink = Uplink::new(
         config.collector_url.clone(),

@@ -105,7 +105,7 @@ mod tests {
         Event {
             seq,
             time_unix_ns: seq,
-            kind: None,
+            ..Default::default()
         }
     }
 

@@ -1,30 +1,80 @@
 //! Loads the agent's kernel programs, attaches the sensors this kernel
-//! supports, and turns ring-buffer records into events for the uplink.
+//! supports, and turns ring-buffer records into enriched events for the
+//! uplink: each process event carries its ancestry from the process table,
+//! and every loss the kernel counts becomes a gap record.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use agent_common::{
-    KernelOffsets, CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, EXEC_PROGRAM, KERNEL_OFFSETS_GLOBAL,
+    KernelOffsets, CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM,
+    FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL,
 };
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
-use proto::telemetry::{event::Kind, Event, ProcessExec as WireExec};
+use proto::telemetry::{
+    event::Kind, Ancestor as WireAncestor, Event, Gap, ProcessExec as WireExec,
+    ProcessExit as WireExit, ProcessFork as WireFork,
+};
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
     clock::BootClock,
-    event::{decode, KernelEvent, ProcessExec},
+    config::SensorConfig,
+    event::{decode, KernelEvent},
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
+    process_table::{scan_proc, Ancestor, ProcessTable},
     sysfs,
 };
 
 /// The compiled `agent-ebpf` object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// A sensor and the hook it uses on this kernel. Which hook serves which
+/// sensor is data, so that better hooks (LSM, fentry) can be preferred where
+/// the kernel allows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SensorHook {
+    pub sensor: &'static str,
+    pub program: &'static str,
+    pub category: &'static str,
+    pub tracepoint: &'static str,
+}
+
+/// The process sensors, in attach order.
+pub const PROCESS_SENSORS: &[SensorHook] = &[
+    SensorHook {
+        sensor: "exec",
+        program: EXEC_PROGRAM,
+        category: "sched",
+        tracepoint: "sched_process_exec",
+    },
+    SensorHook {
+        sensor: "fork",
+        program: FORK_PROGRAM,
+        category: "task",
+        tracepoint: "task_newtask",
+    },
+    SensorHook {
+        sensor: "exit",
+        program: EXIT_PROGRAM,
+        category: "sched",
+        tracepoint: "sched_process_exit",
+    },
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
@@ -49,42 +99,46 @@ pub enum SensorError {
     },
     #[error("cannot poll ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("no sensor could be attached")]
+    NoneActive,
+}
+
+/// Event sequence numbers of this agent run: 1, 2, 3, ... shared by every
+/// producer of events (sensors, gap records).
+#[derive(Clone, Debug, Default)]
+pub struct Sequencer(Arc<AtomicU64>);
+
+impl Sequencer {
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
 }
 
 /// The loaded programs. Dropping it detaches every program and frees the
-/// maps; the reader task ends with it.
+/// maps; the reader tasks end with it.
 pub struct KernelSensors {
     _ebpf: Ebpf,
-    reader: JoinHandle<()>,
-    drop_watch: JoinHandle<()>,
+    active: Vec<SensorHook>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for KernelSensors {
     fn drop(&mut self) {
-        self.reader.abort();
-        self.drop_watch.abort();
-    }
-}
-
-/// Sequence numbers of events, per agent run and boot.
-#[derive(Debug, Default)]
-pub struct Sequencer(u64);
-
-impl Sequencer {
-    fn next(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
 impl KernelSensors {
     /// Loads and attaches the sensors and starts delivering events to `out`.
     pub fn start(
+        config: &SensorConfig,
         out: mpsc::Sender<Event>,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
     ) -> Result<Self, SensorError> {
-        sysfs::ensure_mounted("tracefs", Path::new("/sys/kernel/tracing")).map_err(|source| {
+        sysfs::ensure_mounted("tracefs", Path::new(TRACEFS)).map_err(|source| {
             SensorError::Mount {
                 what: "tracefs",
                 source,
@@ -92,40 +146,32 @@ impl KernelSensors {
         })?;
         raise_memlock_limit();
 
-        let offsets = match kernel_offsets::resolve_from_file(Path::new(VMLINUX_BTF)) {
-            Ok(offsets) => offsets,
-            Err(err) => {
-                warn!(error = %err, "kernel structure offsets unknown: exec events will lack ppid and argv");
-                KernelOffsets::default()
-            }
-        };
+        let offsets = resolve_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global(KERNEL_OFFSETS_GLOBAL, &offsets, true)
+            .map_max_entries(CRITICAL_EVENTS_MAP, config.critical_ring_bytes)
             .load(EBPF_OBJECT)?;
 
-        let program: &mut TracePoint = ebpf
-            .program_mut(EXEC_PROGRAM)
-            .ok_or(SensorError::Missing(EXEC_PROGRAM))?
-            .try_into()
-            .map_err(|source| SensorError::Program {
-                program: EXEC_PROGRAM,
-                source,
-            })?;
-        program.load().map_err(|source| SensorError::Program {
-            program: EXEC_PROGRAM,
-            source,
-        })?;
-        program
-            .attach("sched", "sched_process_exec")
-            .map_err(|source| SensorError::Program {
-                program: EXEC_PROGRAM,
-                source,
-            })?;
-        info!(
-            sensor = "exec",
-            hook = "tracepoint sched/sched_process_exec",
-            "sensor active"
-        );
+        let mut active = Vec::new();
+        for hook in PROCESS_SENSORS {
+            if hook.sensor == "fork" && offsets.tp_newtask_clone_flags == 0 {
+                warn!(
+                    sensor = hook.sensor,
+                    "not attached: task_newtask record layout unknown"
+                );
+                continue;
+            }
+            match attach(&mut ebpf, hook) {
+                Ok(()) => {
+                    info!(sensor = hook.sensor, hook = %format!("tracepoint {}/{}", hook.category, hook.tracepoint), "sensor active");
+                    active.push(*hook);
+                }
+                Err(err) => warn!(sensor = hook.sensor, error = %err, "sensor not attached"),
+            }
+        }
+        if active.is_empty() {
+            return Err(SensorError::NoneActive);
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map(CRITICAL_EVENTS_MAP)
@@ -147,55 +193,244 @@ impl KernelSensors {
             source,
         })?;
 
-        let reader = tokio::spawn(read_ring(ring, out, metrics.clone(), sequencer));
-        let drop_watch = tokio::spawn(watch_drops(drops, metrics));
+        // Seed after attaching: whatever starts meanwhile is in the ring
+        // buffer and applied on top of the snapshot.
+        let mut table = ProcessTable::default();
+        table.seed(scan_proc(Path::new("/proc")));
+        info!(processes = table.len(), "process table seeded from /proc");
+
+        let reader = Reader {
+            table,
+            out: out.clone(),
+            metrics: metrics.clone(),
+            sequencer: sequencer.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(reader.run(ring)),
+            tokio::spawn(watch_drops(drops, out, metrics, sequencer)),
+        ];
         Ok(Self {
             _ebpf: ebpf,
-            reader,
-            drop_watch,
+            active,
+            tasks,
         })
+    }
+
+    /// The sensors attached on this kernel, and through which hook.
+    pub fn active(&self) -> &[SensorHook] {
+        &self.active
     }
 }
 
-async fn read_ring(
-    mut ring: AsyncFd<RingBuf<MapData>>,
+fn resolve_offsets() -> KernelOffsets {
+    let mut offsets = match kernel_offsets::resolve_from_file(Path::new(VMLINUX_BTF)) {
+        Ok(offsets) => offsets,
+        Err(err) => {
+            warn!(error = %err, "kernel structure offsets unknown: events will lack ppid, argv, credentials and start times");
+            KernelOffsets::default()
+        }
+    };
+    if let Err(err) = kernel_offsets::resolve_tracepoint_fields(Path::new(TRACEFS), &mut offsets) {
+        warn!(error = %err, "tracepoint record layout unknown");
+    }
+    offsets
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &SensorHook) -> Result<(), SensorError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .ok_or(SensorError::Missing(hook.program))?
+        .try_into()
+        .map_err(|source| SensorError::Program {
+            program: hook.program,
+            source,
+        })?;
+    program.load().map_err(|source| SensorError::Program {
+        program: hook.program,
+        source,
+    })?;
+    program
+        .attach(hook.category, hook.tracepoint)
+        .map_err(|source| SensorError::Program {
+            program: hook.program,
+            source,
+        })?;
+    Ok(())
+}
+
+/// Drains the critical ring buffer: decode, keep the process table, enrich.
+struct Reader {
+    table: ProcessTable,
     out: mpsc::Sender<Event>,
     metrics: Arc<AgentMetrics>,
-    mut sequencer: Sequencer,
-) {
-    let mut batch = Vec::with_capacity(256);
-    loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(err) => {
-                warn!(error = %err, "ring buffer poll failed; exec sensor stopped");
-                return;
-            }
-        };
-        let clock = BootClock::sample();
-        let ring_buf = guard.get_inner_mut();
-        while let Some(record) = ring_buf.next() {
-            AgentMetrics::add(&metrics.kernel_records, 1);
-            match decode(&record) {
-                Ok(event) => batch.push(to_wire(event, clock, sequencer.next())),
+    sequencer: Sequencer,
+}
+
+impl Reader {
+    async fn run(mut self, mut ring: AsyncFd<RingBuf<MapData>>) {
+        let mut batch = Vec::with_capacity(256);
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(guard) => guard,
                 Err(err) => {
-                    AgentMetrics::add(&metrics.decode_errors, 1);
-                    warn!(error = %err, "discarding undecodable kernel record");
+                    warn!(error = %err, "ring buffer poll failed; process sensors stopped");
+                    return;
+                }
+            };
+            let clock = BootClock::sample();
+            let ring_buf = guard.get_inner_mut();
+            let mut decode_errors = 0u64;
+            while let Some(record) = ring_buf.next() {
+                AgentMetrics::add(&self.metrics.kernel_records, 1);
+                match decode(&record) {
+                    Ok(event) => batch.push(self.enrich(event, clock)),
+                    Err(err) => {
+                        decode_errors += 1;
+                        warn!(error = %err, "discarding undecodable kernel record");
+                    }
+                }
+            }
+            guard.clear_ready();
+            if decode_errors > 0 {
+                AgentMetrics::add(&self.metrics.decode_errors, decode_errors);
+                let now = clock.to_unix_ns(crate::clock::boot_now_ns());
+                batch.push(gap_event(
+                    self.sequencer.next(),
+                    "critical",
+                    "decode_error",
+                    decode_errors,
+                    now,
+                    now,
+                ));
+            }
+            for event in batch.drain(..) {
+                if self.out.send(event).await.is_err() {
+                    return;
                 }
             }
         }
-        guard.clear_ready();
-        for event in batch.drain(..) {
-            if out.send(event).await.is_err() {
-                return;
+    }
+
+    /// Applies `event` to the process table and builds the wire event with
+    /// the process's ancestry.
+    fn enrich(&mut self, event: KernelEvent, clock: BootClock) -> Event {
+        let to_unix = |boot_ns: u64| clock.to_unix_ns(boot_ns);
+        let time_unix_ns = to_unix(event.boot_ns());
+        let (ancestry, kind) = match event {
+            KernelEvent::Exec(e) => {
+                self.table.on_exec(&e);
+                let ancestry = self.table.ancestry(e.pid);
+                let kind = Kind::Exec(WireExec {
+                    pid: e.pid,
+                    tid: e.tid,
+                    ppid: e.ppid,
+                    uid: e.uid,
+                    gid: e.gid,
+                    cgroup_id: e.cgroup_id,
+                    filename: e.filename,
+                    argv: e.argv,
+                    argv_truncated: e.argv_truncated,
+                    filename_truncated: e.filename_truncated,
+                    ppid_unknown: e.ppid_unknown,
+                    euid: e.euid,
+                    egid: e.egid,
+                    loginuid: e.loginuid,
+                    process_start_unix_ns: e.start_boot_ns.map_or(0, to_unix),
+                });
+                (ancestry, kind)
             }
+            KernelEvent::Fork(f) => {
+                self.table.on_fork(&f);
+                let ancestry = self.table.ancestry(f.child_pid);
+                let exe = self
+                    .table
+                    .get(f.child_pid)
+                    .map(|p| p.exe.clone())
+                    .unwrap_or_default();
+                let kind = Kind::Fork(WireFork {
+                    pid: f.child_pid,
+                    ppid: f.parent_pid,
+                    parent_tid: f.parent_tid,
+                    uid: f.uid,
+                    gid: f.gid,
+                    cgroup_id: f.cgroup_id,
+                    clone_flags: f.clone_flags,
+                    exe,
+                });
+                (ancestry, kind)
+            }
+            KernelEvent::Exit(x) => {
+                let ancestry = self.table.ancestry(x.pid);
+                let exe = self
+                    .table
+                    .get(x.pid)
+                    .map(|p| p.exe.clone())
+                    .unwrap_or_default();
+                self.table.on_exit(&x);
+                let kind = Kind::Exit(WireExit {
+                    pid: x.pid,
+                    ppid: x.ppid.unwrap_or(0),
+                    ppid_unknown: x.ppid.is_none(),
+                    uid: x.uid,
+                    gid: x.gid,
+                    cgroup_id: x.cgroup_id,
+                    exit_status: x.exit_status.map(u32::from),
+                    signal: x.signal.map(u32::from),
+                    core_dumped: x.core_dumped,
+                    process_start_unix_ns: x.start_boot_ns.map_or(0, to_unix),
+                    lifetime_ns: x.lifetime_ns().unwrap_or(0),
+                    exe,
+                });
+                (ancestry, kind)
+            }
+        };
+        Event {
+            seq: self.sequencer.next(),
+            time_unix_ns,
+            ancestors: ancestry
+                .into_iter()
+                .map(|a| wire_ancestor(a, &to_unix))
+                .collect(),
+            kind: Some(kind),
         }
     }
 }
 
-/// Sums the kernel's per-CPU drop counters every second and reports growth.
-async fn watch_drops(drops: PerCpuArray<MapData, u64>, metrics: Arc<AgentMetrics>) {
+fn wire_ancestor(a: Ancestor, to_unix: &impl Fn(u64) -> u64) -> WireAncestor {
+    WireAncestor {
+        pid: a.pid,
+        exe: a.exe,
+        argv0: a.argv0,
+        start_unix_ns: to_unix(a.start_boot_ns),
+    }
+}
+
+/// A gap record: `lost` events of `stream` for `reason` in [from, to].
+pub fn gap_event(seq: u64, stream: &str, reason: &str, lost: u64, from: u64, to: u64) -> Event {
+    Event {
+        seq,
+        time_unix_ns: to,
+        ancestors: Vec::new(),
+        kind: Some(Kind::Gap(Gap {
+            stream: stream.to_owned(),
+            reason: reason.to_owned(),
+            lost,
+            from_unix_ns: from,
+            to_unix_ns: to,
+        })),
+    }
+}
+
+/// Sums the kernel's per-CPU drop counters every second and turns growth
+/// into gap records.
+async fn watch_drops(
+    drops: PerCpuArray<MapData, u64>,
+    out: mpsc::Sender<Event>,
+    metrics: Arc<AgentMetrics>,
+    sequencer: Sequencer,
+) {
     let mut reported = 0u64;
+    let mut since = crate::clock::unix_now_ns();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -203,53 +438,22 @@ async fn watch_drops(drops: PerCpuArray<MapData, u64>, metrics: Arc<AgentMetrics
             continue;
         };
         let total: u64 = values.iter().sum();
+        let now = crate::clock::unix_now_ns();
         if total > reported {
+            let lost = total - reported;
             warn!(
-                lost = total - reported,
+                lost,
                 lost_total = total,
                 "kernel ring buffer full: events lost"
             );
-            AgentMetrics::add(&metrics.kernel_drops, total - reported);
+            AgentMetrics::add(&metrics.kernel_drops, lost);
+            let gap = gap_event(sequencer.next(), "critical", "ring_full", lost, since, now);
+            if out.send(gap).await.is_err() {
+                return;
+            }
             reported = total;
         }
-    }
-}
-
-fn to_wire(event: KernelEvent, clock: BootClock, seq: u64) -> Event {
-    match event {
-        KernelEvent::Exec(exec) => {
-            let ProcessExec {
-                boot_ns,
-                pid,
-                tid,
-                ppid,
-                uid,
-                gid,
-                cgroup_id,
-                filename,
-                argv,
-                argv_truncated,
-                filename_truncated,
-                ppid_unknown,
-            } = exec;
-            Event {
-                seq,
-                time_unix_ns: clock.to_unix_ns(boot_ns),
-                kind: Some(Kind::Exec(WireExec {
-                    pid,
-                    tid,
-                    ppid,
-                    uid,
-                    gid,
-                    cgroup_id,
-                    filename,
-                    argv,
-                    argv_truncated,
-                    filename_truncated,
-                    ppid_unknown,
-                })),
-            }
-        }
+        since = now;
     }
 }
 

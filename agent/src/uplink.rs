@@ -86,7 +86,9 @@ impl Uplink {
                     AgentMetrics::add(&self.metrics.uplink_failures, 1);
                     self.outbox.requeue_in_flight();
                     if !source_open {
-                        warn!(error = %err, unsent = self.outbox.pending_len(), "stopping with events the collector has not acknowledged");
+                        if self.outbox.pending_len() > 0 {
+                            warn!(error = %err, unsent = self.outbox.pending_len(), "stopping with events the collector has not acknowledged");
+                        }
                         return;
                     }
                     let delay = backoff.next_delay();
@@ -339,7 +341,7 @@ mod tests {
                 tx.send(Event {
                     seq,
                     time_unix_ns: 1,
-                    kind: None,
+                    ..Default::default()
                 }),
             )
             .await;

@@ -32,10 +32,12 @@ fn identity() -> AgentIdentity {
 }
 
 /// One exec with a typical command line (5 arguments, 80 bytes).
+#[allow(clippy::needless_update)]
 fn exec(seq: u64) -> Event {
     Event {
         seq,
         time_unix_ns: 1_750_000_000_000_000_000 + seq * 1_000,
+        ancestors: Vec::new(),
         kind: Some(Kind::Exec(ProcessExec {
             pid: 31_337,
             tid: 31_337,
@@ -49,7 +51,7 @@ fn exec(seq: u64) -> Event {
                 "-m",
                 "pip",
                 "install",
-                "--user=requests-2.32.3-py3-none-any",
+                "--requirement=/srv/apps/budget/requirements.txt",
             ]
             .iter()
             .map(|a| (*a).to_owned())
@@ -57,6 +59,7 @@ fn exec(seq: u64) -> Event {
             argv_truncated: false,
             filename_truncated: false,
             ppid_unknown: false,
+            ..Default::default()
         })),
     }
 }
@@ -81,7 +84,9 @@ fn bench_convert(c: &mut Criterion) {
 }
 
 fn rows() -> Vec<ProcessEventRow> {
-    convert_batch(Some(&identity()), &batch(), NOW).rows
+    convert_batch(Some(&identity()), &batch(), NOW)
+        .rows
+        .process_events
 }
 
 fn bench_batcher(c: &mut Criterion) {

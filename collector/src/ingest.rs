@@ -1,9 +1,10 @@
 //! Telemetry ingest: the `zt.telemetry.v1.Telemetry` gRPC service.
 //!
 //! Each agent holds one `Stream`. For every `EventBatch` the service converts
-//! the events ([`convert`]), hands the valid rows to the batch writer, waits
-//! until ClickHouse has stored them, and only then answers with a `BatchAck`
-//! (stored, rejected, first reject reason). Malformed events are refused and
+//! the events ([`convert`]), splits the valid rows by table, hands each table's
+//! rows to its batch writer (all tables at once), waits until ClickHouse has
+//! stored every one of them, and only then answers with a `BatchAck` (stored
+//! in all tables, rejected, first reject reason). Malformed events are refused and
 //! counted; they never fail the rest of their batch. When the rows cannot be
 //! stored the stream ends with `UNAVAILABLE`, and the agent sends the
 //! unacknowledged batches again after reconnecting.
@@ -20,10 +21,10 @@ use tracing::{debug, info, warn};
 
 use crate::{
     metrics::{ConnectedAgent, Metrics},
-    writer::{WriteError, WriterHandle},
+    writer::{TableWriters, WriteError},
 };
 
-pub use self::convert::{convert_batch, Converted, RejectReason};
+pub use self::convert::{convert_batch, Converted, EventRow, RejectReason, TableRows};
 
 /// Acks buffered per stream before the handler waits for the agent to read.
 const ACK_BUFFER: usize = 16;
@@ -45,7 +46,7 @@ impl From<IngestError> for Status {
 /// The telemetry service; one per server, shared by all streams.
 #[derive(Debug, Clone)]
 pub struct TelemetryService {
-    writer: WriterHandle,
+    writers: TableWriters,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 }
@@ -53,12 +54,12 @@ pub struct TelemetryService {
 impl TelemetryService {
     /// `shutdown` turning true ends every stream after its current batch.
     pub fn new(
-        writer: WriterHandle,
+        writers: TableWriters,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> TelemetryService {
         TelemetryService {
-            writer,
+            writers,
             metrics,
             shutdown,
         }
@@ -84,9 +85,19 @@ impl TelemetryService {
                 "rejected malformed events"
             );
         }
-        self.writer
-            .write(rows)
-            .await
+        // Every table at once; the ack waits for all of them. When one fails
+        // the agent resends the whole batch, so the rows another table did
+        // store arrive twice (deduplicate on device_id, boot_id, seq).
+        let TableRows {
+            process_events,
+            gaps,
+        } = rows;
+        let (process_events, gaps) = tokio::join!(
+            self.writers.process_events.write(process_events),
+            self.writers.gaps.write(gaps)
+        );
+        process_events
+            .and(gaps)
             .map_err(|source| IngestError::NotStored {
                 batch_seq: batch.batch_seq,
                 source,

@@ -4,7 +4,8 @@
 //! One module per role:
 //! - [`config`]: the typed, layered configuration;
 //! - [`storage`]: the ClickHouse client, schema migrations, row types;
-//! - [`writer`]: the batch writer (a sans-IO [`writer::Batcher`] and its task);
+//! - [`writer`]: the batch writers, one per table (a sans-IO [`writer::Batcher`]
+//!   and a task each);
 //! - [`ingest`]: the `Telemetry` service and event validation;
 //! - [`control`]: the `Control` status service;
 //! - [`metrics`]: counters and gauges;

@@ -12,11 +12,11 @@ use std::{
 /// Counters (monotonic) and gauges of one collector process.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Events ClickHouse accepted.
+    /// Events ClickHouse accepted, in every table (process events and gaps).
     pub events_stored: AtomicU64,
     /// Events refused as malformed (never stored, never retried).
     pub events_rejected: AtomicU64,
-    /// Failed insert attempts (each retry counts).
+    /// Failed insert attempts, in every table (each retry counts).
     pub insert_failures: AtomicU64,
     /// Gauge: telemetry streams open right now.
     pub connected_agents: AtomicU64,

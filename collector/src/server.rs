@@ -1,9 +1,9 @@
-//! Wiring: reach ClickHouse, migrate, start the batch writer, serve the gRPC
+//! Wiring: reach ClickHouse, migrate, start the batch writers, serve the gRPC
 //! services, and shut down gracefully.
 //!
 //! [`run`] is what the binary calls: it serves until SIGINT or SIGTERM, then
 //! stops accepting, lets open streams finish their current batch, flushes the
-//! writer and returns. [`start`] does the same start-up but returns a
+//! writers and returns. [`start`] does the same start-up but returns a
 //! [`RunningCollector`] handle, for tests and embedding.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -19,10 +19,10 @@ use crate::{
     ingest::TelemetryService,
     metrics::Metrics,
     storage::{Storage, StorageError},
-    writer::{self, BatchLimits, WriterTask},
+    writer::{self, BatchLimits, TableWriterTasks},
 };
 
-/// How long shutdown waits for streams to finish, then for the writer to flush.
+/// How long shutdown waits for streams to finish, then for the writers to flush.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -64,7 +64,7 @@ pub struct RunningCollector {
     shutdown: watch::Sender<bool>,
     /// `None` once the server task has been awaited.
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
-    writer: WriterTask,
+    writers: TableWriterTasks,
 }
 
 impl RunningCollector {
@@ -95,12 +95,12 @@ impl RunningCollector {
     }
 
     /// Stops accepting, ends the streams after their current batch, flushes
-    /// the writer; each step bounded by a grace period.
+    /// the writers; each step bounded by a grace period.
     pub async fn shutdown(self) -> Result<(), RunError> {
         info!("collector shutting down");
         let _ = self.shutdown.send(true);
         let Some(mut server) = self.server else {
-            self.writer.shutdown(SHUTDOWN_GRACE).await;
+            self.writers.shutdown(SHUTDOWN_GRACE).await;
             return Ok(());
         };
         let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
@@ -118,11 +118,11 @@ impl RunningCollector {
                 Ok(())
             }
         };
-        if self.writer.shutdown(SHUTDOWN_GRACE).await {
-            info!("batch writer flushed");
+        if self.writers.shutdown(SHUTDOWN_GRACE).await {
+            info!("batch writers flushed");
         } else {
             warn!(
-                "batch writer could not flush within {} s; unacknowledged batches will be resent by agents",
+                "batch writers could not flush within {} s; unacknowledged batches will be resent by agents",
                 SHUTDOWN_GRACE.as_secs()
             );
         }
@@ -149,7 +149,7 @@ pub async fn run(config: CollectorConfig) -> Result<(), RunError> {
 }
 
 /// Reaches ClickHouse (retrying until the startup timeout), applies the
-/// migrations, starts the writer and binds the gRPC server.
+/// migrations, starts the writers and binds the gRPC server.
 pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError> {
     let storage = Storage::new(&config.clickhouse)?;
     wait_for_clickhouse(
@@ -177,7 +177,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         max_rows: config.batch.max_rows,
         max_delay: Duration::from_millis(config.batch.max_delay_ms),
     };
-    let (writer_handle, writer) = writer::spawn(storage.clone(), limits, metrics.clone());
+    let (table_writers, writers) = writer::spawn_tables(&storage, limits, metrics.clone());
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -196,7 +196,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         })?;
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let telemetry = TelemetryService::new(writer_handle, metrics.clone(), shutdown_rx.clone());
+    let telemetry = TelemetryService::new(table_writers, metrics.clone(), shutdown_rx.clone());
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
     let server = tokio::spawn(
@@ -213,7 +213,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         metrics,
         shutdown,
         server: Some(server),
-        writer,
+        writers,
     })
 }
 

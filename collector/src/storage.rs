@@ -1,5 +1,5 @@
 //! ClickHouse storage: the client, schema migrations and the row types of the
-//! event tables.
+//! event tables (`process_events`, `gaps`).
 //!
 //! Talks to ClickHouse over HTTP (RowBinary) with the `clickhouse` crate.
 //! The schema runs unchanged on ClickHouse 18.16 and current releases.
@@ -17,8 +17,11 @@ use std::time::Duration;
 use crate::config::{is_identifier, ClickHouseConfig};
 
 pub use self::{
-    migrations::{Migration, MigrationReport, MIGRATIONS},
-    rows::ProcessEventRow,
+    migrations::{Column, Migration, MigrationReport, Step, MIGRATIONS},
+    rows::{
+        GapRow, ProcessEventRow, TableRow, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
+        NO_EXIT_STATUS, NO_LOGINUID,
+    },
 };
 
 /// How long one query (DDL, ping, select) may take.
@@ -179,15 +182,20 @@ impl Storage {
         migrations::apply(self, MIGRATIONS).await
     }
 
-    /// Inserts rows into `process_events` in one INSERT.
-    pub async fn insert_process_events(
-        &self,
-        rows: &[ProcessEventRow],
-    ) -> Result<(), StorageError> {
-        let what = "insert into process_events";
+    /// Applies the migrations up to and including `version` that are not
+    /// recorded yet: a database at an older schema, for upgrade tests.
+    pub async fn migrate_to(&self, version: u32) -> Result<MigrationReport, StorageError> {
+        let upto = MIGRATIONS.partition_point(|m| m.version <= version);
+        migrations::apply(self, &MIGRATIONS[..upto]).await
+    }
+
+    /// Inserts rows into their table (`R::TABLE`) in one INSERT.
+    pub async fn insert<R: TableRow>(&self, rows: &[R]) -> Result<(), StorageError> {
+        let what = format!("insert into {}", R::TABLE);
+        let what = what.as_str();
         let mut insert = self
             .inserter
-            .insert::<ProcessEventRow>(ProcessEventRow::TABLE)
+            .insert::<R>(R::TABLE)
             .map_err(|e| StorageError::clickhouse(what, e))?
             .with_timeouts(Some(INSERT_SEND_TIMEOUT), Some(INSERT_END_TIMEOUT));
         for row in rows {

@@ -1,6 +1,8 @@
-//! The batch writer: one task that gathers the rows of many ingest requests
-//! and writes them to ClickHouse in large INSERTs.
+//! The batch writers: one task per table that gathers the rows of many
+//! ingest requests and writes them to ClickHouse in large INSERTs.
 //!
+//! [`spawn`] starts the writer of one row type (one table); [`spawn_tables`]
+//! starts one for every table ingest writes to, behind [`TableWriters`].
 //! Ingest sends a [`WriteRequest`] (rows + a oneshot) through a bounded
 //! channel and waits for the oneshot, which completes only once ClickHouse
 //! accepted the INSERT holding those rows; only then is the agent's batch
@@ -24,12 +26,12 @@ use tracing::{debug, error, warn};
 
 use crate::{
     metrics::Metrics,
-    storage::{ProcessEventRow, Storage, StorageError},
+    storage::{GapRow, ProcessEventRow, Storage, StorageError, TableRow},
 };
 
 pub use self::batcher::{BatchLimits, Batcher, Flush};
 
-/// Requests the channel holds before senders wait.
+/// Requests the channel holds before senders wait (per table).
 pub const QUEUE_REQUESTS: usize = 256;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -45,38 +47,41 @@ pub enum WriteError {
 
 /// Rows to store and where to report that they are stored.
 #[derive(Debug)]
-pub struct WriteRequest {
-    pub rows: Vec<ProcessEventRow>,
+pub struct WriteRequest<R> {
+    pub rows: Vec<R>,
     pub done: oneshot::Sender<Result<(), WriteError>>,
 }
 
-/// Where the writer puts rows; [`Storage`] in production, fakes in tests.
-pub trait RowSink: Send + Sync + 'static {
-    fn insert(
-        &self,
-        rows: &[ProcessEventRow],
-    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+/// Where the writer puts rows of type `R`; [`Storage`] in production, fakes
+/// in tests.
+pub trait RowSink<R>: Send + Sync + 'static {
+    fn insert(&self, rows: &[R]) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
-impl RowSink for Storage {
-    fn insert(
-        &self,
-        rows: &[ProcessEventRow],
-    ) -> impl Future<Output = Result<(), StorageError>> + Send {
-        self.insert_process_events(rows)
+impl<R: TableRow> RowSink<R> for Storage {
+    fn insert(&self, rows: &[R]) -> impl Future<Output = Result<(), StorageError>> + Send {
+        Storage::insert(self, rows)
     }
 }
 
-/// The sending side, cloned into every ingest stream.
-#[derive(Debug, Clone)]
-pub struct WriterHandle {
-    tx: mpsc::Sender<WriteRequest>,
+/// The sending side of one table's writer, cloned into every ingest stream.
+#[derive(Debug)]
+pub struct WriterHandle<R> {
+    tx: mpsc::Sender<WriteRequest<R>>,
 }
 
-impl WriterHandle {
+impl<R> Clone for WriterHandle<R> {
+    fn clone(&self) -> Self {
+        WriterHandle {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<R> WriterHandle<R> {
     /// Queues `rows` and waits until ClickHouse has accepted them. Waits
-    /// (back-pressure) while the queue is full.
-    pub async fn write(&self, rows: Vec<ProcessEventRow>) -> Result<(), WriteError> {
+    /// (back-pressure) while the queue is full. No rows: done at once.
+    pub async fn write(&self, rows: Vec<R>) -> Result<(), WriteError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -89,7 +94,7 @@ impl WriterHandle {
     }
 }
 
-/// The running writer task.
+/// One running writer task.
 #[derive(Debug)]
 pub struct WriterTask {
     join: JoinHandle<()>,
@@ -113,28 +118,78 @@ impl WriterTask {
     }
 }
 
-/// Starts the writer task over `sink`.
-pub fn spawn<S: RowSink>(
+/// Starts the writer task of row type `R` (table `R::TABLE`) over `sink`.
+pub fn spawn<R, S>(
     sink: S,
     limits: BatchLimits,
     metrics: Arc<Metrics>,
-) -> (WriterHandle, WriterTask) {
+) -> (WriterHandle<R>, WriterTask)
+where
+    R: TableRow,
+    S: RowSink<R>,
+{
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS);
     let (close, close_rx) = oneshot::channel();
     let join = tokio::spawn(run(sink, limits, rx, close_rx, metrics));
     (WriterHandle { tx }, WriterTask { join, close })
 }
 
+/// The writers of every table ingest stores into; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TableWriters {
+    pub process_events: WriterHandle<ProcessEventRow>,
+    pub gaps: WriterHandle<GapRow>,
+}
+
+/// The tasks behind [`TableWriters`].
+#[derive(Debug)]
+pub struct TableWriterTasks {
+    process_events: WriterTask,
+    gaps: WriterTask,
+}
+
+impl TableWriterTasks {
+    /// Shuts every writer down at once (see [`WriterTask::shutdown`]); true
+    /// when all of them flushed within `grace`.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let (process_events, gaps) = tokio::join!(
+            self.process_events.shutdown(grace),
+            self.gaps.shutdown(grace)
+        );
+        process_events && gaps
+    }
+}
+
+/// Starts one writer per table over `storage`, with the same limits.
+pub fn spawn_tables(
+    storage: &Storage,
+    limits: BatchLimits,
+    metrics: Arc<Metrics>,
+) -> (TableWriters, TableWriterTasks) {
+    let (process_events, process_events_task) = spawn(storage.clone(), limits, metrics.clone());
+    let (gaps, gaps_task) = spawn(storage.clone(), limits, metrics);
+    (
+        TableWriters {
+            process_events,
+            gaps,
+        },
+        TableWriterTasks {
+            process_events: process_events_task,
+            gaps: gaps_task,
+        },
+    )
+}
+
 type Done = oneshot::Sender<Result<(), WriteError>>;
 
-async fn run<S: RowSink>(
+async fn run<R: TableRow, S: RowSink<R>>(
     sink: S,
     limits: BatchLimits,
-    mut rx: mpsc::Receiver<WriteRequest>,
+    mut rx: mpsc::Receiver<WriteRequest<R>>,
     mut close: oneshot::Receiver<()>,
     metrics: Arc<Metrics>,
 ) {
-    let mut batcher: Batcher<ProcessEventRow, Done> = Batcher::new(limits);
+    let mut batcher: Batcher<R, Done> = Batcher::new(limits);
     let mut closing = false;
     loop {
         let deadline = batcher.deadline().map(tokio::time::Instant::from_std);
@@ -148,7 +203,7 @@ async fn run<S: RowSink>(
                     if !batcher.is_empty() {
                         flush(&sink, batcher.take(), &metrics).await;
                     }
-                    debug!("batch writer stopped");
+                    debug!(table = R::TABLE, "batch writer stopped");
                     return;
                 }
             },
@@ -168,8 +223,9 @@ async fn run<S: RowSink>(
 
 /// Writes one batch, retrying retriable failures until it succeeds, then
 /// completes every waiting request.
-async fn flush<S: RowSink>(sink: &S, batch: Flush<ProcessEventRow, Done>, metrics: &Metrics) {
+async fn flush<R: TableRow, S: RowSink<R>>(sink: &S, batch: Flush<R, Done>, metrics: &Metrics) {
     let Flush { rows, handles } = batch;
+    let table = R::TABLE;
     let mut delay = BACKOFF_START;
     let mut attempt: u32 = 1;
     let outcome = loop {
@@ -179,12 +235,13 @@ async fn flush<S: RowSink>(sink: &S, batch: Flush<ProcessEventRow, Done>, metric
         match sink.insert(&rows).await {
             Ok(()) => {
                 Metrics::add(&metrics.events_stored, rows.len() as u64);
-                debug!(rows = rows.len(), attempt, "batch stored");
+                debug!(table, rows = rows.len(), attempt, "batch stored");
                 break Ok(());
             }
             Err(e) if e.is_retriable() => {
                 Metrics::add(&metrics.insert_failures, 1);
                 warn!(
+                    table,
                     rows = rows.len(),
                     attempt,
                     retry_in_ms = delay.as_millis() as u64,
@@ -198,6 +255,7 @@ async fn flush<S: RowSink>(sink: &S, batch: Flush<ProcessEventRow, Done>, metric
             Err(e) => {
                 Metrics::add(&metrics.insert_failures, 1);
                 error!(
+                    table,
                     rows = rows.len(),
                     requests = handles.len(),
                     error = %e,
@@ -220,17 +278,14 @@ mod tests {
     use super::*;
 
     /// Fails the first `failures` inserts with the given error, then stores.
-    struct FakeSink {
+    struct FakeSink<R> {
         failures: Mutex<u32>,
         retriable: bool,
-        stored: Arc<Mutex<Vec<Vec<ProcessEventRow>>>>,
+        stored: Arc<Mutex<Vec<Vec<R>>>>,
     }
 
-    impl RowSink for FakeSink {
-        fn insert(
-            &self,
-            rows: &[ProcessEventRow],
-        ) -> impl Future<Output = Result<(), StorageError>> + Send {
+    impl<R: TableRow + Clone> RowSink<R> for FakeSink<R> {
+        fn insert(&self, rows: &[R]) -> impl Future<Output = Result<(), StorageError>> + Send {
             let result = {
                 let mut left = self.failures.lock().unwrap();
                 if *left > 0 {
@@ -275,10 +330,27 @@ mod tests {
             ppid_unknown: 0,
             agent_version: "t".into(),
             ingested_at: 2,
+            event_type: "exec".into(),
+            euid: 0,
+            egid: 0,
+            loginuid: u32::MAX,
+            process_start_ns: 0,
+            exe: "/bin/true".into(),
+            clone_flags: 0,
+            exit_status: -1,
+            exit_signal: 0,
+            core_dumped: 0,
+            lifetime_ns: 0,
+            ancestor_pids: vec![],
+            ancestor_exes: vec![],
+            ancestor_argv0: vec![],
+            ancestor_start_ns: vec![],
         }
     }
 
-    fn sink(failures: u32, retriable: bool) -> (FakeSink, Arc<Mutex<Vec<Vec<ProcessEventRow>>>>) {
+    type Stored<R> = Arc<Mutex<Vec<Vec<R>>>>;
+
+    fn sink<R>(failures: u32, retriable: bool) -> (FakeSink<R>, Stored<R>) {
         let stored = Arc::new(Mutex::new(Vec::new()));
         let sink = FakeSink {
             failures: Mutex::new(failures),
@@ -362,6 +434,50 @@ mod tests {
         handle.write(vec![row(2)]).await.unwrap();
         assert_eq!(stored.lock().unwrap().len(), 1);
         assert!(task.shutdown(Duration::from_secs(1)).await);
+    }
+
+    fn gap(seq: u64) -> GapRow {
+        GapRow {
+            org_id: "org".into(),
+            time: 1,
+            time_ns: 1_000_000_000,
+            device_id: "dev".into(),
+            hostname: "host".into(),
+            boot_id: "boot".into(),
+            seq,
+            stream: "critical".into(),
+            reason: "ring_full".into(),
+            lost: 3,
+            from_ns: 1,
+            to_ns: 1_000_000_000,
+            agent_version: "t".into(),
+            ingested_at: 2,
+        }
+    }
+
+    /// One table's outage holds only that table's writer: the other stores.
+    #[tokio::test(start_paused = true)]
+    async fn each_table_has_its_own_writer() {
+        let (events_sink, events_stored) = sink::<ProcessEventRow>(u32::MAX, true);
+        let (gaps_sink, gaps_stored) = sink::<GapRow>(0, true);
+        let metrics = Metrics::new();
+        let limits = BatchLimits {
+            max_rows: 1,
+            max_delay: Duration::from_secs(1),
+        };
+        let (events, events_task) = spawn(events_sink, limits, metrics.clone());
+        let (gaps, gaps_task) = spawn(gaps_sink, limits, metrics.clone());
+        let blocked = tokio::spawn(async move { events.write(vec![row(1)]).await });
+        gaps.write(vec![gap(2), gap(3)]).await.unwrap();
+        assert_eq!(gaps_stored.lock().unwrap()[0].len(), 2);
+        assert_eq!(metrics.snapshot().events_stored, 2);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!blocked.is_finished(), "acked without being stored");
+        assert!(events_stored.lock().unwrap().is_empty());
+        assert!(metrics.snapshot().insert_failures >= 3);
+        assert!(gaps_task.shutdown(Duration::from_secs(1)).await);
+        assert!(!events_task.shutdown(Duration::from_secs(1)).await);
+        assert_eq!(blocked.await.unwrap(), Err(WriteError::Closed));
     }
 
     #[tokio::test(start_paused = true)]

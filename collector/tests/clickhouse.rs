@@ -1,14 +1,15 @@
 //! The collector against a real ClickHouse (a private server per test, see
-//! `zt_e2e::clickhouse`): migrations, the gRPC ingest path end to end,
-//! start-up failure, and a ClickHouse outage while agents send.
+//! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrade of an older
+//! database), the gRPC ingest path end to end for every event kind, start-up
+//! failure, and a ClickHouse outage while agents send.
 
 use std::time::Duration;
 
 use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
-        event::Kind, telemetry_client::TelemetryClient, AgentIdentity, BatchAck, Event, EventBatch,
-        ProcessExec,
+        event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck, Event,
+        EventBatch, Gap, ProcessExec, ProcessExit, ProcessFork,
     },
 };
 use tokio::sync::mpsc;
@@ -16,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig},
-    storage::{ProcessEventRow, Storage, MIGRATIONS},
+    storage::{GapRow, ProcessEventRow, Storage, MIGRATIONS},
     CollectorConfig,
 };
 use zt_e2e::clickhouse::{fresh_database_name, ClickHouseServer};
@@ -65,6 +66,7 @@ fn exec(seq: u64, pid: u32) -> Event {
     Event {
         seq,
         time_unix_ns: T0_NS + seq * 1_000_000,
+        ancestors: Vec::new(),
         kind: Some(Kind::Exec(ProcessExec {
             pid,
             tid: pid,
@@ -77,6 +79,7 @@ fn exec(seq: u64, pid: u32) -> Event {
             argv_truncated: false,
             filename_truncated: seq.is_multiple_of(2),
             ppid_unknown: false,
+            ..Default::default()
         })),
     }
 }
@@ -149,74 +152,261 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         .unwrap();
     assert_eq!(recorded, all, "each version recorded once");
 
-    // (ClickHouse 18.16's system.columns has no `position`: compare as sets.)
-    let mut columns: Vec<(String, String)> = client
-        .query(
-            "SELECT name, type FROM system.columns \
-             WHERE database = ? AND table = 'process_events' ORDER BY name",
-        )
-        .bind(database.as_str())
-        .fetch_all()
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_eq!(
+        table_columns(&server, &database, "gaps").await,
+        sorted(GAPS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "process_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+    assert_keys(&server, &database, "gaps", "org_id, hostname, time, seq").await;
+
+    // The steps themselves are idempotent: with the bookkeeping lost, every
+    // migration runs again over the existing schema, and changes nothing.
+    client
+        .query("DROP TABLE schema_migrations")
+        .execute()
         .await
         .unwrap();
-    let expected = [
-        ("org_id", "String"),
-        ("time", "DateTime"),
-        ("time_ns", "UInt64"),
-        ("device_id", "String"),
-        ("hostname", "String"),
-        ("boot_id", "String"),
-        ("seq", "UInt64"),
-        ("pid", "UInt32"),
-        ("tid", "UInt32"),
-        ("ppid", "UInt32"),
-        ("uid", "UInt32"),
-        ("gid", "UInt32"),
-        ("cgroup_id", "UInt64"),
-        ("filename", "String"),
-        ("argv", "Array(String)"),
-        ("argv_truncated", "UInt8"),
-        ("filename_truncated", "UInt8"),
-        ("ppid_unknown", "UInt8"),
-        ("agent_version", "String"),
-        ("ingested_at", "DateTime"),
-    ];
-    let mut expected: Vec<(String, String)> = expected
+    let third = storage.migrate().await.unwrap();
+    assert_eq!(third.applied, all);
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+}
+
+/// Columns of `zt.process_events` after every migration, with their types.
+const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
+    // Migration 1.
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("pid", "UInt32"),
+    ("tid", "UInt32"),
+    ("ppid", "UInt32"),
+    ("uid", "UInt32"),
+    ("gid", "UInt32"),
+    ("cgroup_id", "UInt64"),
+    ("filename", "String"),
+    ("argv", "Array(String)"),
+    ("argv_truncated", "UInt8"),
+    ("filename_truncated", "UInt8"),
+    ("ppid_unknown", "UInt8"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+    // Migration 2.
+    ("event_type", "String"),
+    ("euid", "UInt32"),
+    ("egid", "UInt32"),
+    ("loginuid", "UInt32"),
+    ("process_start_ns", "UInt64"),
+    ("exe", "String"),
+    ("clone_flags", "UInt64"),
+    ("exit_status", "Int16"),
+    ("exit_signal", "UInt8"),
+    ("core_dumped", "UInt8"),
+    ("lifetime_ns", "UInt64"),
+    ("ancestor_pids", "Array(UInt32)"),
+    ("ancestor_exes", "Array(String)"),
+    ("ancestor_argv0", "Array(String)"),
+    ("ancestor_start_ns", "Array(UInt64)"),
+];
+
+const GAPS_COLUMNS: &[(&str, &str)] = &[
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("stream", "String"),
+    ("reason", "String"),
+    ("lost", "UInt64"),
+    ("from_ns", "UInt64"),
+    ("to_ns", "UInt64"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+];
+
+fn sorted(columns: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = columns
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect();
-    expected.sort();
-    columns.sort();
-    assert_eq!(columns, expected);
+    out.sort();
+    out
+}
 
-    let (sorting_key, partition_key): (String, String) = client
+/// `(name, type)` of a table's columns, sorted by name. (ClickHouse 18.16's
+/// system.columns has no `position`: compare as sets.)
+async fn table_columns(
+    server: &ClickHouseServer,
+    database: &str,
+    table: &str,
+) -> Vec<(String, String)> {
+    server
+        .client()
+        .query(
+            "SELECT name, type FROM system.columns \
+             WHERE database = ? AND table = ? ORDER BY name",
+        )
+        .bind(database)
+        .bind(table)
+        .fetch_all()
+        .await
+        .expect("select system.columns")
+}
+
+/// The table is partitioned by day and ordered by `order_by`.
+async fn assert_keys(server: &ClickHouseServer, database: &str, table: &str, order_by: &str) {
+    let client = server.client();
+    let keys: Result<(String, String), _> = client
         .query(
             "SELECT sorting_key, partition_key FROM system.tables \
-             WHERE database = ? AND name = 'process_events'",
+             WHERE database = ? AND name = ?",
         )
-        .bind(database.as_str())
+        .bind(database)
+        .bind(table)
         .fetch_one()
-        .await
-        .unwrap_or_else(|_| {
-            // ClickHouse 18.16 has no sorting_key column; fall back to the DDL.
-            (String::new(), String::new())
-        });
-    if sorting_key.is_empty() {
-        let ddl: String = client
-            .query("SELECT create_table_query FROM system.tables WHERE database = ? AND name = 'process_events'")
-            .bind(database.as_str())
-            .fetch_one()
-            .await
-            .unwrap();
-        assert!(
-            ddl.contains("ORDER BY (org_id, hostname, time, pid, seq)"),
-            "{ddl}"
-        );
-        assert!(ddl.contains("PARTITION BY toYYYYMMDD(time)"), "{ddl}");
-    } else {
-        assert_eq!(sorting_key, "org_id, hostname, time, pid, seq");
-        assert_eq!(partition_key, "toYYYYMMDD(time)");
+        .await;
+    match keys {
+        Ok((sorting_key, partition_key)) if !sorting_key.is_empty() => {
+            assert_eq!(sorting_key, order_by);
+            assert_eq!(partition_key, "toYYYYMMDD(time)");
+        }
+        // ClickHouse 18.16 has no sorting_key column; fall back to the DDL.
+        _ => {
+            let ddl: String = client
+                .query(
+                    "SELECT create_table_query FROM system.tables \
+                     WHERE database = ? AND name = ?",
+                )
+                .bind(database)
+                .bind(table)
+                .fetch_one()
+                .await
+                .expect("select create_table_query");
+            assert!(ddl.contains(&format!("ORDER BY ({order_by})")), "{ddl}");
+            assert!(ddl.contains("PARTITION BY toYYYYMMDD(time)"), "{ddl}");
+        }
     }
+}
+
+#[tokio::test]
+async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 1 left it, with its rows.
+    assert_eq!(storage.migrate_to(1).await.unwrap().applied, vec![1]);
+    client
+        .query(
+            "INSERT INTO process_events (org_id, time, time_ns, device_id, hostname, boot_id, \
+             seq, pid, tid, ppid, uid, gid, cgroup_id, filename, argv, argv_truncated, \
+             filename_truncated, ppid_unknown, agent_version, ingested_at) VALUES \
+             ('pref-test', 1750000000, 1750000000000000001, 'device-7', 'pc-007', 'b-old', \
+              1, 100, 101, 1, 1000, 100, 4242, '/usr/bin/ls', ['ls','-l'], 0, 1, 0, '0.0.9', \
+              1750000005), \
+             ('pref-test', 1750000001, 1750000001000000002, 'device-7', 'pc-007', 'b-old', \
+              2, 200, 200, 0, 0, 0, 1, '/bin/sh', [], 1, 0, 1, '0.0.9', 1750000006)",
+        )
+        .execute()
+        .await
+        .unwrap();
+    assert!(table_columns(&server, &database, "gaps").await.is_empty());
+    // As if a collector had died half-way through migration 2.
+    client
+        .query("ALTER TABLE process_events ADD COLUMN event_type String DEFAULT 'exec'")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![2, 3]);
+    assert_eq!(report.already_applied, vec![1]);
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_eq!(
+        table_columns(&server, &database, "gaps").await,
+        sorted(GAPS_COLUMNS)
+    );
+
+    // The old rows, unchanged, read the new columns' defaults.
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows.len(), 2);
+    let old = &rows[0];
+    assert_eq!(
+        (old.org_id.as_str(), old.time, old.time_ns, old.seq),
+        ("pref-test", 1_750_000_000, 1_750_000_000_000_000_001, 1)
+    );
+    assert_eq!(
+        (old.pid, old.tid, old.ppid, old.uid, old.gid, old.cgroup_id),
+        (100, 101, 1, 1000, 100, 4242)
+    );
+    assert_eq!(old.filename, "/usr/bin/ls");
+    assert_eq!(old.argv, vec!["ls", "-l"]);
+    assert_eq!(
+        (old.argv_truncated, old.filename_truncated, old.ppid_unknown),
+        (0, 1, 0)
+    );
+    assert_eq!(
+        (old.agent_version.as_str(), old.ingested_at),
+        ("0.0.9", 1_750_000_005)
+    );
+    assert_eq!(
+        (rows[1].seq, rows[1].argv_truncated, rows[1].ppid_unknown),
+        (2, 1, 1)
+    );
+    for row in &rows {
+        assert_eq!(row.event_type, "exec");
+        assert_eq!((row.euid, row.egid, row.loginuid), (0, 0, u32::MAX));
+        assert_eq!(
+            (row.exit_status, row.exit_signal, row.core_dumped),
+            (-1, 0, 0)
+        );
+        assert_eq!(
+            (row.process_start_ns, row.clone_flags, row.lifetime_ns),
+            (0, 0, 0)
+        );
+        assert!(row.exe.is_empty() && row.ancestor_pids.is_empty());
+        assert!(row.ancestor_exes.is_empty() && row.ancestor_argv0.is_empty());
+        assert!(row.ancestor_start_ns.is_empty());
+    }
+
+    // New rows go in beside them.
+    let mut new = rows[0].clone();
+    new.seq = 3;
+    new.event_type = "fork".into();
+    new.ancestor_pids = vec![1];
+    new.ancestor_exes = vec!["/sbin/init".into()];
+    new.ancestor_argv0 = vec!["init".into()];
+    new.ancestor_start_ns = vec![7];
+    storage.insert(std::slice::from_ref(&new)).await.unwrap();
+    assert_eq!(stored_rows(&server, &database).await[2], new);
+
+    // And a rerun changes nothing.
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3]);
 }
 
 #[tokio::test]
@@ -252,6 +442,7 @@ async fn batches_are_stored_then_acked_and_bad_events_rejected() {
     let no_kind = Event {
         seq: 4,
         time_unix_ns: T0_NS,
+        ancestors: Vec::new(),
         kind: None,
     };
     let mut zero_time = exec(5, 500);
@@ -347,6 +538,264 @@ async fn batches_are_stored_then_acked_and_bad_events_rejected() {
         .await
         .expect("stream ends after shutdown");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+}
+
+async fn stored_gaps(server: &ClickHouseServer, database: &str) -> Vec<GapRow> {
+    server
+        .client()
+        .with_database(database)
+        .query("SELECT ?fields FROM gaps ORDER BY seq")
+        .fetch_all::<GapRow>()
+        .await
+        .expect("select gaps")
+}
+
+fn ancestors() -> Vec<Ancestor> {
+    vec![
+        Ancestor {
+            pid: 4200,
+            exe: "/usr/bin/bash".into(),
+            argv0: "-bash".into(),
+            start_unix_ns: T0_NS - 60_000_000_000,
+        },
+        Ancestor {
+            pid: 1,
+            exe: "/usr/lib/systemd/systemd".into(),
+            argv0: "/sbin/init".into(),
+            start_unix_ns: 0,
+        },
+    ]
+}
+
+fn at(seq: u64, kind: Kind) -> Event {
+    Event {
+        seq,
+        time_unix_ns: T0_NS + seq * 1_000_000,
+        ancestors: ancestors(),
+        kind: Some(kind),
+    }
+}
+
+fn exit_kind(pid: u32, exit_status: Option<u32>, signal: Option<u32>, core_dumped: bool) -> Kind {
+    Kind::Exit(ProcessExit {
+        pid,
+        ppid: 4200,
+        ppid_unknown: false,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exit_status,
+        signal,
+        core_dumped,
+        process_start_unix_ns: T0_NS - 2_000_000_000,
+        lifetime_ns: 2_000_000_000,
+        exe: "/usr/bin/python3".into(),
+    })
+}
+
+#[tokio::test]
+async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("kinds");
+    let collector = zt_collector::start(config_for(&server, &database))
+        .await
+        .unwrap();
+    let addr = collector.local_addr();
+    let mut agent = AgentStream::open(addr).await;
+
+    let mut exec_event = exec(1, 4300);
+    exec_event.ancestors = ancestors();
+    if let Some(Kind::Exec(e)) = exec_event.kind.as_mut() {
+        e.ppid = 4200;
+        e.euid = 0;
+        e.egid = 0;
+        e.loginuid = Some(1000);
+        e.process_start_unix_ns = T0_NS - 1_000;
+    }
+    let fork = at(
+        2,
+        Kind::Fork(ProcessFork {
+            pid: 4301,
+            ppid: 4300,
+            parent_tid: 4302,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 4242,
+            clone_flags: 0x0120_0011,
+            exe: "/usr/bin/ls".into(),
+        }),
+    );
+    let gap = |seq, lost, from_unix_ns| {
+        let mut event = at(
+            seq,
+            Kind::Gap(Gap {
+                stream: "critical".into(),
+                reason: "ring_full".into(),
+                lost,
+                from_unix_ns,
+                to_unix_ns: T0_NS + seq * 1_000_000,
+            }),
+        );
+        event.ancestors.clear();
+        event
+    };
+    let events = vec![
+        exec_event,
+        fork,
+        exit_kind_at(3, 4301, Some(2), None, false),
+        exit_kind_at(4, 4302, None, Some(11), true),
+        gap(5, 40, T0_NS),
+        gap(6, 0, T0_NS), // lost nothing: refused
+        exit_kind_at(7, 4303, None, Some(9), false),
+    ];
+    agent
+        .send(EventBatch {
+            batch_seq: 1,
+            agent: Some(identity()),
+            events,
+        })
+        .await;
+    let ack = agent.ack(Duration::from_secs(10)).await;
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 6, 1));
+    assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
+
+    // Acked means stored, each row in its table.
+    let rows = stored_rows(&server, &database).await;
+    let kinds: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (r.seq, r.event_type.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, "exec"),
+            (2, "fork"),
+            (3, "exit"),
+            (4, "exit"),
+            (7, "exit")
+        ]
+    );
+    for row in &rows {
+        assert_eq!(row.ancestor_pids, vec![4200, 1], "seq {}", row.seq);
+        assert_eq!(
+            row.ancestor_exes,
+            vec!["/usr/bin/bash", "/usr/lib/systemd/systemd"]
+        );
+        assert_eq!(row.ancestor_argv0, vec!["-bash", "/sbin/init"]);
+        assert_eq!(row.ancestor_start_ns, vec![T0_NS - 60_000_000_000, 0]);
+        assert_eq!(
+            (row.org_id.as_str(), row.boot_id.as_str()),
+            ("pref-test", "0b5e2f4c-boot")
+        );
+        assert_eq!(row.time_ns, T0_NS + row.seq * 1_000_000);
+    }
+
+    let exec_row = &rows[0];
+    assert_eq!(
+        (exec_row.pid, exec_row.ppid, exec_row.uid),
+        (4300, 4200, 1000)
+    );
+    assert_eq!(
+        (exec_row.euid, exec_row.egid, exec_row.loginuid),
+        (0, 0, 1000)
+    );
+    assert_eq!(exec_row.process_start_ns, T0_NS - 1_000);
+    assert_eq!(
+        (exec_row.exe.as_str(), exec_row.filename.as_str()),
+        ("/usr/bin/ls", "/usr/bin/ls")
+    );
+    assert_eq!((exec_row.exit_status, exec_row.clone_flags), (-1, 0));
+
+    let fork_row = &rows[1];
+    assert_eq!(
+        (fork_row.pid, fork_row.ppid, fork_row.tid),
+        (4301, 4300, 4302)
+    );
+    assert_eq!(fork_row.clone_flags, 0x0120_0011);
+    assert_eq!(fork_row.exe, "/usr/bin/ls");
+    assert!(fork_row.filename.is_empty() && fork_row.argv.is_empty());
+    assert_eq!((fork_row.loginuid, fork_row.exit_status), (u32::MAX, -1));
+
+    let exited = &rows[2];
+    assert_eq!((exited.pid, exited.ppid, exited.tid), (4301, 4200, 0));
+    assert_eq!(
+        (exited.exit_status, exited.exit_signal, exited.core_dumped),
+        (2, 0, 0)
+    );
+    assert_eq!(
+        (exited.process_start_ns, exited.lifetime_ns),
+        (T0_NS - 2_000_000_000, 2_000_000_000)
+    );
+    assert_eq!(exited.exe, "/usr/bin/python3");
+    let segv = &rows[3];
+    assert_eq!(
+        (segv.exit_status, segv.exit_signal, segv.core_dumped),
+        (-1, 11, 1)
+    );
+    let killed = &rows[4];
+    assert_eq!(
+        (killed.exit_status, killed.exit_signal, killed.core_dumped),
+        (-1, 9, 0)
+    );
+
+    let gaps = stored_gaps(&server, &database).await;
+    assert_eq!(gaps.len(), 1);
+    let g = &gaps[0];
+    assert_eq!(
+        (g.seq, g.lost, g.from_ns, g.to_ns),
+        (5, 40, T0_NS, T0_NS + 5_000_000)
+    );
+    assert_eq!(
+        (g.stream.as_str(), g.reason.as_str()),
+        ("critical", "ring_full")
+    );
+    assert_eq!(
+        (
+            g.org_id.as_str(),
+            g.device_id.as_str(),
+            g.hostname.as_str(),
+            g.boot_id.as_str()
+        ),
+        ("pref-test", "device-7", "pc-007", "0b5e2f4c-boot")
+    );
+    assert_eq!(g.agent_version, "0.1.0-test");
+    assert_eq!(
+        (g.time_ns, u64::from(g.time)),
+        (T0_NS + 5_000_000, T0_NS / 1_000_000_000)
+    );
+
+    // A batch of gaps only is stored and acked too.
+    agent
+        .send(EventBatch {
+            batch_seq: 2,
+            agent: Some(identity()),
+            events: vec![gap(8, 3, T0_NS)],
+        })
+        .await;
+    let ack = agent.ack(Duration::from_secs(10)).await;
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (2, 1, 0));
+    assert_eq!(stored_gaps(&server, &database).await.len(), 2);
+
+    let mut control = ControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = control.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.events_stored, 7, "process events and gaps");
+    assert_eq!(status.events_rejected, 1);
+
+    drop(agent);
+    collector.shutdown().await.unwrap();
+}
+
+fn exit_kind_at(
+    seq: u64,
+    pid: u32,
+    exit_status: Option<u32>,
+    signal: Option<u32>,
+    core_dumped: bool,
+) -> Event {
+    at(seq, exit_kind(pid, exit_status, signal, core_dumped))
 }
 
 #[tokio::test]

@@ -362,7 +362,7 @@ const COMMANDS: [(&str, &[&str]); 4] = [
             "-m",
             "pip",
             "install",
-            "--user=requests-2.32.3-py3-none-any",
+            "--requirement=/srv/apps/budget/requirements.txt",
         ],
     ),
     (
@@ -391,11 +391,13 @@ const COMMANDS: [(&str, &[&str]); 4] = [
     ),
 ];
 
+#[allow(clippy::needless_update)]
 fn exec_event(seq: u64, time_unix_ns: u64) -> Event {
     let (filename, argv) = COMMANDS[seq as usize % COMMANDS.len()];
     Event {
         seq,
         time_unix_ns,
+        ancestors: Vec::new(),
         kind: Some(Kind::Exec(ProcessExec {
             pid: 10_000 + (seq % 50_000) as u32,
             tid: 10_000 + (seq % 50_000) as u32,
@@ -408,6 +410,7 @@ fn exec_event(seq: u64, time_unix_ns: u64) -> Event {
             argv_truncated: false,
             filename_truncated: false,
             ppid_unknown: false,
+            ..Default::default()
         })),
     }
 }

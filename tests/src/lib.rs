@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod clickhouse;
 pub mod process;
+pub mod stack;
 
 use std::time::{Duration, Instant};
 

@@ -2,19 +2,13 @@
 //! the test is seen by the agent's eBPF tracepoint, streamed over gRPC to the
 //! collector, and stored in ClickHouse with the right identity and arguments.
 
-use std::{
-    ffi::CString,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use zt_e2e::{
     cgroup::TestCgroup,
-    clickhouse::{fresh_database_name, ClickHouseServer},
-    eventually, free_port,
-    process::{workspace_binary, Process},
+    eventually,
+    stack::{marker_for, run_in_cgroup, Stack, TEST_ORG},
 };
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
@@ -27,167 +21,22 @@ struct ExecRow {
     cgroup_id: u64,
     filename: String,
     argv: Vec<String>,
+    argv_truncated: u8,
     time_ns: u64,
 }
 
-#[derive(Debug, clickhouse::Row, serde::Deserialize)]
-struct TruncationRow {
-    pid: u32,
-    argv: Vec<String>,
-    argv_truncated: u8,
+async fn exec_rows(stack: &Stack, marker: &str) -> Result<Vec<ExecRow>> {
+    Ok(stack
+        .db()
+        .query("SELECT ?fields FROM process_events WHERE event_type = 'exec' AND has(argv, ?)")
+        .bind(marker)
+        .fetch_all::<ExecRow>()
+        .await?)
 }
 
-struct Stack {
-    clickhouse: ClickHouseServer,
-    database: String,
-    dir: tempfile::TempDir,
-    collector_port: u16,
-}
-
-impl Stack {
-    async fn new(name: &str) -> Result<Self> {
-        Ok(Self {
-            clickhouse: ClickHouseServer::start().await?,
-            database: fresh_database_name(name),
-            dir: tempfile::tempdir()?,
-            collector_port: free_port()?,
-        })
-    }
-
-    async fn start_collector(&self) -> Result<Process> {
-        let mut collector = Process::spawn(
-            "collector",
-            &workspace_binary("zt-collector")?,
-            [
-                "--listen",
-                &format!("127.0.0.1:{}", self.collector_port),
-                "--clickhouse-url",
-                &self.clickhouse.http_url(),
-                "--database",
-                &self.database,
-            ],
-            &[("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned())],
-            self.dir.path(),
-        )?;
-        collector
-            .wait_for_log("collector listening", Duration::from_secs(30))
-            .await?;
-        Ok(collector)
-    }
-
-    async fn start_agent(&self) -> Result<Process> {
-        let mut agent = Process::spawn(
-            "agent",
-            &workspace_binary("zt-agent")?,
-            [
-                "--collector",
-                &format!("http://127.0.0.1:{}", self.collector_port),
-                "--org",
-                "org-e2e",
-                "--state-dir",
-                &self.dir.path().join("agent-state").display().to_string(),
-            ],
-            &[
-                ("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "100".to_owned()),
-                ("ZT_AGENT_UPLINK__BACKOFF_MAX_MS", "500".to_owned()),
-            ],
-            self.dir.path(),
-        )?;
-        agent
-            .wait_for_log("sensor active", Duration::from_secs(30))
-            .await?;
-        Ok(agent)
-    }
-
-    async fn rows_with_marker(&self, marker: &str) -> Result<Vec<ExecRow>> {
-        Ok(self
-            .clickhouse
-            .client()
-            .with_database(&self.database)
-            .query("SELECT ?fields FROM process_events WHERE has(argv, ?)")
-            .bind(marker)
-            .fetch_all::<ExecRow>()
-            .await?)
-    }
-
-    async fn truncation_of(&self, marker: &str) -> Result<Option<TruncationRow>> {
-        Ok(self
-            .clickhouse
-            .client()
-            .with_database(&self.database)
-            .query("SELECT ?fields FROM process_events WHERE has(argv, ?)")
-            .bind(marker)
-            .fetch_optional::<TruncationRow>()
-            .await?)
-    }
-
-    fn logs(&self) -> String {
-        ["collector", "agent"]
-            .iter()
-            .map(|name| {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-                    .unwrap_or_default();
-                format!("--- {name} ---\n{log}")
-            })
-            .collect()
-    }
-}
-
-/// Runs `/bin/echo <marker> "second arg"` inside `cgroup`; returns its pid.
-fn exec_in_cgroup(cgroup: &TestCgroup, marker: &str) -> Result<u32> {
-    exec_in_cgroup_with(cgroup, &[marker, "second arg"])
-}
-
-/// Runs `/bin/echo <args>` inside `cgroup`; returns its pid.
-fn exec_in_cgroup_with(cgroup: &TestCgroup, args: &[&str]) -> Result<u32> {
-    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
-    let mut command = Command::new("/bin/echo");
-    command.args(args);
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork
-    // and exec: the child joins the test's cgroup before it executes.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("running /bin/echo in the test cgroup")?;
-    let pid = child.id();
-    let status = child.wait()?;
-    anyhow::ensure!(status.success(), "/bin/echo failed: {status}");
-    Ok(pid)
-}
-
-fn marker() -> String {
-    marker_for("marker")
-}
-
-fn marker_for(what: &str) -> String {
-    format!("zt-e2e-{what}-{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn assert_row_arrives(
-    stack: &Stack,
-    cgroup: &TestCgroup,
-    marker: &str,
-    pid: u32,
-    started: Instant,
-    limit: Duration,
-) -> Result<()> {
-    let rows = eventually(limit, || async {
-        stack
-            .rows_with_marker(marker)
+async fn wait_for_exec(stack: &Stack, marker: &str, limit: Duration) -> Result<ExecRow> {
+    let mut rows = eventually(limit, || async {
+        exec_rows(stack, marker)
             .await
             .ok()
             .filter(|rows| !rows.is_empty())
@@ -199,14 +48,27 @@ async fn assert_row_arrives(
             stack.logs()
         )
     })?;
-
     assert_eq!(
         rows.len(),
         1,
         "exactly one exec row for the marker: {rows:?}"
     );
-    let row = &rows[0];
-    assert_eq!(row.org_id, "org-e2e");
+    Ok(rows.remove(0))
+}
+
+/// Runs `/bin/echo <marker> "second arg"` in `cgroup` and checks its row.
+async fn assert_echo_arrives(
+    stack: &Stack,
+    cgroup: &TestCgroup,
+    started: Instant,
+    limit: Duration,
+) -> Result<()> {
+    let marker = marker_for("marker");
+    let (pid, status) = run_in_cgroup(cgroup, "/bin/echo", &[&marker, "second arg"])?;
+    assert!(status.success());
+    let row = wait_for_exec(stack, &marker, limit).await?;
+
+    assert_eq!(row.org_id, TEST_ORG);
     assert_eq!(row.pid, pid, "pid");
     assert_eq!(
         row.ppid,
@@ -223,14 +85,8 @@ async fn assert_row_arrives(
         "cgroup id of the test's cgroup"
     );
     assert_eq!(row.filename, "/bin/echo");
-    assert_eq!(
-        row.argv,
-        vec![
-            "/bin/echo".to_owned(),
-            marker.to_owned(),
-            "second arg".to_owned()
-        ]
-    );
+    assert_eq!(row.argv, ["/bin/echo", marker.as_str(), "second arg"]);
+    assert_eq!(row.argv_truncated, 0);
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
@@ -251,28 +107,14 @@ async fn exec_in_test_cgroup_reaches_clickhouse_within_5s() -> Result<()> {
     let _agent = stack.start_agent().await?;
     let cgroup = TestCgroup::create("exec")?;
 
-    let marker = marker();
-    let pid = exec_in_cgroup(&cgroup, &marker)?;
-    assert_row_arrives(
-        &stack,
-        &cgroup,
-        &marker,
-        pid,
-        started,
-        Duration::from_secs(5),
-    )
-    .await?;
+    assert_echo_arrives(&stack, &cgroup, started, Duration::from_secs(5)).await?;
 
     // An argument list longer than the event carries (4 KiB) arrives cut,
     // flagged as cut, with its leading arguments intact.
     let long_marker = marker_for("long");
     let filler = "x".repeat(3000);
-    let pid = exec_in_cgroup_with(&cgroup, &[&long_marker, &filler, &filler])?;
-    let row = eventually(Duration::from_secs(5), || async {
-        stack.truncation_of(&long_marker).await.ok().flatten()
-    })
-    .await
-    .with_context(|| format!("no row for the long argv\n{}", stack.logs()))?;
+    let (pid, _) = run_in_cgroup(&cgroup, "/bin/echo", &[&long_marker, &filler, &filler])?;
+    let row = wait_for_exec(&stack, &long_marker, Duration::from_secs(5)).await?;
     assert_eq!(row.pid, pid);
     assert_eq!(
         row.argv_truncated, 1,
@@ -297,8 +139,8 @@ async fn agent_keeps_events_while_collector_is_down() -> Result<()> {
     let mut agent = stack.start_agent().await?;
     let cgroup = TestCgroup::create("outage")?;
 
-    let marker = marker();
-    let pid = exec_in_cgroup(&cgroup, &marker)?;
+    let marker = marker_for("outage");
+    let (pid, _) = run_in_cgroup(&cgroup, "/bin/echo", &[&marker])?;
     agent
         .wait_for_log("collector unreachable", Duration::from_secs(10))
         .await?;
@@ -310,15 +152,9 @@ async fn agent_keeps_events_while_collector_is_down() -> Result<()> {
     );
 
     let _collector = stack.start_collector().await?;
-    assert_row_arrives(
-        &stack,
-        &cgroup,
-        &marker,
-        pid,
-        started,
-        Duration::from_secs(15),
-    )
-    .await?;
+    let row = wait_for_exec(&stack, &marker, Duration::from_secs(15)).await?;
+    assert_eq!(row.pid, pid);
+    assert_echo_arrives(&stack, &cgroup, started, Duration::from_secs(5)).await?;
 
     // And it stops cleanly on SIGTERM, detaching its programs.
     let status = agent

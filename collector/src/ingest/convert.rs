@@ -1,10 +1,19 @@
 //! Wire → storage conversion of telemetry events, in one place: every check
-//! an event must pass before it is stored, and the mapping of its fields to
-//! table columns.
+//! an event must pass before it is stored, the table it goes to, and the
+//! mapping of its fields to that table's columns.
+//!
+//! `exec`, `fork` and `exit` events become `process_events` rows (their
+//! `event_type` tells them apart, and each carries the process's ancestry);
+//! `gap` events become `gaps` rows.
 
-use proto::telemetry::{event::Kind, AgentIdentity, Event, ProcessExec};
+use proto::telemetry::{
+    event::Kind, AgentIdentity, Event, Gap, ProcessExec, ProcessExit, ProcessFork,
+};
 
-use crate::storage::ProcessEventRow;
+use crate::storage::{
+    GapRow, ProcessEventRow, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, NO_EXIT_STATUS,
+    NO_LOGINUID,
+};
 
 /// Why an event was refused. Refused events are counted and reported in the
 /// acknowledgement, never stored and never retried.
@@ -20,6 +29,22 @@ pub enum RejectReason {
     ZeroTime { seq: u64 },
     #[error("event seq {seq} has a time beyond 2106 ({time_unix_ns} ns)")]
     TimeOutOfRange { seq: u64, time_unix_ns: u64 },
+    #[error("exit event seq {seq} has exit status {status}, beyond 255")]
+    ExitStatusOutOfRange { seq: u64, status: u32 },
+    #[error("exit event seq {seq} has signal {signal}, not in 1..=255")]
+    ExitSignalOutOfRange { seq: u64, signal: u32 },
+    #[error("exit event seq {seq} has both an exit status and a signal")]
+    ExitStatusAndSignal { seq: u64 },
+    #[error("gap event seq {seq} has an empty {field}")]
+    GapEmptyField { seq: u64, field: &'static str },
+    #[error("gap event seq {seq} reports no lost events")]
+    GapNothingLost { seq: u64 },
+    #[error("gap event seq {seq} ends before it starts ({from_unix_ns} > {to_unix_ns} ns)")]
+    GapReversed {
+        seq: u64,
+        from_unix_ns: u64,
+        to_unix_ns: u64,
+    },
 }
 
 /// The sender of a batch, checked once per batch.
@@ -65,58 +90,252 @@ pub struct Received<'a> {
     pub ingested_at: u32,
 }
 
-impl TryFrom<Received<'_>> for ProcessEventRow {
+/// A converted event: a row of the table its kind is stored in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventRow {
+    /// `exec`, `fork` or `exit`: a row of `process_events`.
+    ProcessEvent(ProcessEventRow),
+    /// `gap`: a row of `gaps`.
+    Gap(GapRow),
+}
+
+impl TryFrom<Received<'_>> for EventRow {
     type Error = RejectReason;
 
     fn try_from(received: Received<'_>) -> Result<Self, Self::Error> {
+        let event = received.event;
+        let seq = event.seq;
+        let kind = event
+            .kind
+            .as_ref()
+            .ok_or(RejectReason::MissingKind { seq })?;
+        let time = event_time(event)?;
+        let header = Header { received, time };
+        Ok(match kind {
+            Kind::Exec(exec) => EventRow::ProcessEvent(exec_row(&header, exec)),
+            Kind::Fork(fork) => EventRow::ProcessEvent(fork_row(&header, fork)),
+            Kind::Exit(exit) => EventRow::ProcessEvent(exit_row(&header, exit)?),
+            Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch of a valid event time.
+fn event_time(event: &Event) -> Result<u32, RejectReason> {
+    let seq = event.seq;
+    if event.time_unix_ns == 0 {
+        return Err(RejectReason::ZeroTime { seq });
+    }
+    u32::try_from(event.time_unix_ns / 1_000_000_000).map_err(|_| RejectReason::TimeOutOfRange {
+        seq,
+        time_unix_ns: event.time_unix_ns,
+    })
+}
+
+/// What every row of an event shares: who sent it, when, and its seq.
+struct Header<'a> {
+    received: Received<'a>,
+    /// Event time, seconds since the Unix epoch (checked).
+    time: u32,
+}
+
+impl Header<'_> {
+    /// A `process_events` row with the columns every event type fills
+    /// (identity, time, ancestry) and the others at their neutral value.
+    fn process_row(&self, event_type: &str) -> ProcessEventRow {
         let Received {
             sender,
             event,
             ingested_at,
-        } = received;
-        let seq = event.seq;
-        let exec: &ProcessExec = match &event.kind {
-            Some(Kind::Exec(exec)) => exec,
-            None => return Err(RejectReason::MissingKind { seq }),
-        };
-        if event.time_unix_ns == 0 {
-            return Err(RejectReason::ZeroTime { seq });
-        }
-        let time = u32::try_from(event.time_unix_ns / 1_000_000_000).map_err(|_| {
-            RejectReason::TimeOutOfRange {
-                seq,
-                time_unix_ns: event.time_unix_ns,
-            }
-        })?;
-        Ok(ProcessEventRow {
+        } = self.received;
+        let ancestors = &event.ancestors;
+        ProcessEventRow {
             org_id: sender.org_id.to_owned(),
-            time,
+            time: self.time,
             time_ns: event.time_unix_ns,
             device_id: sender.device_id.to_owned(),
             hostname: sender.hostname.to_owned(),
             boot_id: sender.boot_id.to_owned(),
-            seq,
-            pid: exec.pid,
-            tid: exec.tid,
-            ppid: exec.ppid,
-            uid: exec.uid,
-            gid: exec.gid,
-            cgroup_id: exec.cgroup_id,
-            filename: exec.filename.clone(),
-            argv: exec.argv.clone(),
-            argv_truncated: u8::from(exec.argv_truncated),
-            filename_truncated: u8::from(exec.filename_truncated),
-            ppid_unknown: u8::from(exec.ppid_unknown),
+            seq: event.seq,
+            pid: 0,
+            tid: 0,
+            ppid: 0,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 0,
+            filename: String::new(),
+            argv: Vec::new(),
+            argv_truncated: 0,
+            filename_truncated: 0,
+            ppid_unknown: 0,
             agent_version: sender.agent_version.to_owned(),
             ingested_at,
-        })
+            event_type: event_type.to_owned(),
+            euid: 0,
+            egid: 0,
+            loginuid: NO_LOGINUID,
+            process_start_ns: 0,
+            exe: String::new(),
+            clone_flags: 0,
+            exit_status: NO_EXIT_STATUS,
+            exit_signal: 0,
+            core_dumped: 0,
+            lifetime_ns: 0,
+            ancestor_pids: ancestors.iter().map(|a| a.pid).collect(),
+            ancestor_exes: ancestors.iter().map(|a| a.exe.clone()).collect(),
+            ancestor_argv0: ancestors.iter().map(|a| a.argv0.clone()).collect(),
+            ancestor_start_ns: ancestors.iter().map(|a| a.start_unix_ns).collect(),
+        }
+    }
+}
+
+fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> ProcessEventRow {
+    ProcessEventRow {
+        pid: exec.pid,
+        tid: exec.tid,
+        ppid: exec.ppid,
+        uid: exec.uid,
+        gid: exec.gid,
+        cgroup_id: exec.cgroup_id,
+        filename: exec.filename.clone(),
+        argv: exec.argv.clone(),
+        argv_truncated: u8::from(exec.argv_truncated),
+        filename_truncated: u8::from(exec.filename_truncated),
+        ppid_unknown: u8::from(exec.ppid_unknown),
+        euid: exec.euid,
+        egid: exec.egid,
+        loginuid: exec.loginuid.unwrap_or(NO_LOGINUID),
+        process_start_ns: exec.process_start_unix_ns,
+        exe: exec.filename.clone(),
+        ..header.process_row(EVENT_TYPE_EXEC)
+    }
+}
+
+/// `pid` is the child; `tid` the parent's thread that forked.
+fn fork_row(header: &Header<'_>, fork: &ProcessFork) -> ProcessEventRow {
+    ProcessEventRow {
+        pid: fork.pid,
+        tid: fork.parent_tid,
+        ppid: fork.ppid,
+        uid: fork.uid,
+        gid: fork.gid,
+        cgroup_id: fork.cgroup_id,
+        exe: fork.exe.clone(),
+        clone_flags: fork.clone_flags,
+        ..header.process_row(EVENT_TYPE_FORK)
+    }
+}
+
+/// Refuses an exit status beyond 255, a signal that is not one, and both at
+/// once. Neither (the agent could not tell) is stored as unknown: status -1,
+/// signal 0.
+fn exit_row(header: &Header<'_>, exit: &ProcessExit) -> Result<ProcessEventRow, RejectReason> {
+    let seq = header.received.event.seq;
+    let exit_status = match exit.exit_status {
+        None => NO_EXIT_STATUS,
+        Some(status) => u8::try_from(status)
+            .map(i16::from)
+            .map_err(|_| RejectReason::ExitStatusOutOfRange { seq, status })?,
+    };
+    let exit_signal = match exit.signal {
+        None => 0,
+        Some(signal) => u8::try_from(signal)
+            .ok()
+            .filter(|s| *s != 0)
+            .ok_or(RejectReason::ExitSignalOutOfRange { seq, signal })?,
+    };
+    if exit.exit_status.is_some() && exit.signal.is_some() {
+        return Err(RejectReason::ExitStatusAndSignal { seq });
+    }
+    Ok(ProcessEventRow {
+        pid: exit.pid,
+        tid: 0,
+        ppid: exit.ppid,
+        ppid_unknown: u8::from(exit.ppid_unknown),
+        uid: exit.uid,
+        gid: exit.gid,
+        cgroup_id: exit.cgroup_id,
+        process_start_ns: exit.process_start_unix_ns,
+        exe: exit.exe.clone(),
+        exit_status,
+        exit_signal,
+        core_dumped: u8::from(exit.core_dumped),
+        lifetime_ns: exit.lifetime_ns,
+        ..header.process_row(EVENT_TYPE_EXIT)
+    })
+}
+
+/// Refuses a gap that loses nothing, runs backwards, or does not say which
+/// stream or why.
+fn gap_row(header: &Header<'_>, gap: &Gap) -> Result<GapRow, RejectReason> {
+    let Received {
+        sender,
+        event,
+        ingested_at,
+    } = header.received;
+    let seq = event.seq;
+    for (field, value) in [("stream", &gap.stream), ("reason", &gap.reason)] {
+        if value.trim().is_empty() {
+            return Err(RejectReason::GapEmptyField { seq, field });
+        }
+    }
+    if gap.lost == 0 {
+        return Err(RejectReason::GapNothingLost { seq });
+    }
+    if gap.from_unix_ns > gap.to_unix_ns {
+        return Err(RejectReason::GapReversed {
+            seq,
+            from_unix_ns: gap.from_unix_ns,
+            to_unix_ns: gap.to_unix_ns,
+        });
+    }
+    Ok(GapRow {
+        org_id: sender.org_id.to_owned(),
+        time: header.time,
+        time_ns: event.time_unix_ns,
+        device_id: sender.device_id.to_owned(),
+        hostname: sender.hostname.to_owned(),
+        boot_id: sender.boot_id.to_owned(),
+        seq,
+        stream: gap.stream.clone(),
+        reason: gap.reason.clone(),
+        lost: gap.lost,
+        from_ns: gap.from_unix_ns,
+        to_ns: gap.to_unix_ns,
+        agent_version: sender.agent_version.to_owned(),
+        ingested_at,
+    })
+}
+
+/// The rows of one batch, by table.
+#[derive(Debug, Default, PartialEq)]
+pub struct TableRows {
+    pub process_events: Vec<ProcessEventRow>,
+    pub gaps: Vec<GapRow>,
+}
+
+impl TableRows {
+    /// Rows in every table.
+    pub fn len(&self) -> usize {
+        self.process_events.len() + self.gaps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, row: EventRow) {
+        match row {
+            EventRow::ProcessEvent(row) => self.process_events.push(row),
+            EventRow::Gap(row) => self.gaps.push(row),
+        }
     }
 }
 
 /// The outcome of converting one batch.
 #[derive(Debug, Default, PartialEq)]
 pub struct Converted {
-    pub rows: Vec<ProcessEventRow>,
+    pub rows: TableRows,
     pub rejected: u32,
     /// The first reason, if any event was refused.
     pub first_reason: Option<RejectReason>,
@@ -133,14 +352,18 @@ pub fn convert_batch(
         Ok(sender) => sender,
         Err(reason) => {
             return Converted {
-                rows: Vec::new(),
+                rows: TableRows::default(),
                 rejected: u32::try_from(events.len()).unwrap_or(u32::MAX),
                 first_reason: (!events.is_empty()).then_some(reason),
             }
         }
     };
     let mut out = Converted {
-        rows: Vec::with_capacity(events.len()),
+        rows: TableRows {
+            // Nearly every event is a process event; gaps are rare.
+            process_events: Vec::with_capacity(events.len()),
+            gaps: Vec::new(),
+        },
         ..Default::default()
     };
     for event in events {
@@ -149,7 +372,7 @@ pub fn convert_batch(
             event,
             ingested_at,
         };
-        match ProcessEventRow::try_from(received) {
+        match EventRow::try_from(received) {
             Ok(row) => out.rows.push(row),
             Err(reason) => {
                 out.rejected = out.rejected.saturating_add(1);
@@ -162,7 +385,12 @@ pub fn convert_batch(
 
 #[cfg(test)]
 mod tests {
+    use proto::telemetry::Ancestor;
+
     use super::*;
+
+    const T: u64 = 1_700_000_000_123_456_789;
+    const NOW: u32 = 1_700_000_100;
 
     fn identity() -> AgentIdentity {
         AgentIdentity {
@@ -174,11 +402,20 @@ mod tests {
         }
     }
 
-    fn exec_event(seq: u64, time_unix_ns: u64) -> Event {
+    fn event(seq: u64, time_unix_ns: u64, kind: Kind) -> Event {
         Event {
             seq,
             time_unix_ns,
-            kind: Some(Kind::Exec(ProcessExec {
+            ancestors: Vec::new(),
+            kind: Some(kind),
+        }
+    }
+
+    fn exec_event(seq: u64, time_unix_ns: u64) -> Event {
+        event(
+            seq,
+            time_unix_ns,
+            Kind::Exec(ProcessExec {
                 pid: 42,
                 tid: 43,
                 ppid: 1,
@@ -190,29 +427,106 @@ mod tests {
                 argv_truncated: true,
                 filename_truncated: false,
                 ppid_unknown: true,
-            })),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn exit(exit_status: Option<u32>, signal: Option<u32>, core_dumped: bool) -> Kind {
+        Kind::Exit(ProcessExit {
+            pid: 4242,
+            ppid: 4200,
+            ppid_unknown: false,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 9,
+            exit_status,
+            signal,
+            core_dumped,
+            process_start_unix_ns: T - 5_000_000_000,
+            lifetime_ns: 5_000_000_000,
+            exe: "/usr/bin/python3".into(),
+        })
+    }
+
+    fn gap(stream: &str, reason: &str, lost: u64, from: u64, to: u64) -> Kind {
+        Kind::Gap(Gap {
+            stream: stream.into(),
+            reason: reason.into(),
+            lost,
+            from_unix_ns: from,
+            to_unix_ns: to,
+        })
+    }
+
+    /// Converts one event from [`identity`] at [`NOW`].
+    fn convert(event: &Event) -> Result<EventRow, RejectReason> {
+        let id = identity();
+        let sender = Sender::try_from(Some(&id)).unwrap();
+        EventRow::try_from(Received {
+            sender: &sender,
+            event,
+            ingested_at: NOW,
+        })
+    }
+
+    fn process_row(event: &Event) -> ProcessEventRow {
+        match convert(event) {
+            Ok(EventRow::ProcessEvent(row)) => row,
+            other => panic!("not a process event row: {other:?}"),
+        }
+    }
+
+    /// The columns of a row from [`identity`] that no event type changes.
+    fn base(seq: u64, event_type: &str) -> ProcessEventRow {
+        ProcessEventRow {
+            org_id: "pref".into(),
+            time: 1_700_000_000,
+            time_ns: T,
+            device_id: "dev-1".into(),
+            hostname: "pc-001".into(),
+            boot_id: "b-1".into(),
+            seq,
+            pid: 0,
+            tid: 0,
+            ppid: 0,
+            uid: 0,
+            gid: 0,
+            cgroup_id: 0,
+            filename: String::new(),
+            argv: Vec::new(),
+            argv_truncated: 0,
+            filename_truncated: 0,
+            ppid_unknown: 0,
+            agent_version: "0.1.0".into(),
+            ingested_at: NOW,
+            event_type: event_type.into(),
+            euid: 0,
+            egid: 0,
+            loginuid: u32::MAX,
+            process_start_ns: 0,
+            exe: String::new(),
+            clone_flags: 0,
+            exit_status: -1,
+            exit_signal: 0,
+            core_dumped: 0,
+            lifetime_ns: 0,
+            ancestor_pids: Vec::new(),
+            ancestor_exes: Vec::new(),
+            ancestor_argv0: Vec::new(),
+            ancestor_start_ns: Vec::new(),
         }
     }
 
     #[test]
-    fn converts_every_field() {
-        let converted = convert_batch(
-            Some(&identity()),
-            &[exec_event(5, 1_700_000_000_123_456_789)],
-            1_700_000_100,
-        );
+    fn converts_every_exec_field() {
+        let converted = convert_batch(Some(&identity()), &[exec_event(5, T)], NOW);
         assert_eq!(converted.rejected, 0);
         assert_eq!(converted.first_reason, None);
+        assert!(converted.rows.gaps.is_empty());
         assert_eq!(
-            converted.rows,
+            converted.rows.process_events,
             vec![ProcessEventRow {
-                org_id: "pref".into(),
-                time: 1_700_000_000,
-                time_ns: 1_700_000_000_123_456_789,
-                device_id: "dev-1".into(),
-                hostname: "pc-001".into(),
-                boot_id: "b-1".into(),
-                seq: 5,
                 pid: 42,
                 tid: 43,
                 ppid: 1,
@@ -224,9 +538,301 @@ mod tests {
                 argv_truncated: 1,
                 filename_truncated: 0,
                 ppid_unknown: 1,
-                agent_version: "0.1.0".into(),
-                ingested_at: 1_700_000_100,
+                // An exec without the new fields: no login session, start unknown.
+                exe: "/usr/bin/curl".into(),
+                ..base(5, "exec")
             }]
+        );
+    }
+
+    #[test]
+    fn exec_fills_credentials_login_and_start() {
+        let mut e = exec_event(6, T);
+        let Some(Kind::Exec(exec)) = e.kind.as_mut() else {
+            unreachable!()
+        };
+        exec.euid = 0;
+        exec.egid = 27;
+        exec.uid = 1000;
+        exec.loginuid = Some(1000);
+        exec.process_start_unix_ns = T - 1_000;
+        let row = process_row(&e);
+        assert_eq!(
+            (row.uid, row.euid, row.egid, row.loginuid),
+            (1000, 0, 27, 1000)
+        );
+        assert_eq!(row.process_start_ns, T - 1_000);
+        assert_eq!(row.event_type, "exec");
+        // Login uid 0 (root's session) is a value, not "absent".
+        exec_loginuid(&mut e, Some(0));
+        assert_eq!(process_row(&e).loginuid, 0);
+        exec_loginuid(&mut e, None);
+        assert_eq!(process_row(&e).loginuid, 4_294_967_295);
+    }
+
+    fn exec_loginuid(e: &mut Event, loginuid: Option<u32>) {
+        if let Some(Kind::Exec(exec)) = e.kind.as_mut() {
+            exec.loginuid = loginuid;
+        }
+    }
+
+    #[test]
+    fn ancestry_becomes_parallel_arrays_parent_first() {
+        let ancestors = vec![
+            Ancestor {
+                pid: 4200,
+                exe: "/usr/bin/bash".into(),
+                argv0: "-bash".into(),
+                start_unix_ns: T - 60_000_000_000,
+            },
+            Ancestor {
+                pid: 812,
+                exe: "/usr/sbin/sshd".into(),
+                argv0: "sshd: alice [priv]".into(),
+                start_unix_ns: 0,
+            },
+            Ancestor {
+                pid: 1,
+                exe: "/usr/lib/systemd/systemd".into(),
+                argv0: "/sbin/init".into(),
+                start_unix_ns: T - 86_400_000_000_000,
+            },
+        ];
+        for kind in [
+            exec_event(1, T).kind.unwrap(),
+            Kind::Fork(ProcessFork::default()),
+            exit(Some(0), None, false),
+        ] {
+            let e = Event {
+                ancestors: ancestors.clone(),
+                ..event(1, T, kind)
+            };
+            let row = process_row(&e);
+            assert_eq!(row.ancestor_pids, vec![4200, 812, 1], "{}", row.event_type);
+            assert_eq!(
+                row.ancestor_exes,
+                vec![
+                    "/usr/bin/bash",
+                    "/usr/sbin/sshd",
+                    "/usr/lib/systemd/systemd"
+                ]
+            );
+            assert_eq!(
+                row.ancestor_argv0,
+                vec!["-bash", "sshd: alice [priv]", "/sbin/init"]
+            );
+            assert_eq!(
+                row.ancestor_start_ns,
+                vec![T - 60_000_000_000, 0, T - 86_400_000_000_000]
+            );
+        }
+    }
+
+    #[test]
+    fn fork_row_is_the_child_with_the_parents_thread() {
+        let e = event(
+            7,
+            T,
+            Kind::Fork(ProcessFork {
+                pid: 5001,
+                ppid: 5000,
+                parent_tid: 5003,
+                uid: 1000,
+                gid: 100,
+                cgroup_id: 11,
+                clone_flags: 0x0120_0011,
+                exe: "/usr/bin/bash".into(),
+            }),
+        );
+        assert_eq!(
+            process_row(&e),
+            ProcessEventRow {
+                pid: 5001,
+                tid: 5003,
+                ppid: 5000,
+                uid: 1000,
+                gid: 100,
+                cgroup_id: 11,
+                clone_flags: 0x0120_0011,
+                exe: "/usr/bin/bash".into(),
+                ..base(7, "fork")
+            }
+        );
+    }
+
+    #[test]
+    fn exit_with_a_status() {
+        let row = process_row(&event(8, T, exit(Some(3), None, false)));
+        assert_eq!(
+            row,
+            ProcessEventRow {
+                pid: 4242,
+                ppid: 4200,
+                uid: 1000,
+                gid: 1000,
+                cgroup_id: 9,
+                process_start_ns: T - 5_000_000_000,
+                lifetime_ns: 5_000_000_000,
+                exe: "/usr/bin/python3".into(),
+                exit_status: 3,
+                ..base(8, "exit")
+            }
+        );
+        assert_eq!(
+            process_row(&event(8, T, exit(Some(255), None, false))).exit_status,
+            255
+        );
+        assert_eq!(
+            process_row(&event(8, T, exit(Some(0), None, false))).exit_status,
+            0
+        );
+    }
+
+    #[test]
+    fn exit_by_a_signal_with_and_without_core() {
+        let killed = process_row(&event(9, T, exit(None, Some(9), false)));
+        assert_eq!(
+            (killed.exit_status, killed.exit_signal, killed.core_dumped),
+            (-1, 9, 0)
+        );
+        let segv = process_row(&event(9, T, exit(None, Some(11), true)));
+        assert_eq!(
+            (segv.exit_status, segv.exit_signal, segv.core_dumped),
+            (-1, 11, 1)
+        );
+        assert_eq!((segv.tid, segv.event_type.as_str()), (0, "exit"));
+    }
+
+    #[test]
+    fn exit_with_unknown_parent_or_unknown_end() {
+        let mut kind = exit(None, None, false);
+        if let Kind::Exit(x) = &mut kind {
+            x.ppid = 0;
+            x.ppid_unknown = true;
+        }
+        let row = process_row(&event(10, T, kind));
+        assert_eq!((row.ppid, row.ppid_unknown), (0, 1));
+        assert_eq!((row.exit_status, row.exit_signal), (-1, 0));
+    }
+
+    #[test]
+    fn malformed_exits_are_refused() {
+        assert_eq!(
+            convert(&event(3, T, exit(Some(256), None, false))),
+            Err(RejectReason::ExitStatusOutOfRange {
+                seq: 3,
+                status: 256
+            })
+        );
+        assert_eq!(
+            convert(&event(3, T, exit(None, Some(0), false))),
+            Err(RejectReason::ExitSignalOutOfRange { seq: 3, signal: 0 })
+        );
+        assert_eq!(
+            convert(&event(3, T, exit(None, Some(300), false))),
+            Err(RejectReason::ExitSignalOutOfRange {
+                seq: 3,
+                signal: 300
+            })
+        );
+        assert_eq!(
+            convert(&event(3, T, exit(Some(0), Some(9), false))),
+            Err(RejectReason::ExitStatusAndSignal { seq: 3 })
+        );
+    }
+
+    #[test]
+    fn gap_becomes_a_gaps_row() {
+        let from = T - 2_000_000_000;
+        let converted = convert_batch(
+            Some(&identity()),
+            &[event(12, T, gap("critical", "ring_full", 17, from, T))],
+            NOW,
+        );
+        assert_eq!(converted.rejected, 0);
+        assert!(converted.rows.process_events.is_empty());
+        assert_eq!(
+            converted.rows.gaps,
+            vec![GapRow {
+                org_id: "pref".into(),
+                time: 1_700_000_000,
+                time_ns: T,
+                device_id: "dev-1".into(),
+                hostname: "pc-001".into(),
+                boot_id: "b-1".into(),
+                seq: 12,
+                stream: "critical".into(),
+                reason: "ring_full".into(),
+                lost: 17,
+                from_ns: from,
+                to_ns: T,
+                agent_version: "0.1.0".into(),
+                ingested_at: NOW,
+            }]
+        );
+        // A gap of one instant is fine.
+        assert!(convert(&event(13, T, gap("bulk", "sampled", 1, T, T))).is_ok());
+    }
+
+    #[test]
+    fn malformed_gaps_are_refused() {
+        let cases = [
+            (
+                gap("critical", "ring_full", 0, 1, 2),
+                RejectReason::GapNothingLost { seq: 4 },
+            ),
+            (
+                gap("critical", "ring_full", 5, 3, 2),
+                RejectReason::GapReversed {
+                    seq: 4,
+                    from_unix_ns: 3,
+                    to_unix_ns: 2,
+                },
+            ),
+            (
+                gap("", "ring_full", 5, 1, 2),
+                RejectReason::GapEmptyField {
+                    seq: 4,
+                    field: "stream",
+                },
+            ),
+            (
+                gap("bulk", " ", 5, 1, 2),
+                RejectReason::GapEmptyField {
+                    seq: 4,
+                    field: "reason",
+                },
+            ),
+        ];
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(4, T, kind)), Err(reason));
+        }
+    }
+
+    #[test]
+    fn a_batch_is_split_by_table_in_order() {
+        let events = [
+            exec_event(1, T),
+            event(2, T, gap("critical", "queue_full", 3, T - 1, T)),
+            event(3, T, Kind::Fork(ProcessFork::default())),
+            event(4, T, exit(Some(0), None, false)),
+            event(5, T, gap("bulk", "sampled", 0, T, T)),
+        ];
+        let converted = convert_batch(Some(&identity()), &events, NOW);
+        let kinds: Vec<(u64, &str)> = converted
+            .rows
+            .process_events
+            .iter()
+            .map(|r| (r.seq, r.event_type.as_str()))
+            .collect();
+        assert_eq!(kinds, vec![(1, "exec"), (3, "fork"), (4, "exit")]);
+        assert_eq!(converted.rows.gaps.len(), 1);
+        assert_eq!(converted.rows.gaps[0].seq, 2);
+        assert_eq!(converted.rows.len(), 4);
+        assert_eq!(converted.rejected, 1);
+        assert_eq!(
+            converted.first_reason,
+            Some(RejectReason::GapNothingLost { seq: 5 })
         );
     }
 
@@ -235,6 +841,7 @@ mod tests {
         let no_kind = Event {
             seq: 2,
             time_unix_ns: 1,
+            ancestors: Vec::new(),
             kind: None,
         };
         let events = [
@@ -245,9 +852,10 @@ mod tests {
             exec_event(5, u64::MAX),
         ];
         let converted = convert_batch(Some(&identity()), &events, 0);
-        assert_eq!(converted.rows.len(), 2);
-        assert_eq!(converted.rows[0].seq, 1);
-        assert_eq!(converted.rows[1].seq, 4);
+        let rows = &converted.rows.process_events;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].seq, 1);
+        assert_eq!(rows[1].seq, 4);
         assert_eq!(converted.rejected, 3);
         assert_eq!(
             converted.first_reason,
@@ -256,32 +864,30 @@ mod tests {
     }
 
     #[test]
-    fn each_check_has_its_reason() {
-        let id = identity();
-        let sender = Sender::try_from(Some(&id)).unwrap();
-        let check = |event: &Event| {
-            ProcessEventRow::try_from(Received {
-                sender: &sender,
-                event,
-                ingested_at: 0,
-            })
-        };
-        assert_eq!(
-            check(&exec_event(9, 0)),
-            Err(RejectReason::ZeroTime { seq: 9 })
-        );
-        assert!(matches!(
-            check(&exec_event(9, u64::MAX)),
-            Err(RejectReason::TimeOutOfRange { seq: 9, .. })
-        ));
-        assert!(check(&exec_event(9, 1)).is_ok());
+    fn every_kind_needs_a_valid_time() {
+        for kind in [
+            exec_event(9, T).kind.unwrap(),
+            Kind::Fork(ProcessFork::default()),
+            exit(Some(0), None, false),
+            gap("critical", "ring_full", 1, 0, 0),
+        ] {
+            assert_eq!(
+                convert(&event(9, 0, kind.clone())),
+                Err(RejectReason::ZeroTime { seq: 9 })
+            );
+            assert!(matches!(
+                convert(&event(9, u64::MAX, kind.clone())),
+                Err(RejectReason::TimeOutOfRange { seq: 9, .. })
+            ));
+            assert!(convert(&event(9, 1, kind)).is_ok());
+        }
     }
 
     #[test]
     fn missing_or_incomplete_identity_refuses_every_event() {
         let events = [exec_event(1, 1), exec_event(2, 1)];
         let converted = convert_batch(None, &events, 0);
-        assert_eq!(converted.rows.len(), 0);
+        assert!(converted.rows.is_empty());
         assert_eq!(converted.rejected, 2);
         assert_eq!(converted.first_reason, Some(RejectReason::MissingIdentity));
 

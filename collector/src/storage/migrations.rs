@@ -1,17 +1,20 @@
 //! Versioned schema migrations.
 //!
-//! [`MIGRATIONS`] is an ordered list of `(version, name, statements)`. At
-//! start the collector creates the database if needed, reads the versions
-//! recorded in `<db>.schema_migrations`, and applies the missing ones in
-//! order, recording each after all its statements succeeded. Every statement
-//! is idempotent (`IF NOT EXISTS`), so a migration interrupted half-way, or
-//! two collectors starting at once, converge on the same schema. Versions are
-//! never reused or edited once released: change the schema with a new entry.
+//! [`MIGRATIONS`] is an ordered list of `(version, name, steps)`. At start
+//! the collector creates the database if needed, reads the versions recorded
+//! in `<db>.schema_migrations`, and applies the missing ones in order,
+//! recording each after all its steps succeeded. Every step is idempotent, so
+//! a migration interrupted half-way, or two collectors starting at once,
+//! converge on the same schema. Versions are never reused or edited once
+//! released: change the schema with a new entry.
 //!
-//! Statements use bare table names (the client is bound to the database) and
-//! must run unchanged on ClickHouse 18.16 and current releases: no TTL, Map,
-//! DateTime64 or LowCardinality. Tenant tables put `org_id` first in the
-//! ordering key and partition by day, so retention is `DROP PARTITION`.
+//! Steps use bare table names (the client is bound to the database) and must
+//! run unchanged on ClickHouse 18.16 and current releases: no TTL, Map,
+//! DateTime64 or LowCardinality. ClickHouse 18.16 has no
+//! `ADD COLUMN IF NOT EXISTS`, so new columns are a [`Step::AddColumns`]:
+//! the collector reads `system.columns` and adds only the missing ones.
+//! Tenant tables put `org_id` first in the ordering key and partition by day,
+//! so retention is `DROP PARTITION`.
 
 use serde::{Deserialize, Serialize};
 use tracing::info;
@@ -23,7 +26,32 @@ use super::{Storage, StorageError};
 pub struct Migration {
     pub version: u32,
     pub name: &'static str,
-    pub statements: &'static [&'static str],
+    pub steps: &'static [Step],
+}
+
+/// One idempotent step of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// A statement idempotent by itself (`CREATE TABLE IF NOT EXISTS`).
+    Execute(&'static str),
+    /// Adds, in this order and in one `ALTER TABLE`, the columns `table`
+    /// does not have yet; does nothing when it has them all.
+    AddColumns {
+        table: &'static str,
+        columns: &'static [Column],
+    },
+}
+
+/// A column a [`Step::AddColumns`] adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub name: &'static str,
+    /// Type and optional default, as in `CREATE TABLE`: `Int16 DEFAULT -1`.
+    pub definition: &'static str,
+}
+
+const fn column(name: &'static str, definition: &'static str) -> Column {
+    Column { name, definition }
 }
 
 /// What [`apply`] did.
@@ -76,12 +104,68 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, pid, seq)";
 
+/// Columns of migration 2: fork and exit rows, credentials, ancestry.
+pub const PROCESS_EVENTS_V2_COLUMNS: &[Column] = &[
+    column("event_type", "String DEFAULT 'exec'"),
+    column("euid", "UInt32"),
+    column("egid", "UInt32"),
+    column("loginuid", "UInt32 DEFAULT 4294967295"),
+    column("process_start_ns", "UInt64"),
+    column("exe", "String"),
+    column("clone_flags", "UInt64"),
+    column("exit_status", "Int16 DEFAULT -1"),
+    column("exit_signal", "UInt8"),
+    column("core_dumped", "UInt8"),
+    column("lifetime_ns", "UInt64"),
+    column("ancestor_pids", "Array(UInt32)"),
+    column("ancestor_exes", "Array(String)"),
+    column("ancestor_argv0", "Array(String)"),
+    column("ancestor_start_ns", "Array(UInt64)"),
+];
+
+const CREATE_GAPS: &str = "
+CREATE TABLE IF NOT EXISTS gaps
+(
+    org_id        String,
+    time          DateTime,
+    time_ns       UInt64,
+    device_id     String,
+    hostname      String,
+    boot_id       String,
+    seq           UInt64,
+    stream        String,
+    reason        String,
+    lost          UInt64,
+    from_ns       UInt64,
+    to_ns         UInt64,
+    agent_version String,
+    ingested_at   DateTime
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, hostname, time, seq)";
+
 /// Every migration, in version order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "process_events",
-    statements: &[CREATE_PROCESS_EVENTS],
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "process_events",
+        steps: &[Step::Execute(CREATE_PROCESS_EVENTS)],
+    },
+    Migration {
+        version: 2,
+        name: "process_lifecycle",
+        steps: &[Step::AddColumns {
+            table: "process_events",
+            columns: PROCESS_EVENTS_V2_COLUMNS,
+        }],
+    },
+    Migration {
+        version: 3,
+        name: "gaps",
+        steps: &[Step::Execute(CREATE_GAPS)],
+    },
+];
 
 #[derive(Debug, Serialize, Deserialize, clickhouse::Row)]
 struct MigrationRow {
@@ -115,8 +199,8 @@ pub async fn apply(storage: &Storage, list: &[Migration]) -> Result<MigrationRep
             report.already_applied.push(migration.version);
             continue;
         }
-        for statement in migration.statements {
-            storage.execute(statement, false).await?;
+        for step in migration.steps {
+            run_step(storage, step).await?;
         }
         record(storage, migration).await?;
         info!(
@@ -128,6 +212,57 @@ pub async fn apply(storage: &Storage, list: &[Migration]) -> Result<MigrationRep
         report.applied.push(migration.version);
     }
     Ok(report)
+}
+
+async fn run_step(storage: &Storage, step: &Step) -> Result<(), StorageError> {
+    match *step {
+        Step::Execute(sql) => storage.execute(sql, false).await,
+        Step::AddColumns { table, columns } => {
+            let existing = column_names(storage, table).await?;
+            let Some(alter) = add_columns_statement(table, columns, &existing) else {
+                return Ok(());
+            };
+            match storage.execute(&alter, false).await {
+                Ok(()) => Ok(()),
+                // Another collector may have added them meanwhile (ClickHouse
+                // then refuses the duplicate column): fine if all are there.
+                Err(error) => {
+                    let existing = column_names(storage, table).await?;
+                    if add_columns_statement(table, columns, &existing).is_none() {
+                        Ok(())
+                    } else {
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The names of `table`'s columns in the storage's database.
+async fn column_names(storage: &Storage, table: &str) -> Result<Vec<String>, StorageError> {
+    storage
+        .client()
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+        .bind(storage.database())
+        .bind(table)
+        .fetch_all()
+        .await
+        .map_err(|error| StorageError::ClickHouse {
+            what: format!("read the columns of {table}"),
+            error,
+        })
+}
+
+/// `ALTER TABLE table ADD COLUMN …` for the `columns` not in `existing`, in
+/// their order; `None` when none is missing.
+fn add_columns_statement(table: &str, columns: &[Column], existing: &[String]) -> Option<String> {
+    let missing: Vec<String> = columns
+        .iter()
+        .filter(|c| !existing.iter().any(|e| e == c.name))
+        .map(|c| format!("ADD COLUMN {} {}", c.name, c.definition))
+        .collect();
+    (!missing.is_empty()).then(|| format!("ALTER TABLE {table} {}", missing.join(", ")))
 }
 
 async fn record(storage: &Storage, migration: &Migration) -> Result<(), StorageError> {
@@ -170,7 +305,10 @@ fn unix_seconds_now() -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use clickhouse::Row;
+
     use super::*;
+    use crate::storage::{GapRow, ProcessEventRow};
 
     #[test]
     fn versions_are_strictly_increasing_and_named() {
@@ -179,23 +317,36 @@ mod tests {
             assert!(pair[0].version < pair[1].version);
         }
         for m in MIGRATIONS {
-            assert!(m.version > 0 && !m.name.is_empty() && !m.statements.is_empty());
+            assert!(m.version > 0 && !m.name.is_empty() && !m.steps.is_empty());
+        }
+    }
+
+    fn sql_of(step: &Step) -> String {
+        match *step {
+            Step::Execute(sql) => sql.to_owned(),
+            Step::AddColumns { table, columns } => {
+                add_columns_statement(table, columns, &[]).expect("columns to add")
+            }
         }
     }
 
     #[test]
     fn statements_avoid_what_clickhouse_18_lacks() {
         for m in MIGRATIONS {
-            for s in m.statements {
-                let upper = s.to_ascii_uppercase();
+            for step in m.steps {
+                let upper = sql_of(step).to_ascii_uppercase();
                 for banned in ["TTL", "MAP(", "DATETIME64", "LOWCARDINALITY", "ZT."] {
                     assert!(!upper.contains(banned), "{} uses {banned}", m.name);
                 }
-                assert!(
-                    upper.contains("IF NOT EXISTS"),
-                    "{} is not idempotent",
-                    m.name
-                );
+                // 18.16 refuses `ADD COLUMN IF NOT EXISTS`; AddColumns checks.
+                assert!(!upper.contains("ADD COLUMN IF"), "{}", m.name);
+                if let Step::Execute(_) = step {
+                    assert!(
+                        upper.contains("IF NOT EXISTS"),
+                        "{} is not idempotent",
+                        m.name
+                    );
+                }
             }
         }
     }
@@ -203,11 +354,47 @@ mod tests {
     #[test]
     fn tenant_tables_order_by_org_first() {
         for m in MIGRATIONS {
-            for s in m.statements {
+            for step in m.steps {
+                let s = sql_of(step);
                 if let Some(at) = s.find("ORDER BY (") {
                     assert!(s[at..].starts_with("ORDER BY (org_id"), "{}", m.name);
                 }
             }
         }
+    }
+
+    #[test]
+    fn add_columns_adds_only_the_missing_ones_in_order() {
+        const COLUMNS: &[Column] = &[column("a", "UInt8"), column("b", "Int16 DEFAULT -1")];
+        assert_eq!(
+            add_columns_statement("t", COLUMNS, &[]).as_deref(),
+            Some("ALTER TABLE t ADD COLUMN a UInt8, ADD COLUMN b Int16 DEFAULT -1")
+        );
+        assert_eq!(
+            add_columns_statement("t", COLUMNS, &["x".into(), "a".into()]).as_deref(),
+            Some("ALTER TABLE t ADD COLUMN b Int16 DEFAULT -1")
+        );
+        assert_eq!(
+            add_columns_statement("t", COLUMNS, &["b".into(), "a".into()]),
+            None
+        );
+    }
+
+    /// The row types name the columns the migrations create, in order.
+    #[test]
+    fn row_types_match_the_migrated_columns() {
+        let v1: Vec<&str> = column_list(CREATE_PROCESS_EVENTS);
+        let v2 = PROCESS_EVENTS_V2_COLUMNS.iter().map(|c| c.name);
+        let process_events: Vec<&str> = v1.into_iter().chain(v2).collect();
+        assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
+        assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
+    }
+
+    /// Column names of a `CREATE TABLE` laid out one column per line.
+    fn column_list(create: &str) -> Vec<&str> {
+        let body = &create[create.find('(').unwrap() + 1..create.find("\n)").unwrap()];
+        body.lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .collect()
     }
 }

@@ -3,7 +3,27 @@
 
 use serde::{Deserialize, Serialize};
 
-/// One row of `process_events`: a process executed a program.
+/// A row type stored in one table: what the batch writer and
+/// [`Storage::insert`](super::Storage::insert) need to know about it.
+pub trait TableRow: clickhouse::Row + Serialize + std::fmt::Debug + Send + Sync + 'static {
+    /// Bare table name, for a client bound to the database.
+    const TABLE: &'static str;
+}
+
+/// `process_events.event_type` of a program execution.
+pub const EVENT_TYPE_EXEC: &str = "exec";
+/// `process_events.event_type` of a new process (fork/clone).
+pub const EVENT_TYPE_FORK: &str = "fork";
+/// `process_events.event_type` of the end of a process.
+pub const EVENT_TYPE_EXIT: &str = "exit";
+/// `process_events.loginuid` of a process outside any login session.
+pub const NO_LOGINUID: u32 = u32::MAX;
+/// `process_events.exit_status` of a process killed by a signal, and of
+/// rows that are not exits.
+pub const NO_EXIT_STATUS: i16 = -1;
+
+/// One row of `process_events`: a process executed a program (`exec`), was
+/// created (`fork`) or ended (`exit`); see `event_type`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct ProcessEventRow {
     pub org_id: String,
@@ -29,9 +49,57 @@ pub struct ProcessEventRow {
     pub agent_version: String,
     /// When the collector received the event, seconds (`DateTime`).
     pub ingested_at: u32,
+    // Migration 2.
+    /// [`EVENT_TYPE_EXEC`], [`EVENT_TYPE_FORK`] or [`EVENT_TYPE_EXIT`].
+    pub event_type: String,
+    pub euid: u32,
+    pub egid: u32,
+    /// [`NO_LOGINUID`] outside a login session.
+    pub loginuid: u32,
+    /// Start of the process, Unix nanoseconds (0: unknown).
+    pub process_start_ns: u64,
+    /// The program: exec → the executed file; fork/exit → the program run.
+    pub exe: String,
+    pub clone_flags: u64,
+    /// 0..=255, or [`NO_EXIT_STATUS`].
+    pub exit_status: i16,
+    pub exit_signal: u8,
+    pub core_dumped: u8,
+    pub lifetime_ns: u64,
+    /// Ancestors, parent first: four parallel arrays.
+    pub ancestor_pids: Vec<u32>,
+    pub ancestor_exes: Vec<String>,
+    pub ancestor_argv0: Vec<String>,
+    pub ancestor_start_ns: Vec<u64>,
 }
 
-impl ProcessEventRow {
-    /// Bare table name, for a client bound to the database.
-    pub const TABLE: &'static str = "process_events";
+impl TableRow for ProcessEventRow {
+    const TABLE: &'static str = "process_events";
+}
+
+/// One row of `gaps`: events an agent lost, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct GapRow {
+    pub org_id: String,
+    /// Event wall time (the end of the gap), seconds (`DateTime`).
+    pub time: u32,
+    pub time_ns: u64,
+    pub device_id: String,
+    pub hostname: String,
+    pub boot_id: String,
+    pub seq: u64,
+    /// `critical` or `bulk`.
+    pub stream: String,
+    /// `ring_full`, `queue_full`, `decode_error`, `sampled`, ...
+    pub reason: String,
+    pub lost: u64,
+    /// The lost events happened in `[from_ns, to_ns]`, Unix nanoseconds.
+    pub from_ns: u64,
+    pub to_ns: u64,
+    pub agent_version: String,
+    pub ingested_at: u32,
+}
+
+impl TableRow for GapRow {
+    const TABLE: &'static str = "gaps";
 }

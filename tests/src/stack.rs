@@ -1,0 +1,158 @@
+//! A whole stack for one test: a private ClickHouse with a fresh database,
+//! `zt-collector` and `zt-agent` as real processes, logs kept for failures.
+
+use std::{
+    ffi::CString,
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    cgroup::TestCgroup,
+    clickhouse::{fresh_database_name, ClickHouseServer},
+    free_port,
+    process::{workspace_binary, Process},
+};
+
+/// The organisation test agents enroll into.
+pub const TEST_ORG: &str = "org-e2e";
+
+pub struct Stack {
+    pub clickhouse: ClickHouseServer,
+    pub database: String,
+    pub dir: tempfile::TempDir,
+    pub collector_port: u16,
+}
+
+impl Stack {
+    pub async fn new(name: &str) -> Result<Self> {
+        Ok(Self {
+            clickhouse: ClickHouseServer::start().await?,
+            database: fresh_database_name(name),
+            dir: tempfile::tempdir()?,
+            collector_port: free_port()?,
+        })
+    }
+
+    pub async fn start_collector(&self) -> Result<Process> {
+        let mut collector = Process::spawn(
+            "collector",
+            &workspace_binary("zt-collector")?,
+            [
+                "--listen",
+                &format!("127.0.0.1:{}", self.collector_port),
+                "--clickhouse-url",
+                &self.clickhouse.http_url(),
+                "--database",
+                &self.database,
+            ],
+            &[("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned())],
+            self.dir.path(),
+        )?;
+        collector
+            .wait_for_log("collector listening", Duration::from_secs(30))
+            .await?;
+        Ok(collector)
+    }
+
+    /// Starts an agent (log `agent.log`, or `<name>.log` for a second one)
+    /// with extra environment, and waits until its sensors are attached.
+    pub async fn start_agent_named(&self, name: &str, env: &[(&str, String)]) -> Result<Process> {
+        let mut envs = vec![
+            ("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "100".to_owned()),
+            ("ZT_AGENT_UPLINK__BACKOFF_MAX_MS", "500".to_owned()),
+        ];
+        envs.extend(env.iter().cloned());
+        let mut agent = Process::spawn(
+            name,
+            &workspace_binary("zt-agent")?,
+            [
+                "--collector",
+                &format!("http://127.0.0.1:{}", self.collector_port),
+                "--org",
+                TEST_ORG,
+                "--state-dir",
+                &self.dir.path().join("agent-state").display().to_string(),
+            ],
+            &envs,
+            self.dir.path(),
+        )?;
+        agent
+            .wait_for_log("process table seeded", Duration::from_secs(30))
+            .await?;
+        Ok(agent)
+    }
+
+    pub async fn start_agent(&self) -> Result<Process> {
+        self.start_agent_named("agent", &[]).await
+    }
+
+    /// A client bound to the test's database.
+    pub fn db(&self) -> clickhouse::Client {
+        self.clickhouse.client().with_database(&self.database)
+    }
+
+    /// Every process log of the test, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let log = std::fs::read_to_string(&path).unwrap_or_default();
+                    out.push_str(&format!("--- {} ---\n{log}\n", path.display()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A unique marker to find a test's own events among the machine's.
+pub fn marker_for(what: &str) -> String {
+    format!("zt-e2e-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Starts `program args` inside `cgroup` (it joins before it executes).
+pub fn spawn_in_cgroup(cgroup: &TestCgroup, program: &str, args: &[&str]) -> Result<Child> {
+    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdout(Stdio::null())
+        .stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls (open, write, close) between fork
+    // and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .with_context(|| format!("running {program} in the test cgroup"))
+}
+
+/// Runs `program args` to completion inside `cgroup`; returns its pid and
+/// exit status.
+pub fn run_in_cgroup(
+    cgroup: &TestCgroup,
+    program: &str,
+    args: &[&str],
+) -> Result<(u32, std::process::ExitStatus)> {
+    let mut child = spawn_in_cgroup(cgroup, program, args)?;
+    let pid = child.id();
+    Ok((pid, child.wait()?))
+}
