@@ -30,5 +30,8 @@ test: setup lint
 	cargo build --bins
 	cargo test --no-fail-fast
 
+# Benchmarks are not part of `make test`; the end-to-end bench runs the
+# release binaries. Results and how to read them: docs/benchmarks.md.
 bench: setup
+	cargo build --release --bins
 	cargo bench

@@ -17,7 +17,7 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # --- Debian packages ---------------------------------------------------------
-packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates)
+packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates python3)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -21,6 +21,11 @@ pub const KERNEL_OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
 pub const EXEC_PROGRAM: &str = "sched_process_exec";
 pub const FORK_PROGRAM: &str = "task_newtask";
 pub const EXIT_PROGRAM: &str = "sched_process_exit";
+pub const TCP_STATE_PROGRAM: &str = "inet_sock_set_state";
+/// Owners of live TCP sockets, by `struct sock` address.
+pub const TCP_SOCKETS_MAP: &str = "TCP_SOCKETS";
+/// Owners of listening TCP sockets, by local port.
+pub const TCP_LISTENERS_MAP: &str = "TCP_LISTENERS";
 
 /// Bytes of the size of the critical ring buffer (power of two, page multiple).
 pub const CRITICAL_RING_BYTES: u32 = 8 * 1024 * 1024;
@@ -38,6 +43,7 @@ pub enum EventKind {
     Exec = 1,
     Fork = 2,
     Exit = 3,
+    Tcp = 4,
 }
 
 impl EventKind {
@@ -46,6 +52,7 @@ impl EventKind {
             1 => Some(Self::Exec),
             2 => Some(Self::Fork),
             3 => Some(Self::Exit),
+            4 => Some(Self::Tcp),
             _ => None,
         }
     }
@@ -164,6 +171,87 @@ pub struct ExitEvent {
     pub start_boot_ns: u64,
 }
 
+/// What happened to a TCP socket.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpAction {
+    /// `connect()` sent a SYN.
+    ConnectAttempt = 1,
+    /// The handshake of an outgoing connection completed.
+    Connected = 2,
+    /// An outgoing connection failed (refused, unreachable, timed out).
+    ConnectFailed = 3,
+    /// An incoming connection completed its handshake on a listener.
+    Accepted = 4,
+    /// An established connection closed.
+    Closed = 5,
+    /// A socket started listening.
+    Listen = 6,
+}
+
+impl TcpAction {
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::ConnectAttempt),
+            2 => Some(Self::Connected),
+            3 => Some(Self::ConnectFailed),
+            4 => Some(Self::Accepted),
+            5 => Some(Self::Closed),
+            6 => Some(Self::Listen),
+            _ => None,
+        }
+    }
+}
+
+/// Who owns a socket: the process that connected, or the listener's owner
+/// for an accepted one. Kept in [`TCP_SOCKETS_MAP`] and [`TCP_LISTENERS_MAP`]
+/// because state changes after `connect()` happen in softirq context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _reserved: u32,
+    pub cgroup_id: u64,
+    /// Boot-clock nanoseconds of the connect or of the accepted handshake.
+    pub since_boot_ns: u64,
+}
+
+/// A TCP socket changed state in a way worth an event (see [`TcpAction`]).
+/// Addresses are network order; IPv4 uses the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpEvent {
+    pub header: EventHeader,
+    /// A [`TcpAction`] id.
+    pub action: u32,
+    /// 0 when no owner is known (socket opened before the agent started).
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _reserved: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// For [`TcpAction::Closed`]: how long it was established.
+    pub duration_ns: u64,
+    /// For [`TcpAction::Closed`]: payload bytes sent (retransmissions
+    /// included).
+    pub bytes_sent: u64,
+    /// For [`TcpAction::Closed`]: payload bytes received.
+    pub bytes_received: u64,
+}
+
+/// The owner of the connection is unknown to the kernel maps.
+pub const FLAG_OWNER_UNKNOWN: u32 = 1 << 7;
+/// Byte counters could not be read.
+pub const FLAG_BYTES_UNKNOWN: u32 = 1 << 8;
+
 /// Byte offsets inside kernel structures, resolved by user space from the
 /// running kernel's BTF and handed to the programs as a read-only global. A
 /// zero `valid` means the programs must not follow kernel pointers.
@@ -193,12 +281,22 @@ pub struct KernelOffsets {
     /// Offset of `clone_flags` in the `task_newtask` record.
     pub tp_newtask_clone_flags: u32,
     pub task_group_leader: u32,
+    /// `tcp_sock.bytes_sent` (payload sent, retransmissions included),
+    /// `tcp_sock.bytes_received` (received sequence space: payload plus the
+    /// peer's FIN) and `sock.sk_shutdown` (to take that FIN out)
+    /// ([`OPT_TCP_BYTES`]).
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_received: u32,
+    pub sock_shutdown: u32,
 }
 
 /// [`KernelOffsets::task_loginuid`] is valid.
 pub const OPT_LOGINUID: u32 = 1 << 0;
 /// [`KernelOffsets::tp_exit_group_dead`] is valid.
 pub const OPT_EXIT_GROUP_DEAD: u32 = 1 << 1;
+/// [`KernelOffsets::tcp_bytes_sent`], `tcp_bytes_received` and
+/// `sock_shutdown` are valid.
+pub const OPT_TCP_BYTES: u32 = 1 << 2;
 
 // Wire layout is part of the contract between kernel and user space: fixed
 // sizes, no implicit padding.
@@ -208,7 +306,9 @@ const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 10 * 4 + 2 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
 const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
-const _: () = assert!(size_of::<KernelOffsets>() == 18 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 21 * 4);
+const _: () = assert!(size_of::<SocketOwner>() == 32);
+const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
 const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());
 
@@ -216,4 +316,6 @@ const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());
 mod user {
     // SAFETY: plain-old-data, `#[repr(C)]`, no padding (asserted above).
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketOwner {}
 }

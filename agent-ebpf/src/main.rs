@@ -7,6 +7,7 @@
 mod exec;
 mod lifecycle;
 mod maps;
+mod net;
 mod task;
 
 #[cfg(not(test))]

@@ -1,9 +1,9 @@
 //! Maps and globals shared by every program of the object.
 
-use agent_common::{DropReason, KernelOffsets, CRITICAL_RING_BYTES, DROP_REASONS};
+use agent_common::{DropReason, KernelOffsets, SocketOwner, CRITICAL_RING_BYTES, DROP_REASONS};
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "CRITICAL_EVENTS")]
@@ -33,6 +33,9 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     tp_exit_group_dead: 0,
     tp_newtask_clone_flags: 0,
     task_group_leader: 0,
+    tcp_bytes_sent: 0,
+    tcp_bytes_received: 0,
+    sock_shutdown: 0,
 };
 
 #[inline(always)]
@@ -49,3 +52,11 @@ pub fn count_drop(reason: DropReason) {
         unsafe { *counter += 1 };
     }
 }
+
+/// Owners of live TCP sockets by `struct sock` address (see `net.rs`).
+#[map(name = "TCP_SOCKETS")]
+pub static TCP_SOCKETS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Owners of listening TCP sockets by local port.
+#[map(name = "TCP_LISTENERS")]
+pub static TCP_LISTENERS: LruHashMap<u32, SocketOwner> = LruHashMap::with_max_entries(4_096, 0);

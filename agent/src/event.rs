@@ -3,10 +3,13 @@
 
 use std::mem::size_of;
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use agent_common::{
-    EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, ARGS_CAPACITY, FILENAME_CAPACITY,
-    FLAG_ARGS_TRUNCATED, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN,
-    FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET,
+    EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY,
+    FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN,
+    FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PPID_UNKNOWN,
+    FLAG_START_UNKNOWN, LOGINUID_UNSET,
 };
 
 /// A process execution as the kernel saw it.
@@ -75,12 +78,30 @@ impl ProcessExit {
     }
 }
 
+/// A TCP state change worth an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpConnection {
+    pub boot_ns: u64,
+    pub action: TcpAction,
+    /// The owning process; `None` when the socket predates the agent.
+    pub pid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub duration_ns: u64,
+    /// `(sent, received)` for closed connections when the kernel told.
+    pub bytes: Option<(u64, u64)>,
+}
+
 /// Every event kind the kernel can send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ProcessExec),
     Fork(ProcessFork),
     Exit(ProcessExit),
+    Tcp(TcpConnection),
 }
 
 impl KernelEvent {
@@ -90,6 +111,7 @@ impl KernelEvent {
             Self::Exec(e) => e.boot_ns,
             Self::Fork(e) => e.boot_ns,
             Self::Exit(e) => e.boot_ns,
+            Self::Tcp(e) => e.boot_ns,
         }
     }
 }
@@ -106,6 +128,10 @@ pub enum DecodeError {
         actual: usize,
         expected: usize,
     },
+    #[error("unknown tcp action {0}")]
+    UnknownTcpAction(u32),
+    #[error("unknown address family {0}")]
+    UnknownFamily(u16),
     #[error("{field} length {len} exceeds its capacity {capacity}")]
     LengthOutOfRange {
         field: &'static str,
@@ -126,7 +152,52 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Exec => decode_exec(record).map(KernelEvent::Exec),
         EventKind::Fork => decode_fork(record).map(KernelEvent::Fork),
         EventKind::Exit => decode_exit(record).map(KernelEvent::Exit),
+        EventKind::Tcp => decode_tcp(record).map(KernelEvent::Tcp),
     }
+}
+
+/// The name of a TCP action on the wire and in the store.
+pub fn tcp_action_name(action: TcpAction) -> &'static str {
+    match action {
+        TcpAction::ConnectAttempt => "connect_attempt",
+        TcpAction::Connected => "connected",
+        TcpAction::ConnectFailed => "connect_failed",
+        TcpAction::Accepted => "accepted",
+        TcpAction::Closed => "closed",
+        TcpAction::Listen => "listen",
+    }
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+fn decode_tcp(record: &[u8]) -> Result<TcpConnection, DecodeError> {
+    let raw: TcpEvent = read_record(record, EventKind::Tcp)?;
+    let action =
+        TcpAction::from_u32(raw.action).ok_or(DecodeError::UnknownTcpAction(raw.action))?;
+    let address = |bytes: [u8; 16]| -> Result<IpAddr, DecodeError> {
+        match raw.family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical()),
+            other => Err(DecodeError::UnknownFamily(other)),
+        }
+    };
+    let flags = raw.header.flags;
+    Ok(TcpConnection {
+        boot_ns: raw.header.boot_ns,
+        action,
+        pid: (flags & FLAG_OWNER_UNKNOWN == 0).then_some(raw.pid),
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        local: (address(raw.local_addr)?, raw.local_port).into(),
+        remote: (address(raw.remote_addr)?, raw.remote_port).into(),
+        duration_ns: raw.duration_ns,
+        bytes: (action == TcpAction::Closed && flags & FLAG_BYTES_UNKNOWN == 0)
+            .then_some((raw.bytes_sent, raw.bytes_received)),
+    })
 }
 
 /// Reads a fixed-size record of kind `kind` as `T`.
@@ -420,6 +491,74 @@ pub(crate) mod tests {
 
         let unknown = exit_with(0, FLAG_PPID_UNKNOWN | FLAG_START_UNKNOWN);
         assert_eq!((unknown.ppid, unknown.lifetime_ns()), (None, None));
+    }
+
+    fn tcp_record(action: TcpAction, family: u16, flags: u32) -> TcpEvent {
+        let mut raw = TcpEvent {
+            header: EventHeader {
+                kind: EventKind::Tcp as u32,
+                flags,
+                boot_ns: 9,
+            },
+            action: action as u32,
+            pid: 77,
+            family,
+            local_port: 40000,
+            remote_port: 443,
+            duration_ns: 5,
+            bytes_sent: 100,
+            bytes_received: 200,
+            ..TcpEvent::default()
+        };
+        if family == AF_INET {
+            raw.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+            raw.remote_addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        } else {
+            raw.local_addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+            raw.remote_addr = "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets();
+        }
+        raw
+    }
+
+    fn decode_tcp_event(raw: &TcpEvent) -> TcpConnection {
+        match decode(&bytes_of(raw)).unwrap() {
+            KernelEvent::Tcp(tcp) => tcp,
+            other => panic!("not tcp: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_tcp_v4_and_v6() {
+        let v4 = decode_tcp_event(&tcp_record(TcpAction::Closed, AF_INET, 0));
+        assert_eq!(v4.local.to_string(), "127.0.0.1:40000");
+        assert_eq!(v4.remote.to_string(), "192.0.2.7:443");
+        assert_eq!((v4.pid, v4.bytes), (Some(77), Some((100, 200))));
+
+        let v6 = decode_tcp_event(&tcp_record(
+            TcpAction::ConnectAttempt,
+            AF_INET6,
+            FLAG_OWNER_UNKNOWN,
+        ));
+        assert_eq!(v6.local.to_string(), "[::1]:40000");
+        assert_eq!(
+            v6.remote.ip().to_string(),
+            "192.0.2.7",
+            "v4-mapped shown as IPv4"
+        );
+        assert_eq!((v6.pid, v6.bytes), (None, None), "bytes only on close");
+
+        let no_bytes =
+            decode_tcp_event(&tcp_record(TcpAction::Closed, AF_INET, FLAG_BYTES_UNKNOWN));
+        assert_eq!(no_bytes.bytes, None);
+
+        let mut bad = tcp_record(TcpAction::Closed, 99, 0);
+        assert_eq!(decode(&bytes_of(&bad)), Err(DecodeError::UnknownFamily(99)));
+        bad.family = AF_INET;
+        bad.action = 42;
+        assert_eq!(
+            decode(&bytes_of(&bad)),
+            Err(DecodeError::UnknownTcpAction(42))
+        );
     }
 
     #[test]

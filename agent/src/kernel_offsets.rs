@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use agent_common::{KernelOffsets, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID};
+use agent_common::{KernelOffsets, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES};
 use btf_rs::{Btf, Struct, Type};
 
 /// Where the running kernel publishes its BTF.
@@ -77,6 +77,19 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         signal_live: byte_offset(btf, &signal, "signal_struct", "live")?,
         ..KernelOffsets::default()
     };
+    // Byte counters of closed TCP connections; the programs go without them.
+    if let (Ok(tcp), Ok(sock)) = (find_struct(btf, "tcp_sock"), find_struct(btf, "sock")) {
+        let sent = byte_offset(btf, &tcp, "tcp_sock", "bytes_sent");
+        let received = byte_offset(btf, &tcp, "tcp_sock", "bytes_received");
+        // A byte on current kernels; a bit field before 6.2 (then no counters).
+        let shutdown = byte_offset(btf, &sock, "sock", "sk_shutdown");
+        if let (Ok(sent), Ok(received), Ok(shutdown)) = (sent, received, shutdown) {
+            offsets.tcp_bytes_sent = sent;
+            offsets.tcp_bytes_received = received;
+            offsets.sock_shutdown = shutdown;
+            offsets.optional |= OPT_TCP_BYTES;
+        }
+    }
     // Only with CONFIG_AUDIT.
     if let Ok(loginuid) = task_off("loginuid") {
         offsets.task_loginuid = loginuid;
@@ -191,6 +204,9 @@ mod tests {
         );
         assert!(offsets.task_cred > 0 && offsets.task_signal > 0 && offsets.task_group_leader > 0);
         assert_ne!(offsets.optional & OPT_LOGINUID, 0, "this kernel has audit");
+        assert_ne!(offsets.optional & OPT_TCP_BYTES, 0);
+        assert_ne!(offsets.tcp_bytes_sent, offsets.tcp_bytes_received);
+        assert!(offsets.sock_shutdown > 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
 
 use agent_common::{
     KernelOffsets, CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM,
-    FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL,
+    FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
 };
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -23,7 +23,7 @@ use aya::{
 };
 use proto::telemetry::{
     event::Kind, Ancestor as WireAncestor, Event, Gap, ProcessExec as WireExec,
-    ProcessExit as WireExit, ProcessFork as WireFork,
+    ProcessExit as WireExit, ProcessFork as WireFork, TcpConnection as WireTcp,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::{
     clock::BootClock,
     config::SensorConfig,
-    event::{decode, KernelEvent},
+    event::{decode, tcp_action_name, KernelEvent},
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
     process_table::{scan_proc, Ancestor, ProcessTable},
@@ -54,8 +54,8 @@ pub struct SensorHook {
     pub tracepoint: &'static str,
 }
 
-/// The process sensors, in attach order.
-pub const PROCESS_SENSORS: &[SensorHook] = &[
+/// The sensors feeding the critical ring buffer, in attach order.
+pub const CRITICAL_SENSORS: &[SensorHook] = &[
     SensorHook {
         sensor: "exec",
         program: EXEC_PROGRAM,
@@ -73,6 +73,12 @@ pub const PROCESS_SENSORS: &[SensorHook] = &[
         program: EXIT_PROGRAM,
         category: "sched",
         tracepoint: "sched_process_exit",
+    },
+    SensorHook {
+        sensor: "tcp",
+        program: TCP_STATE_PROGRAM,
+        category: "sock",
+        tracepoint: "inet_sock_set_state",
     },
 ];
 
@@ -153,7 +159,7 @@ impl KernelSensors {
             .load(EBPF_OBJECT)?;
 
         let mut active = Vec::new();
-        for hook in PROCESS_SENSORS {
+        for hook in CRITICAL_SENSORS {
             if hook.sensor == "fork" && offsets.tp_newtask_clone_flags == 0 {
                 warn!(
                     sensor = hook.sensor,
@@ -379,6 +385,39 @@ impl Reader {
                     core_dumped: x.core_dumped,
                     process_start_unix_ns: x.start_boot_ns.map_or(0, to_unix),
                     lifetime_ns: x.lifetime_ns().unwrap_or(0),
+                    exe,
+                });
+                (ancestry, kind)
+            }
+            KernelEvent::Tcp(t) => {
+                let pid = t.pid.unwrap_or(0);
+                let (ancestry, exe) = match t.pid {
+                    Some(pid) => (
+                        self.table.ancestry(pid),
+                        self.table
+                            .get(pid)
+                            .map(|p| p.exe.clone())
+                            .unwrap_or_default(),
+                    ),
+                    None => (Vec::new(), String::new()),
+                };
+                let (bytes_sent, bytes_received) = t.bytes.unwrap_or((0, 0));
+                let kind = Kind::Tcp(WireTcp {
+                    action: tcp_action_name(t.action).to_owned(),
+                    pid,
+                    owner_unknown: t.pid.is_none(),
+                    uid: t.uid,
+                    gid: t.gid,
+                    cgroup_id: t.cgroup_id,
+                    ip_version: if t.local.is_ipv4() { 4 } else { 6 },
+                    local_addr: t.local.ip().to_string(),
+                    local_port: u32::from(t.local.port()),
+                    remote_addr: t.remote.ip().to_string(),
+                    remote_port: u32::from(t.remote.port()),
+                    duration_ns: t.duration_ns,
+                    bytes_sent,
+                    bytes_received,
+                    bytes_unknown: t.action == agent_common::TcpAction::Closed && t.bytes.is_none(),
                     exe,
                 });
                 (ancestry, kind)

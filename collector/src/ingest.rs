@@ -90,13 +90,16 @@ impl TelemetryService {
         // store arrive twice (deduplicate on device_id, boot_id, seq).
         let TableRows {
             process_events,
+            network_events,
             gaps,
         } = rows;
-        let (process_events, gaps) = tokio::join!(
+        let (process_events, network_events, gaps) = tokio::join!(
             self.writers.process_events.write(process_events),
+            self.writers.network_events.write(network_events),
             self.writers.gaps.write(gaps)
         );
         process_events
+            .and(network_events)
             .and(gaps)
             .map_err(|source| IngestError::NotStored {
                 batch_seq: batch.batch_seq,

@@ -12,7 +12,8 @@ use std::{
 /// Counters (monotonic) and gauges of one collector process.
 #[derive(Debug)]
 pub struct Metrics {
-    /// Events ClickHouse accepted, in every table (process events and gaps).
+    /// Events ClickHouse accepted, in every table (process events, network
+    /// events and gaps).
     pub events_stored: AtomicU64,
     /// Events refused as malformed (never stored, never retried).
     pub events_rejected: AtomicU64,

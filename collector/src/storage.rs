@@ -1,5 +1,5 @@
 //! ClickHouse storage: the client, schema migrations and the row types of the
-//! event tables (`process_events`, `gaps`).
+//! event tables (`process_events`, `gaps`, `network_events`).
 //!
 //! Talks to ClickHouse over HTTP (RowBinary) with the `clickhouse` crate.
 //! The schema runs unchanged on ClickHouse 18.16 and current releases.
@@ -19,8 +19,10 @@ use crate::config::{is_identifier, ClickHouseConfig};
 pub use self::{
     migrations::{Column, Migration, MigrationReport, Step, MIGRATIONS},
     rows::{
-        GapRow, ProcessEventRow, TableRow, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
-        NO_EXIT_STATUS, NO_LOGINUID,
+        GapRow, NetworkEventRow, ProcessEventRow, TableRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
+        DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
+        NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT,
+        TCP_CONNECT_FAILED, TCP_LISTEN,
     },
 };
 

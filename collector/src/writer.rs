@@ -26,7 +26,7 @@ use tracing::{debug, error, warn};
 
 use crate::{
     metrics::Metrics,
-    storage::{GapRow, ProcessEventRow, Storage, StorageError, TableRow},
+    storage::{GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError, TableRow},
 };
 
 pub use self::batcher::{BatchLimits, Batcher, Flush};
@@ -138,6 +138,7 @@ where
 #[derive(Debug, Clone)]
 pub struct TableWriters {
     pub process_events: WriterHandle<ProcessEventRow>,
+    pub network_events: WriterHandle<NetworkEventRow>,
     pub gaps: WriterHandle<GapRow>,
 }
 
@@ -145,6 +146,7 @@ pub struct TableWriters {
 #[derive(Debug)]
 pub struct TableWriterTasks {
     process_events: WriterTask,
+    network_events: WriterTask,
     gaps: WriterTask,
 }
 
@@ -152,11 +154,12 @@ impl TableWriterTasks {
     /// Shuts every writer down at once (see [`WriterTask::shutdown`]); true
     /// when all of them flushed within `grace`.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        let (process_events, gaps) = tokio::join!(
+        let (process_events, network_events, gaps) = tokio::join!(
             self.process_events.shutdown(grace),
+            self.network_events.shutdown(grace),
             self.gaps.shutdown(grace)
         );
-        process_events && gaps
+        process_events && network_events && gaps
     }
 }
 
@@ -167,14 +170,17 @@ pub fn spawn_tables(
     metrics: Arc<Metrics>,
 ) -> (TableWriters, TableWriterTasks) {
     let (process_events, process_events_task) = spawn(storage.clone(), limits, metrics.clone());
+    let (network_events, network_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (gaps, gaps_task) = spawn(storage.clone(), limits, metrics);
     (
         TableWriters {
             process_events,
+            network_events,
             gaps,
         },
         TableWriterTasks {
             process_events: process_events_task,
+            network_events: network_events_task,
             gaps: gaps_task,
         },
     )

@@ -1,7 +1,8 @@
 //! The collector against a real ClickHouse (a private server per test, see
-//! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrade of an older
-//! database), the gRPC ingest path end to end for every event kind, start-up
-//! failure, and a ClickHouse outage while agents send.
+//! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrades of older
+//! databases), the gRPC ingest path end to end for every event kind (process
+//! events, TCP connections, gaps), start-up failure, and a ClickHouse outage
+//! while agents send.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
         event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck, Event,
-        EventBatch, Gap, ProcessExec, ProcessExit, ProcessFork,
+        EventBatch, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
     },
 };
 use tokio::sync::mpsc;
@@ -17,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig},
-    storage::{GapRow, ProcessEventRow, Storage, MIGRATIONS},
+    storage::{GapRow, NetworkEventRow, ProcessEventRow, Storage, MIGRATIONS},
     CollectorConfig,
 };
 use zt_e2e::clickhouse::{fresh_database_name, ClickHouseServer};
@@ -168,6 +169,17 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
     )
     .await;
     assert_keys(&server, &database, "gaps", "org_id, hostname, time, seq").await;
+    assert_eq!(
+        table_columns(&server, &database, "network_events").await,
+        sorted(NETWORK_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "network_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
 
     // The steps themselves are idempotent: with the bookkeeping lost, every
     // migration runs again over the existing schema, and changes nothing.
@@ -181,6 +193,10 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
         sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_eq!(
+        table_columns(&server, &database, "network_events").await,
+        sorted(NETWORK_EVENTS_COLUMNS)
     );
 }
 
@@ -238,6 +254,40 @@ const GAPS_COLUMNS: &[(&str, &str)] = &[
     ("lost", "UInt64"),
     ("from_ns", "UInt64"),
     ("to_ns", "UInt64"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+];
+
+/// Columns of `zt.network_events` (migration 4), with their types.
+const NETWORK_EVENTS_COLUMNS: &[(&str, &str)] = &[
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("action", "String"),
+    ("direction", "String"),
+    ("pid", "UInt32"),
+    ("owner_unknown", "UInt8"),
+    ("uid", "UInt32"),
+    ("gid", "UInt32"),
+    ("cgroup_id", "UInt64"),
+    ("exe", "String"),
+    ("ip_version", "UInt8"),
+    ("local_addr", "String"),
+    ("local_port", "UInt16"),
+    ("remote_addr", "String"),
+    ("remote_port", "UInt16"),
+    ("duration_ns", "UInt64"),
+    ("bytes_sent", "UInt64"),
+    ("bytes_received", "UInt64"),
+    ("bytes_unknown", "UInt8"),
+    ("ancestor_pids", "Array(UInt32)"),
+    ("ancestor_exes", "Array(String)"),
+    ("ancestor_argv0", "Array(String)"),
+    ("ancestor_start_ns", "Array(UInt64)"),
     ("agent_version", "String"),
     ("ingested_at", "DateTime"),
 ];
@@ -339,7 +389,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3]);
+    assert_eq!(report.applied, vec![2, 3, 4]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -406,7 +456,78 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade3");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+
+    // A database as a collector of migration 3 left it, with its rows.
+    assert_eq!(storage.migrate_to(3).await.unwrap().applied, vec![1, 2, 3]);
+    let converted = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[exec(1, 100), at(2, gap_kind(5, T0_NS))],
+        1_750_000_100,
+    );
+    assert_eq!(converted.rejected, 0);
+    storage
+        .insert(&converted.rows.process_events)
+        .await
+        .unwrap();
+    storage.insert(&converted.rows.gaps).await.unwrap();
+    assert!(table_columns(&server, &database, "network_events")
+        .await
+        .is_empty());
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![4]);
+    assert_eq!(report.already_applied, vec![1, 2, 3]);
+    assert_eq!(
+        table_columns(&server, &database, "network_events").await,
+        sorted(NETWORK_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "network_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+    // The older tables and their rows are untouched.
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_eq!(
+        table_columns(&server, &database, "gaps").await,
+        sorted(GAPS_COLUMNS)
+    );
+    assert_eq!(
+        stored_rows(&server, &database).await,
+        converted.rows.process_events
+    );
+    assert_eq!(stored_gaps(&server, &database).await, converted.rows.gaps);
+
+    // The new table takes rows.
+    let tcp = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[at(3, tcp_kind("connected", 4, 4300))],
+        1_750_000_100,
+    );
+    assert_eq!(tcp.rows.network_events.len(), 1);
+    storage.insert(&tcp.rows.network_events).await.unwrap();
+    assert_eq!(
+        stored_network_events(&server, &database).await,
+        tcp.rows.network_events
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4]);
 }
 
 #[tokio::test]
@@ -798,6 +919,295 @@ fn exit_kind_at(
     at(seq, exit_kind(pid, exit_status, signal, core_dumped))
 }
 
+fn gap_kind(lost: u64, from_unix_ns: u64) -> Kind {
+    Kind::Gap(Gap {
+        stream: "critical".into(),
+        reason: "ring_full".into(),
+        lost,
+        from_unix_ns,
+        to_unix_ns: from_unix_ns + 1_000,
+    })
+}
+
+/// A connection of pid `pid` (`/usr/bin/curl`) over IP version `ip`
+/// (4 or 6), from a local ephemeral port to port 443.
+fn tcp_kind(action: &str, ip: u32, pid: u32) -> Kind {
+    let (local_addr, remote_addr) = if ip == 4 {
+        ("192.0.2.10", "198.51.100.7")
+    } else {
+        ("2001:db8::10", "2001:db8:1::7")
+    };
+    Kind::Tcp(TcpConnection {
+        action: action.into(),
+        pid,
+        owner_unknown: false,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        ip_version: ip,
+        local_addr: local_addr.into(),
+        local_port: 51_234,
+        remote_addr: remote_addr.into(),
+        remote_port: 443,
+        exe: "/usr/bin/curl".into(),
+        ..Default::default()
+    })
+}
+
+async fn stored_network_events(server: &ClickHouseServer, database: &str) -> Vec<NetworkEventRow> {
+    server
+        .client()
+        .with_database(database)
+        .query("SELECT ?fields FROM network_events ORDER BY seq")
+        .fetch_all::<NetworkEventRow>()
+        .await
+        .expect("select network_events")
+}
+
+#[tokio::test]
+async fn tcp_events_of_a_mixed_batch_land_in_network_events_exactly() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("network");
+    let collector = zt_collector::start(config_for(&server, &database))
+        .await
+        .unwrap();
+    let addr = collector.local_addr();
+    let mut agent = AgentStream::open(addr).await;
+
+    let closed = |seq, ip| {
+        let mut kind = tcp_kind("closed", ip, 4300);
+        if let Kind::Tcp(t) = &mut kind {
+            t.duration_ns = 2_500_000_000;
+            t.bytes_sent = 5000;
+            t.bytes_received = 3_000_000_000_000;
+        }
+        at(seq, kind)
+    };
+    let listen = {
+        let mut kind = tcp_kind("listen", 6, 812);
+        if let Kind::Tcp(t) = &mut kind {
+            t.local_addr = "::".into();
+            t.local_port = 22;
+            t.remote_addr = "::".into();
+            t.remote_port = 0;
+            t.uid = 0;
+            t.gid = 0;
+            t.exe = "/usr/sbin/sshd".into();
+        }
+        at(11, kind)
+    };
+    let accepted = {
+        let mut kind = tcp_kind("accepted", 4, 812);
+        if let Kind::Tcp(t) = &mut kind {
+            t.local_port = 22;
+            t.remote_port = 60_000;
+            t.uid = 0;
+            t.gid = 0;
+            t.exe = "/usr/sbin/sshd".into();
+        }
+        at(12, kind)
+    };
+    let orphan_close = {
+        let mut kind = tcp_kind("closed", 4, 0);
+        if let Kind::Tcp(t) = &mut kind {
+            t.owner_unknown = true;
+            t.bytes_unknown = true;
+            t.duration_ns = 7;
+            t.exe.clear();
+        }
+        let mut event = at(13, kind);
+        event.ancestors.clear();
+        event
+    };
+    let bad_port = {
+        let mut kind = tcp_kind("connected", 4, 4300);
+        if let Kind::Tcp(t) = &mut kind {
+            t.remote_port = 70_000;
+        }
+        at(14, kind)
+    };
+    let events = vec![
+        exec(1, 4300),
+        at(2, tcp_kind("connect_attempt", 4, 4300)),
+        at(3, tcp_kind("connected", 4, 4300)),
+        closed(4, 4),
+        at(5, tcp_kind("connect_attempt", 6, 4300)),
+        at(6, tcp_kind("connect_failed", 6, 4300)),
+        at(7, gap_kind(3, T0_NS)),
+        at(8, tcp_kind("connect_attempt", 6, 4300)),
+        at(9, tcp_kind("connected", 6, 4300)),
+        closed(10, 6),
+        listen,
+        accepted,
+        orphan_close,
+        bad_port,
+    ];
+    agent
+        .send(EventBatch {
+            batch_seq: 1,
+            agent: Some(identity()),
+            events: events.clone(),
+        })
+        .await;
+    let ack = agent.ack(Duration::from_secs(10)).await;
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 13, 1));
+    assert_eq!(
+        ack.reject_reason,
+        "tcp event seq 14 has remote_port 70000, beyond 65535"
+    );
+
+    // Acked means stored: each row in its table, every value as sent.
+    let rows = stored_network_events(&server, &database).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ingested_at = rows[0].ingested_at;
+    assert!(u64::from(ingested_at).abs_diff(now) < 120);
+    let expected = |seq: u64, action: &str, direction: &str, ip: u8| NetworkEventRow {
+        org_id: "pref-test".into(),
+        time: u32::try_from((T0_NS + seq * 1_000_000) / 1_000_000_000).unwrap(),
+        time_ns: T0_NS + seq * 1_000_000,
+        device_id: "device-7".into(),
+        hostname: "pc-007".into(),
+        boot_id: "0b5e2f4c-boot".into(),
+        seq,
+        action: action.into(),
+        direction: direction.into(),
+        pid: 4300,
+        owner_unknown: 0,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exe: "/usr/bin/curl".into(),
+        ip_version: ip,
+        local_addr: if ip == 4 {
+            "192.0.2.10"
+        } else {
+            "2001:db8::10"
+        }
+        .into(),
+        local_port: 51_234,
+        remote_addr: if ip == 4 {
+            "198.51.100.7"
+        } else {
+            "2001:db8:1::7"
+        }
+        .into(),
+        remote_port: 443,
+        duration_ns: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        bytes_unknown: 0,
+        ancestor_pids: vec![4200, 1],
+        ancestor_exes: vec!["/usr/bin/bash".into(), "/usr/lib/systemd/systemd".into()],
+        ancestor_argv0: vec!["-bash".into(), "/sbin/init".into()],
+        ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
+        agent_version: "0.1.0-test".into(),
+        ingested_at,
+    };
+    let closed_row = |seq, ip| NetworkEventRow {
+        duration_ns: 2_500_000_000,
+        bytes_sent: 5000,
+        bytes_received: 3_000_000_000_000,
+        ..expected(seq, "closed", "", ip)
+    };
+    let sshd = |seq, action: &str, direction: &str, ip| NetworkEventRow {
+        pid: 812,
+        uid: 0,
+        gid: 0,
+        exe: "/usr/sbin/sshd".into(),
+        local_port: 22,
+        ..expected(seq, action, direction, ip)
+    };
+    assert_eq!(
+        rows,
+        vec![
+            expected(2, "connect_attempt", "outbound", 4),
+            expected(3, "connected", "outbound", 4),
+            closed_row(4, 4),
+            expected(5, "connect_attempt", "outbound", 6),
+            expected(6, "connect_failed", "outbound", 6),
+            expected(8, "connect_attempt", "outbound", 6),
+            expected(9, "connected", "outbound", 6),
+            closed_row(10, 6),
+            NetworkEventRow {
+                local_addr: "::".into(),
+                remote_addr: "::".into(),
+                remote_port: 0,
+                ..sshd(11, "listen", "listen", 6)
+            },
+            NetworkEventRow {
+                remote_port: 60_000,
+                ..sshd(12, "accepted", "inbound", 4)
+            },
+            NetworkEventRow {
+                pid: 0,
+                owner_unknown: 1,
+                exe: String::new(),
+                duration_ns: 7,
+                bytes_unknown: 1,
+                ancestor_pids: vec![],
+                ancestor_exes: vec![],
+                ancestor_argv0: vec![],
+                ancestor_start_ns: vec![],
+                ..expected(13, "closed", "", 4)
+            },
+        ]
+    );
+
+    // The other kinds of the batch went to their own tables.
+    let processes = stored_rows(&server, &database).await;
+    assert_eq!(
+        processes
+            .iter()
+            .map(|r| (r.seq, r.event_type.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "exec")]
+    );
+    let gaps = stored_gaps(&server, &database).await;
+    assert_eq!(
+        gaps.iter().map(|g| (g.seq, g.lost)).collect::<Vec<_>>(),
+        vec![(7, 3)]
+    );
+
+    // The whole batch again (as after a lost ack): stored again, acked again.
+    agent
+        .send(EventBatch {
+            batch_seq: 2,
+            agent: Some(identity()),
+            events,
+        })
+        .await;
+    let ack = agent.ack(Duration::from_secs(10)).await;
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (2, 13, 1));
+    let distinct: u64 = server
+        .client()
+        .with_database(&database)
+        .query(
+            "SELECT count() FROM (SELECT seq FROM network_events \
+             LIMIT 1 BY device_id, boot_id, seq)",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        distinct, 11,
+        "duplicates collapse on (device_id, boot_id, seq)"
+    );
+
+    let mut control = ControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let status = control.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.events_stored, 26, "rows of every table");
+    assert_eq!(status.events_rejected, 2);
+
+    drop(agent);
+    collector.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn unreachable_clickhouse_fails_start_with_a_clear_error() {
     init_logs();
@@ -869,4 +1279,57 @@ async fn ack_waits_while_clickhouse_is_down_and_arrives_after_it_returns() {
 
     drop(agent);
     collector.shutdown().await.unwrap();
+}
+
+/// Every example query of `docs/schema.md` runs on the migrated schema (of
+/// this server's ClickHouse version), over rows of every table.
+#[tokio::test]
+async fn the_documented_queries_run() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("docs");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    storage.migrate().await.unwrap();
+    let converted = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[
+            exec(1, 4300),
+            at(2, tcp_kind("connected", 4, 4300)),
+            at(3, tcp_kind("closed", 6, 4300)),
+            at(4, gap_kind(2, T0_NS)),
+        ],
+        1_750_000_100,
+    );
+    assert_eq!(converted.rejected, 0);
+    storage
+        .insert(&converted.rows.process_events)
+        .await
+        .unwrap();
+    storage
+        .insert(&converted.rows.network_events)
+        .await
+        .unwrap();
+    storage.insert(&converted.rows.gaps).await.unwrap();
+
+    let doc = include_str!("../../docs/schema.md");
+    let queries: Vec<&str> = doc
+        .split("```sql\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .flat_map(|block| block.split(";\n"))
+        .map(str::trim)
+        .filter(|q| q.starts_with("SELECT") && !q.contains('…') && !q.contains('<'))
+        .collect();
+    assert!(queries.len() >= 12, "{} queries found", queries.len());
+    let client = server.client();
+    for query in queries {
+        let sql = query
+            .trim_end_matches(';')
+            .replace("zt.", &format!("{database}."));
+        client
+            .query(&sql)
+            .execute()
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+    }
 }

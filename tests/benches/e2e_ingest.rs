@@ -65,8 +65,13 @@ const AGENT_COUNTS: [usize; 3] = [1, 8, 32];
 const COLLECTOR_DELAYS_MS: [u64; 2] = [1_000, 20];
 /// (agent `uplink.batch_max_delay_ms`, collector `batch.max_delay_ms`);
 /// `None` keeps the component's default (250 ms and 1000 ms).
-const LATENCY_DELAYS_MS: [(Option<u64>, Option<u64>); 3] =
-    [(None, None), (Some(50), Some(50)), (Some(10), Some(10))];
+const LATENCY_DELAYS_MS: [(Option<u64>, Option<u64>); 5] = [
+    (None, None),
+    (None, Some(10)),
+    (Some(50), Some(50)),
+    (Some(10), Some(10)),
+    (Some(100), Some(10)),
+];
 const EXEC_SPACING: Duration = Duration::from_millis(10);
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How long after the last exec the latency run waits for missing rows.
@@ -447,6 +452,7 @@ struct LatencyResult {
     collector_delay_ms: Option<u64>,
     execs: usize,
     seen: usize,
+    min: Duration,
     p50: Duration,
     p95: Duration,
     max: Duration,
@@ -567,6 +573,7 @@ async fn latency(
         collector_delay_ms,
         execs,
         seen: latencies.len(),
+        min: latencies.first().copied().unwrap_or_default(),
         p50: percentile(&latencies, 50.0),
         p95: percentile(&latencies, 95.0),
         max: latencies.last().copied().unwrap_or_default(),
@@ -627,19 +634,20 @@ fn print_latency(results: &[LatencyResult], execs: usize) {
         EXEC_SPACING.as_millis(),
         POLL_EVERY.as_millis()
     );
-    println!("| agent batch_max_delay_ms | collector max_delay_ms | rows seen | p50 | p95 | max | p50 / max from kernel event time |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| agent batch_max_delay_ms | collector max_delay_ms | rows seen | min | p50 | p95 | max | p50 / max from kernel event time |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     let show = |ms: Option<u64>, default: u64| match ms {
         Some(ms) => ms.to_string(),
         None => format!("{default} (default)"),
     };
     for r in results {
         println!(
-            "| {} | {} | {}/{} | {} ms | {} ms | {} ms | {} / {} ms |",
+            "| {} | {} | {}/{} | {} ms | {} ms | {} ms | {} ms | {} / {} ms |",
             show(r.agent_delay_ms, 250),
             show(r.collector_delay_ms, 1000),
             r.seen,
             r.execs,
+            r.min.as_millis(),
             r.p50.as_millis(),
             r.p95.as_millis(),
             r.max.as_millis(),

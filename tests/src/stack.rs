@@ -118,12 +118,19 @@ pub fn marker_for(what: &str) -> String {
 
 /// Starts `program args` inside `cgroup` (it joins before it executes).
 pub fn spawn_in_cgroup(cgroup: &TestCgroup, program: &str, args: &[&str]) -> Result<Child> {
+    spawn_in_cgroup_with(cgroup, program, args, Stdio::null())
+}
+
+/// [`spawn_in_cgroup`] with the child's stdout as given.
+pub fn spawn_in_cgroup_with(
+    cgroup: &TestCgroup,
+    program: &str,
+    args: &[&str],
+    stdout: Stdio,
+) -> Result<Child> {
     let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
     let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdout(Stdio::null())
-        .stdin(Stdio::null());
+    command.args(args).stdout(stdout).stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls (open, write, close) between fork
     // and exec.
     unsafe {

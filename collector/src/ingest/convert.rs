@@ -4,16 +4,25 @@
 //!
 //! `exec`, `fork` and `exit` events become `process_events` rows (their
 //! `event_type` tells them apart, and each carries the process's ancestry);
+//! `tcp` events become `network_events` rows (with the owner's ancestry);
 //! `gap` events become `gaps` rows.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use proto::telemetry::{
-    event::Kind, AgentIdentity, Event, Gap, ProcessExec, ProcessExit, ProcessFork,
+    event::Kind, AgentIdentity, Ancestor, Event, Gap, ProcessExec, ProcessExit, ProcessFork,
+    TcpConnection,
 };
 
 use crate::storage::{
-    GapRow, ProcessEventRow, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, NO_EXIT_STATUS,
-    NO_LOGINUID,
+    GapRow, NetworkEventRow, ProcessEventRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
+    DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
+    NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT,
+    TCP_CONNECT_FAILED, TCP_LISTEN,
 };
+
+/// Longest excerpt of a refused text value quoted in a [`RejectReason`].
+const REASON_EXCERPT_CHARS: usize = 64;
 
 /// Why an event was refused. Refused events are counted and reported in the
 /// acknowledgement, never stored and never retried.
@@ -44,6 +53,24 @@ pub enum RejectReason {
         seq: u64,
         from_unix_ns: u64,
         to_unix_ns: u64,
+    },
+    #[error("tcp event seq {seq} has unknown action {action:?}")]
+    TcpUnknownAction { seq: u64, action: String },
+    #[error("tcp event seq {seq} has ip version {ip_version}, not 4 or 6")]
+    TcpIpVersion { seq: u64, ip_version: u32 },
+    #[error("tcp event seq {seq} has {field} {port}, beyond 65535")]
+    TcpPortOutOfRange {
+        seq: u64,
+        field: &'static str,
+        port: u32,
+    },
+    #[error("tcp event seq {seq} has {field} {addr:?}, not an IPv{ip_version} address")]
+    TcpBadAddress {
+        seq: u64,
+        field: &'static str,
+        ip_version: u8,
+        /// The refused text, cut to 64 characters.
+        addr: String,
     },
 }
 
@@ -95,6 +122,8 @@ pub struct Received<'a> {
 pub enum EventRow {
     /// `exec`, `fork` or `exit`: a row of `process_events`.
     ProcessEvent(ProcessEventRow),
+    /// `tcp`: a row of `network_events`.
+    NetworkEvent(NetworkEventRow),
     /// `gap`: a row of `gaps`.
     Gap(GapRow),
 }
@@ -115,6 +144,7 @@ impl TryFrom<Received<'_>> for EventRow {
             Kind::Exec(exec) => EventRow::ProcessEvent(exec_row(&header, exec)),
             Kind::Fork(fork) => EventRow::ProcessEvent(fork_row(&header, fork)),
             Kind::Exit(exit) => EventRow::ProcessEvent(exit_row(&header, exit)?),
+            Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
             Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
         })
     }
@@ -148,7 +178,7 @@ impl Header<'_> {
             event,
             ingested_at,
         } = self.received;
-        let ancestors = &event.ancestors;
+        let ancestry = Ancestry::of(&event.ancestors);
         ProcessEventRow {
             org_id: sender.org_id.to_owned(),
             time: self.time,
@@ -181,10 +211,10 @@ impl Header<'_> {
             exit_signal: 0,
             core_dumped: 0,
             lifetime_ns: 0,
-            ancestor_pids: ancestors.iter().map(|a| a.pid).collect(),
-            ancestor_exes: ancestors.iter().map(|a| a.exe.clone()).collect(),
-            ancestor_argv0: ancestors.iter().map(|a| a.argv0.clone()).collect(),
-            ancestor_start_ns: ancestors.iter().map(|a| a.start_unix_ns).collect(),
+            ancestor_pids: ancestry.pids,
+            ancestor_exes: ancestry.exes,
+            ancestor_argv0: ancestry.argv0,
+            ancestor_start_ns: ancestry.start_ns,
         }
     }
 }
@@ -307,17 +337,137 @@ fn gap_row(header: &Header<'_>, gap: &Gap) -> Result<GapRow, RejectReason> {
     })
 }
 
+/// An event's ancestry as the four parallel `ancestor_*` columns, parent
+/// first.
+struct Ancestry {
+    pids: Vec<u32>,
+    exes: Vec<String>,
+    argv0: Vec<String>,
+    start_ns: Vec<u64>,
+}
+
+impl Ancestry {
+    fn of(ancestors: &[Ancestor]) -> Ancestry {
+        Ancestry {
+            pids: ancestors.iter().map(|a| a.pid).collect(),
+            exes: ancestors.iter().map(|a| a.exe.clone()).collect(),
+            argv0: ancestors.iter().map(|a| a.argv0.clone()).collect(),
+            start_ns: ancestors.iter().map(|a| a.start_unix_ns).collect(),
+        }
+    }
+}
+
+/// Every TCP action and the direction it implies. A `closed` connection's
+/// direction is unknown: the close does not say who opened it.
+const TCP_ACTIONS: [(&str, &str); 6] = [
+    (TCP_CONNECT_ATTEMPT, DIRECTION_OUTBOUND),
+    (TCP_CONNECTED, DIRECTION_OUTBOUND),
+    (TCP_CONNECT_FAILED, DIRECTION_OUTBOUND),
+    (TCP_ACCEPTED, DIRECTION_INBOUND),
+    (TCP_CLOSED, DIRECTION_UNKNOWN),
+    (TCP_LISTEN, DIRECTION_LISTEN),
+];
+
+/// Refuses an action outside the six, an IP version other than 4 or 6, a
+/// port beyond 65535, and an address that is not one of the stated version.
+/// Addresses are stored as the canonical text of the parsed address (dotted
+/// IPv4, RFC 5952 IPv6), which is what agents send.
+fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, RejectReason> {
+    let Received {
+        sender,
+        event,
+        ingested_at,
+    } = header.received;
+    let seq = event.seq;
+    let (action, direction) = TCP_ACTIONS
+        .into_iter()
+        .find(|(action, _)| *action == tcp.action)
+        .ok_or_else(|| RejectReason::TcpUnknownAction {
+            seq,
+            action: excerpt(&tcp.action),
+        })?;
+    let ip_version = match tcp.ip_version {
+        4 => 4,
+        6 => 6,
+        other => {
+            return Err(RejectReason::TcpIpVersion {
+                seq,
+                ip_version: other,
+            })
+        }
+    };
+    let address = |field: &'static str, text: &str| -> Result<String, RejectReason> {
+        let parsed = if ip_version == 4 {
+            text.parse::<Ipv4Addr>().map(|a| a.to_string())
+        } else {
+            text.parse::<Ipv6Addr>().map(|a| a.to_string())
+        };
+        parsed.map_err(|_| RejectReason::TcpBadAddress {
+            seq,
+            field,
+            ip_version,
+            addr: excerpt(text),
+        })
+    };
+    let port = |field: &'static str, port: u32| -> Result<u16, RejectReason> {
+        u16::try_from(port).map_err(|_| RejectReason::TcpPortOutOfRange { seq, field, port })
+    };
+    let ancestry = Ancestry::of(&event.ancestors);
+    Ok(NetworkEventRow {
+        org_id: sender.org_id.to_owned(),
+        time: header.time,
+        time_ns: event.time_unix_ns,
+        device_id: sender.device_id.to_owned(),
+        hostname: sender.hostname.to_owned(),
+        boot_id: sender.boot_id.to_owned(),
+        seq,
+        action: action.to_owned(),
+        direction: direction.to_owned(),
+        pid: tcp.pid,
+        owner_unknown: u8::from(tcp.owner_unknown),
+        uid: tcp.uid,
+        gid: tcp.gid,
+        cgroup_id: tcp.cgroup_id,
+        exe: tcp.exe.clone(),
+        ip_version,
+        local_addr: address("local_addr", &tcp.local_addr)?,
+        local_port: port("local_port", tcp.local_port)?,
+        remote_addr: address("remote_addr", &tcp.remote_addr)?,
+        remote_port: port("remote_port", tcp.remote_port)?,
+        duration_ns: tcp.duration_ns,
+        bytes_sent: tcp.bytes_sent,
+        bytes_received: tcp.bytes_received,
+        bytes_unknown: u8::from(tcp.bytes_unknown),
+        ancestor_pids: ancestry.pids,
+        ancestor_exes: ancestry.exes,
+        ancestor_argv0: ancestry.argv0,
+        ancestor_start_ns: ancestry.start_ns,
+        agent_version: sender.agent_version.to_owned(),
+        ingested_at,
+    })
+}
+
+/// At most [`REASON_EXCERPT_CHARS`] characters of `text`, for a reject reason
+/// (which goes back to the agent and into the logs).
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(REASON_EXCERPT_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 /// The rows of one batch, by table.
 #[derive(Debug, Default, PartialEq)]
 pub struct TableRows {
     pub process_events: Vec<ProcessEventRow>,
+    pub network_events: Vec<NetworkEventRow>,
     pub gaps: Vec<GapRow>,
 }
 
 impl TableRows {
     /// Rows in every table.
     pub fn len(&self) -> usize {
-        self.process_events.len() + self.gaps.len()
+        self.process_events.len() + self.network_events.len() + self.gaps.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -327,6 +477,7 @@ impl TableRows {
     fn push(&mut self, row: EventRow) {
         match row {
             EventRow::ProcessEvent(row) => self.process_events.push(row),
+            EventRow::NetworkEvent(row) => self.network_events.push(row),
             EventRow::Gap(row) => self.gaps.push(row),
         }
     }
@@ -358,10 +509,15 @@ pub fn convert_batch(
             }
         }
     };
+    // Nearly every event is a process or a TCP event; gaps are rare.
+    let tcp = events
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::Tcp(_))))
+        .count();
     let mut out = Converted {
         rows: TableRows {
-            // Nearly every event is a process event; gaps are rare.
-            process_events: Vec::with_capacity(events.len()),
+            process_events: Vec::with_capacity(events.len() - tcp),
+            network_events: Vec::with_capacity(tcp),
             gaps: Vec::new(),
         },
         ..Default::default()
@@ -817,6 +973,9 @@ mod tests {
             event(3, T, Kind::Fork(ProcessFork::default())),
             event(4, T, exit(Some(0), None, false)),
             event(5, T, gap("bulk", "sampled", 0, T, T)),
+            event(6, T, tcp_v4("connected")),
+            event(7, T, tcp_v6("accepted")),
+            event(8, T, tcp_v4("closing")),
         ];
         let converted = convert_batch(Some(&identity()), &events, NOW);
         let kinds: Vec<(u64, &str)> = converted
@@ -828,8 +987,15 @@ mod tests {
         assert_eq!(kinds, vec![(1, "exec"), (3, "fork"), (4, "exit")]);
         assert_eq!(converted.rows.gaps.len(), 1);
         assert_eq!(converted.rows.gaps[0].seq, 2);
-        assert_eq!(converted.rows.len(), 4);
-        assert_eq!(converted.rejected, 1);
+        let network: Vec<(u64, &str)> = converted
+            .rows
+            .network_events
+            .iter()
+            .map(|r| (r.seq, r.action.as_str()))
+            .collect();
+        assert_eq!(network, vec![(6, "connected"), (7, "accepted")]);
+        assert_eq!(converted.rows.len(), 6);
+        assert_eq!(converted.rejected, 2);
         assert_eq!(
             converted.first_reason,
             Some(RejectReason::GapNothingLost { seq: 5 })
@@ -870,6 +1036,7 @@ mod tests {
             Kind::Fork(ProcessFork::default()),
             exit(Some(0), None, false),
             gap("critical", "ring_full", 1, 0, 0),
+            tcp_v4("listen"),
         ] {
             assert_eq!(
                 convert(&event(9, 0, kind.clone())),
@@ -914,5 +1081,321 @@ mod tests {
     #[test]
     fn empty_batch_converts_to_nothing() {
         assert_eq!(convert_batch(None, &[], 0), Converted::default());
+    }
+
+    /// An outbound IPv4 connection of `curl` (the fields every action has).
+    fn tcp_v4(action: &str) -> Kind {
+        Kind::Tcp(TcpConnection {
+            action: action.into(),
+            pid: 4300,
+            owner_unknown: false,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            ip_version: 4,
+            local_addr: "192.0.2.10".into(),
+            local_port: 51_234,
+            remote_addr: "198.51.100.7".into(),
+            remote_port: 443,
+            exe: "/usr/bin/curl".into(),
+            ..Default::default()
+        })
+    }
+
+    /// The same over IPv6.
+    fn tcp_v6(action: &str) -> Kind {
+        let Kind::Tcp(mut tcp) = tcp_v4(action) else {
+            unreachable!()
+        };
+        tcp.ip_version = 6;
+        tcp.local_addr = "2001:db8::10".into();
+        tcp.remote_addr = "2001:db8:1::7".into();
+        Kind::Tcp(tcp)
+    }
+
+    fn with_tcp(mut kind: Kind, change: impl FnOnce(&mut TcpConnection)) -> Kind {
+        if let Kind::Tcp(tcp) = &mut kind {
+            change(tcp);
+        }
+        kind
+    }
+
+    fn network_row(event: &Event) -> NetworkEventRow {
+        match convert(event) {
+            Ok(EventRow::NetworkEvent(row)) => row,
+            other => panic!("not a network event row: {other:?}"),
+        }
+    }
+
+    /// The row of [`tcp_v4`] from [`identity`], for `action` in `direction`.
+    fn network_base(seq: u64, action: &str, direction: &str) -> NetworkEventRow {
+        NetworkEventRow {
+            org_id: "pref".into(),
+            time: 1_700_000_000,
+            time_ns: T,
+            device_id: "dev-1".into(),
+            hostname: "pc-001".into(),
+            boot_id: "b-1".into(),
+            seq,
+            action: action.into(),
+            direction: direction.into(),
+            pid: 4300,
+            owner_unknown: 0,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            exe: "/usr/bin/curl".into(),
+            ip_version: 4,
+            local_addr: "192.0.2.10".into(),
+            local_port: 51_234,
+            remote_addr: "198.51.100.7".into(),
+            remote_port: 443,
+            duration_ns: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            bytes_unknown: 0,
+            ancestor_pids: Vec::new(),
+            ancestor_exes: Vec::new(),
+            ancestor_argv0: Vec::new(),
+            ancestor_start_ns: Vec::new(),
+            agent_version: "0.1.0".into(),
+            ingested_at: NOW,
+        }
+    }
+
+    #[test]
+    fn every_tcp_action_becomes_a_network_row_with_its_direction() {
+        let cases = [
+            ("connect_attempt", "outbound"),
+            ("connected", "outbound"),
+            ("connect_failed", "outbound"),
+            ("accepted", "inbound"),
+            ("closed", ""),
+            ("listen", "listen"),
+        ];
+        for (seq, (action, direction)) in (1..).zip(cases) {
+            let converted = convert_batch(Some(&identity()), &[event(seq, T, tcp_v4(action))], NOW);
+            assert_eq!(converted.rejected, 0, "{action}");
+            assert!(converted.rows.process_events.is_empty() && converted.rows.gaps.is_empty());
+            assert_eq!(
+                converted.rows.network_events,
+                vec![network_base(seq, action, direction)]
+            );
+
+            let v6 = network_row(&event(seq, T, tcp_v6(action)));
+            assert_eq!(
+                v6,
+                NetworkEventRow {
+                    ip_version: 6,
+                    local_addr: "2001:db8::10".into(),
+                    remote_addr: "2001:db8:1::7".into(),
+                    ..network_base(seq, action, direction)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn closed_carries_duration_and_bytes_or_says_they_are_unknown() {
+        let closed = with_tcp(tcp_v6("closed"), |t| {
+            t.duration_ns = 2_500_000_000;
+            t.bytes_sent = 5000;
+            t.bytes_received = 3000;
+        });
+        let row = network_row(&event(3, T, closed));
+        assert_eq!(
+            (row.duration_ns, row.bytes_sent, row.bytes_received),
+            (2_500_000_000, 5000, 3000)
+        );
+        assert_eq!((row.bytes_unknown, row.direction.as_str()), (0, ""));
+
+        let unknown = with_tcp(tcp_v4("closed"), |t| {
+            t.duration_ns = 10;
+            t.bytes_unknown = true;
+        });
+        let row = network_row(&event(4, T, unknown));
+        assert_eq!(
+            (row.duration_ns, row.bytes_sent, row.bytes_received),
+            (10, 0, 0)
+        );
+        assert_eq!(row.bytes_unknown, 1);
+    }
+
+    #[test]
+    fn a_socket_without_a_known_owner_is_stored_as_such() {
+        let orphan = with_tcp(tcp_v4("closed"), |t| {
+            t.pid = 0;
+            t.owner_unknown = true;
+            t.exe.clear();
+        });
+        let row = network_row(&event(5, T, orphan));
+        assert_eq!((row.pid, row.owner_unknown, row.exe.as_str()), (0, 1, ""));
+    }
+
+    #[test]
+    fn addresses_are_stored_in_canonical_text() {
+        // Wildcards, loopback, ports 0 and 65535: all valid.
+        let listen = with_tcp(tcp_v6("listen"), |t| {
+            t.local_addr = "::".into();
+            t.local_port = 65_535;
+            t.remote_addr = "::".into();
+            t.remote_port = 0;
+        });
+        let row = network_row(&event(1, T, listen));
+        assert_eq!((row.local_addr.as_str(), row.local_port), ("::", u16::MAX));
+        assert_eq!((row.remote_addr.as_str(), row.remote_port), ("::", 0));
+        // Upper case and unshortened zeros become RFC 5952 text, so one peer
+        // is always spelled the same way.
+        let long = with_tcp(tcp_v6("connected"), |t| {
+            t.local_addr = "0:0:0:0:0:0:0:1".into();
+            t.remote_addr = "2001:0DB8:0000:0000:0000:0000:0000:0007".into();
+        });
+        let row = network_row(&event(2, T, long));
+        assert_eq!(
+            (row.local_addr.as_str(), row.remote_addr.as_str()),
+            ("::1", "2001:db8::7")
+        );
+        let mapped = with_tcp(tcp_v6("accepted"), |t| {
+            t.remote_addr = "::FFFF:192.0.2.1".into();
+        });
+        assert_eq!(
+            network_row(&event(3, T, mapped)).remote_addr,
+            "::ffff:192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn tcp_rows_carry_the_owners_ancestry() {
+        let e = Event {
+            ancestors: vec![
+                Ancestor {
+                    pid: 4200,
+                    exe: "/usr/bin/bash".into(),
+                    argv0: "-bash".into(),
+                    start_unix_ns: T - 1,
+                },
+                Ancestor {
+                    pid: 1,
+                    exe: "/usr/lib/systemd/systemd".into(),
+                    argv0: "/sbin/init".into(),
+                    start_unix_ns: 0,
+                },
+            ],
+            ..event(1, T, tcp_v4("connect_attempt"))
+        };
+        let row = network_row(&e);
+        assert_eq!(row.ancestor_pids, vec![4200, 1]);
+        assert_eq!(
+            row.ancestor_exes,
+            vec!["/usr/bin/bash", "/usr/lib/systemd/systemd"]
+        );
+        assert_eq!(row.ancestor_argv0, vec!["-bash", "/sbin/init"]);
+        assert_eq!(row.ancestor_start_ns, vec![T - 1, 0]);
+    }
+
+    #[test]
+    fn malformed_tcp_events_are_refused() {
+        let bad_address = |field, ip_version, addr: &str| RejectReason::TcpBadAddress {
+            seq: 6,
+            field,
+            ip_version,
+            addr: addr.into(),
+        };
+        let cases = [
+            (
+                tcp_v4("Connected"),
+                RejectReason::TcpUnknownAction {
+                    seq: 6,
+                    action: "Connected".into(),
+                },
+            ),
+            (
+                tcp_v4(""),
+                RejectReason::TcpUnknownAction {
+                    seq: 6,
+                    action: String::new(),
+                },
+            ),
+            (
+                with_tcp(tcp_v4("listen"), |t| t.ip_version = 0),
+                RejectReason::TcpIpVersion {
+                    seq: 6,
+                    ip_version: 0,
+                },
+            ),
+            (
+                with_tcp(tcp_v6("listen"), |t| t.ip_version = 5),
+                RejectReason::TcpIpVersion {
+                    seq: 6,
+                    ip_version: 5,
+                },
+            ),
+            (
+                with_tcp(tcp_v4("connected"), |t| t.local_port = 65_536),
+                RejectReason::TcpPortOutOfRange {
+                    seq: 6,
+                    field: "local_port",
+                    port: 65_536,
+                },
+            ),
+            (
+                with_tcp(tcp_v6("accepted"), |t| t.remote_port = u32::MAX),
+                RejectReason::TcpPortOutOfRange {
+                    seq: 6,
+                    field: "remote_port",
+                    port: u32::MAX,
+                },
+            ),
+            // An IPv6 address in an IPv4 event, and the other way round.
+            (
+                with_tcp(tcp_v4("connected"), |t| t.local_addr = "::1".into()),
+                bad_address("local_addr", 4, "::1"),
+            ),
+            (
+                with_tcp(tcp_v6("connected"), |t| {
+                    t.remote_addr = "198.51.100.7".into()
+                }),
+                bad_address("remote_addr", 6, "198.51.100.7"),
+            ),
+            (
+                with_tcp(tcp_v4("closed"), |t| t.remote_addr.clear()),
+                bad_address("remote_addr", 4, ""),
+            ),
+            (
+                with_tcp(tcp_v4("closed"), |t| {
+                    t.local_addr = "192.0.2.10:51234".into()
+                }),
+                bad_address("local_addr", 4, "192.0.2.10:51234"),
+            ),
+            (
+                with_tcp(tcp_v4("closed"), |t| t.local_addr = "256.0.0.1".into()),
+                bad_address("local_addr", 4, "256.0.0.1"),
+            ),
+            (
+                with_tcp(tcp_v6("listen"), |t| t.local_addr = "fe80::1%eth0".into()),
+                bad_address("local_addr", 6, "fe80::1%eth0"),
+            ),
+        ];
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(6, T, kind)), Err(reason));
+        }
+    }
+
+    #[test]
+    fn reject_reasons_quote_at_most_64_characters() {
+        let garbage = "x".repeat(10_000);
+        let kind = with_tcp(tcp_v4("connected"), |t| t.remote_addr = garbage.clone());
+        let Err(RejectReason::TcpBadAddress { addr, .. }) = convert(&event(1, T, kind)) else {
+            panic!("not refused")
+        };
+        assert_eq!(addr, format!("{}…", "x".repeat(64)));
+        // Cut on a character boundary.
+        assert_eq!(excerpt(&"é".repeat(65)), format!("{}…", "é".repeat(64)));
+        assert_eq!(excerpt(&"é".repeat(64)), "é".repeat(64));
+        let reason = convert(&event(2, T, tcp_v4(&"a".repeat(100)))).unwrap_err();
+        assert!(reason.to_string().len() < 140, "{reason}");
+        assert!(reason
+            .to_string()
+            .starts_with("tcp event seq 2 has unknown action"));
     }
 }

@@ -145,6 +145,44 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, seq)";
 
+const CREATE_NETWORK_EVENTS: &str = "
+CREATE TABLE IF NOT EXISTS network_events
+(
+    org_id            String,
+    time              DateTime,
+    time_ns           UInt64,
+    device_id         String,
+    hostname          String,
+    boot_id           String,
+    seq               UInt64,
+    action            String,
+    direction         String,
+    pid               UInt32,
+    owner_unknown     UInt8,
+    uid               UInt32,
+    gid               UInt32,
+    cgroup_id         UInt64,
+    exe               String,
+    ip_version        UInt8,
+    local_addr        String,
+    local_port        UInt16,
+    remote_addr       String,
+    remote_port       UInt16,
+    duration_ns       UInt64,
+    bytes_sent        UInt64,
+    bytes_received    UInt64,
+    bytes_unknown     UInt8,
+    ancestor_pids     Array(UInt32),
+    ancestor_exes     Array(String),
+    ancestor_argv0    Array(String),
+    ancestor_start_ns Array(UInt64),
+    agent_version     String,
+    ingested_at       DateTime
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, hostname, time, pid, seq)";
+
 /// Every migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -164,6 +202,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "gaps",
         steps: &[Step::Execute(CREATE_GAPS)],
+    },
+    Migration {
+        version: 4,
+        name: "network_events",
+        steps: &[Step::Execute(CREATE_NETWORK_EVENTS)],
     },
 ];
 
@@ -308,7 +351,7 @@ mod tests {
     use clickhouse::Row;
 
     use super::*;
-    use crate::storage::{GapRow, ProcessEventRow};
+    use crate::storage::{GapRow, NetworkEventRow, ProcessEventRow};
 
     #[test]
     fn versions_are_strictly_increasing_and_named() {
@@ -388,6 +431,10 @@ mod tests {
         let process_events: Vec<&str> = v1.into_iter().chain(v2).collect();
         assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
         assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
+        assert_eq!(
+            NetworkEventRow::COLUMN_NAMES,
+            column_list(CREATE_NETWORK_EVENTS).as_slice()
+        );
     }
 
     /// Column names of a `CREATE TABLE` laid out one column per line.

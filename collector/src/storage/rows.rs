@@ -103,3 +103,74 @@ pub struct GapRow {
 impl TableRow for GapRow {
     const TABLE: &'static str = "gaps";
 }
+
+/// `network_events.action` values: a TCP connection's life as the agent saw
+/// it. Every value names the wire action it comes from.
+pub const TCP_CONNECT_ATTEMPT: &str = "connect_attempt";
+pub const TCP_CONNECTED: &str = "connected";
+pub const TCP_CONNECT_FAILED: &str = "connect_failed";
+pub const TCP_ACCEPTED: &str = "accepted";
+pub const TCP_CLOSED: &str = "closed";
+pub const TCP_LISTEN: &str = "listen";
+
+/// `network_events.direction` of the `connect_*` actions: this host called out.
+pub const DIRECTION_OUTBOUND: &str = "outbound";
+/// `network_events.direction` of `accepted`: a peer called in.
+pub const DIRECTION_INBOUND: &str = "inbound";
+/// `network_events.direction` of `listen`: a socket waiting for peers.
+pub const DIRECTION_LISTEN: &str = "listen";
+/// `network_events.direction` of `closed`: the close alone does not say who
+/// opened the connection.
+pub const DIRECTION_UNKNOWN: &str = "";
+
+/// One row of `network_events`: a TCP connection of a process was attempted,
+/// established, refused, accepted or closed, or a socket started listening;
+/// see `action`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct NetworkEventRow {
+    pub org_id: String,
+    /// Event wall time, seconds since the Unix epoch (`DateTime`).
+    pub time: u32,
+    pub time_ns: u64,
+    pub device_id: String,
+    pub hostname: String,
+    pub boot_id: String,
+    pub seq: u64,
+    /// One of the `TCP_*` actions.
+    pub action: String,
+    /// One of the `DIRECTION_*` values, derived from `action`.
+    pub direction: String,
+    /// The owning process; 0 with `owner_unknown` = 1.
+    pub pid: u32,
+    pub owner_unknown: u8,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// The owner's program.
+    pub exe: String,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// This host's end, as text: dotted IPv4 or RFC 5952 IPv6.
+    pub local_addr: String,
+    pub local_port: u16,
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// `closed` only: how long the connection was established.
+    pub duration_ns: u64,
+    /// `closed` only: bytes the peer acknowledged, bytes received.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `closed` only: 1 when the kernel could not tell the byte counts.
+    pub bytes_unknown: u8,
+    /// The owner's ancestors, parent first: four parallel arrays.
+    pub ancestor_pids: Vec<u32>,
+    pub ancestor_exes: Vec<String>,
+    pub ancestor_argv0: Vec<String>,
+    pub ancestor_start_ns: Vec<u64>,
+    pub agent_version: String,
+    pub ingested_at: u32,
+}
+
+impl TableRow for NetworkEventRow {
+    const TABLE: &'static str = "network_events";
+}
