@@ -125,7 +125,11 @@ impl fmt::Debug for ClickHouseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
+    /// Rows per INSERT at most.
     pub max_rows: usize,
+    /// How long the oldest pending row waits at most. Every stored batch is
+    /// also an acknowledgement an agent waits for, so this bounds delivery
+    /// latency; a few INSERTs per second per table suit ClickHouse well.
     pub max_delay_ms: u64,
 }
 
@@ -133,7 +137,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_rows: 10_000,
-            max_delay_ms: 1_000,
+            max_delay_ms: 200,
         }
     }
 }
@@ -403,7 +407,7 @@ mod tests {
         assert_eq!(config.clickhouse.password, "");
         assert_eq!(config.clickhouse.startup_timeout_secs, 30);
         assert_eq!(config.batch.max_rows, 10_000);
-        assert_eq!(config.batch.max_delay_ms, 1_000);
+        assert_eq!(config.batch.max_delay_ms, 200);
         assert_eq!(config.log_format, LogFormat::Plain);
     }
 
@@ -422,7 +426,7 @@ mod tests {
         assert_eq!(config.clickhouse.url, "http://ch:8123");
         assert_eq!(config.clickhouse.database, "zt");
         assert_eq!(config.batch.max_rows, 5);
-        assert_eq!(config.batch.max_delay_ms, 1_000);
+        assert_eq!(config.batch.max_delay_ms, 200);
     }
 
     #[test]

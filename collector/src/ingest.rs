@@ -8,6 +8,12 @@
 //! counted; they never fail the rest of their batch. When the rows cannot be
 //! stored the stream ends with `UNAVAILABLE`, and the agent sends the
 //! unacknowledged batches again after reconnecting.
+//!
+//! A stream's batches are stored concurrently (up to
+//! [`MAX_BATCHES_IN_FLIGHT_PER_STREAM`]), so that one agent's window of
+//! unacknowledged batches fills a writer's batch instead of waiting out its
+//! delay once per batch; acks may therefore come out of order, and each names
+//! its batch.
 
 pub mod convert;
 
@@ -28,6 +34,9 @@ pub use self::convert::{convert_batch, Converted, EventRow, RejectReason, TableR
 
 /// Acks buffered per stream before the handler waits for the agent to read.
 const ACK_BUFFER: usize = 16;
+/// Batches of one stream being stored at once; a stream sending more waits
+/// (back-pressure through HTTP/2 flow control).
+pub const MAX_BATCHES_IN_FLIGHT_PER_STREAM: usize = 16;
 
 /// Errors of the ingest path, as seen by the agent.
 #[derive(Debug, thiserror::Error)]
@@ -123,34 +132,48 @@ impl TelemetryService {
         let _connected = ConnectedAgent::new(self.metrics.clone());
         let mut shutdown = self.shutdown.clone();
         info!(%peer, "agent stream opened");
+        let mut in_flight: tokio::task::JoinSet<Result<BatchAck, IngestError>> =
+            tokio::task::JoinSet::new();
+        // Reading stops at the end of the stream, on an error or on shutdown;
+        // batches already taken are still stored and acknowledged.
+        let mut reading = true;
         loop {
-            let next = tokio::select! {
+            tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => {
+                // The watch guard must not live across an await: drop it here.
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if reading => {
                     debug!(%peer, "closing agent stream for shutdown");
-                    break;
+                    reading = false;
                 }
-                next = inbound.message() => next,
-            };
-            let batch = match next {
-                Ok(Some(batch)) => batch,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(%peer, %status, "agent stream failed");
-                    break;
-                }
-            };
-            match self.handle_batch(batch).await {
-                Ok(ack) => {
-                    if acks.send(Ok(ack)).await.is_err() {
-                        break; // the agent went away
+                Some(done) = in_flight.join_next() => match done {
+                    Ok(Ok(ack)) => {
+                        if acks.send(Ok(ack)).await.is_err() {
+                            break; // the agent went away
+                        }
                     }
-                }
-                Err(e) => {
-                    warn!(%peer, error = %e, "ending agent stream");
-                    let _ = acks.send(Err(e.into())).await;
-                    break;
-                }
+                    Ok(Err(e)) => {
+                        warn!(%peer, error = %e, "ending agent stream");
+                        let _ = acks.send(Err(e.into())).await;
+                        break;
+                    }
+                    Err(join) => {
+                        warn!(%peer, error = %join, "batch task failed; ending agent stream");
+                        let _ = acks.send(Err(Status::internal("batch task failed"))).await;
+                        break;
+                    }
+                },
+                next = inbound.message(), if reading && in_flight.len() < MAX_BATCHES_IN_FLIGHT_PER_STREAM => match next {
+                    Ok(Some(batch)) => {
+                        let service = self.clone();
+                        in_flight.spawn(async move { service.handle_batch(batch).await });
+                    }
+                    Ok(None) => reading = false,
+                    Err(status) => {
+                        debug!(%peer, %status, "agent stream failed");
+                        reading = false;
+                    }
+                },
+                else => break,
             }
         }
         info!(%peer, "agent stream closed");

@@ -1333,3 +1333,40 @@ async fn the_documented_queries_run() {
             .unwrap_or_else(|e| panic!("{e}\n{sql}"));
     }
 }
+
+/// One agent's window of unacknowledged batches is stored together: with a
+/// writer that flushes only when full (the delay is an hour), two batches of
+/// one stream that together fill it are both acknowledged. Handled one at a
+/// time, neither would ever be.
+#[tokio::test]
+async fn batches_of_one_stream_are_stored_concurrently() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("pipelined");
+    let mut config = config_for(&server, &database);
+    config.batch = BatchConfig {
+        max_rows: 4,
+        max_delay_ms: 3_600_000,
+    };
+    let collector = zt_collector::start(config).await.unwrap();
+    let mut agent = AgentStream::open(collector.local_addr()).await;
+    for (batch_seq, first) in [(1, 1), (2, 3)] {
+        agent
+            .send(EventBatch {
+                batch_seq,
+                agent: Some(identity()),
+                events: vec![exec(first, 100), exec(first + 1, 100)],
+            })
+            .await;
+    }
+    let mut acked: Vec<u64> = Vec::new();
+    for _ in 0..2 {
+        let ack = agent.ack(Duration::from_secs(20)).await;
+        assert_eq!(ack.stored, 2);
+        acked.push(ack.batch_seq);
+    }
+    acked.sort_unstable();
+    assert_eq!(acked, vec![1, 2]);
+    assert_eq!(stored_rows(&server, &database).await.len(), 4);
+    collector.shutdown().await.unwrap();
+}
