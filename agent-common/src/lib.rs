@@ -12,6 +12,19 @@ use core::mem::{align_of, size_of};
 /// Ring buffer for critical events (exec, exit, connect, verdicts): never
 /// sampled, sized so that bursts fit.
 pub const CRITICAL_EVENTS_MAP: &str = "CRITICAL_EVENTS";
+/// Ring buffer for bulk events (file activity): separate, so that a flood of
+/// them never costs a critical event.
+pub const BULK_EVENTS_MAP: &str = "BULK_EVENTS";
+/// The path prefixes the file sensor watches ([`WatchPrefix`] entries).
+pub const FILE_WATCH_MAP: &str = "FILE_WATCH";
+/// Entries of [`FILE_WATCH_MAP`]; the list ends at the first empty one.
+pub const FILE_WATCH_CAPACITY: u32 = 32;
+/// Longest watch prefix, in bytes.
+pub const PREFIX_CAPACITY: usize = 64;
+/// Longest path carried in a file event, NUL included.
+pub const PATH_CAPACITY: usize = 256;
+/// Bytes of the bulk ring buffer by default.
+pub const BULK_RING_BYTES: u32 = 4 * 1024 * 1024;
 /// Per-CPU counters of events the kernel could not deliver, indexed by
 /// [`DropReason`].
 pub const DROP_COUNTERS_MAP: &str = "DROP_COUNTERS";
@@ -44,6 +57,7 @@ pub enum EventKind {
     Fork = 2,
     Exit = 3,
     Tcp = 4,
+    File = 5,
 }
 
 impl EventKind {
@@ -53,6 +67,7 @@ impl EventKind {
             2 => Some(Self::Fork),
             3 => Some(Self::Exit),
             4 => Some(Self::Tcp),
+            5 => Some(Self::File),
             _ => None,
         }
     }
@@ -64,10 +79,12 @@ impl EventKind {
 pub enum DropReason {
     /// `bpf_ringbuf_reserve` failed: the critical ring buffer was full.
     CriticalRingFull = 0,
+    /// The bulk ring buffer was full.
+    BulkRingFull = 1,
 }
 
 /// Number of entries of the drop-counter map.
-pub const DROP_REASONS: u32 = 1;
+pub const DROP_REASONS: u32 = 2;
 
 /// Common prefix of every event.
 #[repr(C)]
@@ -252,6 +269,70 @@ pub const FLAG_OWNER_UNKNOWN: u32 = 1 << 7;
 /// Byte counters could not be read.
 pub const FLAG_BYTES_UNKNOWN: u32 = 1 << 8;
 
+/// What a process did to a watched file.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileAction {
+    OpenWrite = 1,
+    OpenRead = 2,
+    Unlink = 3,
+    Rename = 4,
+    Chmod = 5,
+}
+
+impl FileAction {
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::OpenWrite),
+            2 => Some(Self::OpenRead),
+            3 => Some(Self::Unlink),
+            4 => Some(Self::Rename),
+            5 => Some(Self::Chmod),
+            _ => None,
+        }
+    }
+}
+
+/// [`WatchPrefix::kinds`]: report writes (open for write, unlink, rename,
+/// chmod) under the prefix.
+pub const WATCH_WRITE: u32 = 1;
+/// [`WatchPrefix::kinds`]: report opens for reading under the prefix.
+pub const WATCH_READ: u32 = 2;
+
+/// One watched path prefix; `len == 0` ends the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchPrefix {
+    pub len: u32,
+    /// Bit set of `WATCH_*`.
+    pub kinds: u32,
+    pub bytes: [u8; PREFIX_CAPACITY],
+}
+
+/// A file operation on a watched path, at the system call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileEvent {
+    pub header: EventHeader,
+    /// A [`FileAction`] id.
+    pub action: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub open_flags: u32,
+    pub mode: u32,
+    /// Valid bytes of `path` / `target`, NUL excluded.
+    pub path_len: u32,
+    pub target_len: u32,
+    pub path: [u8; PATH_CAPACITY],
+    /// The new path of a rename.
+    pub target: [u8; PATH_CAPACITY],
+}
+
+/// A path did not fit in [`PATH_CAPACITY`] bytes and was cut.
+pub const FLAG_PATH_TRUNCATED: u32 = 1 << 9;
+
 /// Byte offsets inside kernel structures, resolved by user space from the
 /// running kernel's BTF and handed to the programs as a read-only global. A
 /// zero `valid` means the programs must not follow kernel pointers.
@@ -308,6 +389,8 @@ const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<KernelOffsets>() == 21 * 4);
 const _: () = assert!(size_of::<SocketOwner>() == 32);
+const _: () = assert!(size_of::<WatchPrefix>() == 8 + PREFIX_CAPACITY);
+const _: () = assert!(size_of::<FileEvent>() == 16 + 4 * 4 + 8 + 4 * 4 + 2 * PATH_CAPACITY);
 const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
 const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());
@@ -318,4 +401,6 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketOwner {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WatchPrefix {}
 }

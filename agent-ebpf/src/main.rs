@@ -5,6 +5,7 @@
 #![no_main]
 
 mod exec;
+mod file;
 mod lifecycle;
 mod maps;
 mod net;

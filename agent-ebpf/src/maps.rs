@@ -1,9 +1,12 @@
 //! Maps and globals shared by every program of the object.
 
-use agent_common::{DropReason, KernelOffsets, SocketOwner, CRITICAL_RING_BYTES, DROP_REASONS};
+use agent_common::{
+    DropReason, FileEvent, KernelOffsets, SocketOwner, WatchPrefix, BULK_RING_BYTES,
+    CRITICAL_RING_BYTES, DROP_REASONS, FILE_WATCH_CAPACITY,
+};
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "CRITICAL_EVENTS")]
@@ -60,3 +63,16 @@ pub static TCP_SOCKETS: LruHashMap<u64, SocketOwner> = LruHashMap::with_max_entr
 /// Owners of listening TCP sockets by local port.
 #[map(name = "TCP_LISTENERS")]
 pub static TCP_LISTENERS: LruHashMap<u32, SocketOwner> = LruHashMap::with_max_entries(4_096, 0);
+
+/// Ring buffer for bulk events (file activity), apart from critical ones.
+#[map(name = "BULK_EVENTS")]
+pub static BULK_EVENTS: RingBuf = RingBuf::with_byte_size(BULK_RING_BYTES, 0);
+
+/// Watched path prefixes, filled by user space; the list ends at `len == 0`.
+#[map(name = "FILE_WATCH")]
+pub static FILE_WATCH: Array<WatchPrefix> = Array::with_max_entries(FILE_WATCH_CAPACITY, 0);
+
+/// Per-CPU scratch space where a file event is built before it is known to
+/// be watched (too big for the 512-byte stack).
+#[map(name = "FILE_SCRATCH")]
+pub static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);

@@ -37,12 +37,57 @@ pub struct SensorConfig {
     /// exit): a power of two, at least one page. Full means lost events,
     /// counted and reported as gaps.
     pub critical_ring_bytes: u32,
+    /// Bytes of the kernel ring buffer for bulk events (file activity).
+    pub bulk_ring_bytes: u32,
+    pub files: FileWatchConfig,
 }
 
 impl Default for SensorConfig {
     fn default() -> Self {
         Self {
             critical_ring_bytes: agent_common::CRITICAL_RING_BYTES,
+            bulk_ring_bytes: agent_common::BULK_RING_BYTES,
+            files: FileWatchConfig::default(),
+        }
+    }
+}
+
+/// Which file activity the file sensor reports, by absolute path prefix. A
+/// prefix starting with `~/` stands for that path in root's home and in every
+/// home directory under /home at agent start.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileWatchConfig {
+    /// Opens for writing, creates, unlinks, renames and chmods under these.
+    pub write_prefixes: Vec<String>,
+    /// Opens for reading under these.
+    pub read_prefixes: Vec<String>,
+}
+
+impl Default for FileWatchConfig {
+    fn default() -> Self {
+        let list = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect();
+        Self {
+            // Credentials, persistence (cron, systemd, shell start-up files,
+            // SSH keys), system binaries, and the world-writable places
+            // droppers use.
+            write_prefixes: list(&[
+                "/etc/",
+                "/var/spool/cron/",
+                "/usr/lib/systemd/",
+                "/usr/bin/",
+                "/usr/sbin/",
+                "/usr/local/bin/",
+                "/tmp/",
+                "/var/tmp/",
+                "/dev/shm/",
+                "~/.ssh/",
+                "~/.bashrc",
+                "~/.profile",
+                "~/.bash_profile",
+                "~/.config/autostart/",
+            ]),
+            read_prefixes: list(&["/etc/shadow", "/etc/gshadow", "/etc/sudoers", "~/.ssh/"]),
         }
     }
 }
@@ -179,11 +224,23 @@ impl AgentConfig {
                 "uplink.buffer_max_events must be at least uplink.batch_max_events".into(),
             ));
         }
-        let ring = self.sensors.critical_ring_bytes;
-        if !ring.is_power_of_two() || ring < 4096 {
-            return Err(ConfigError::Value(format!(
-                "sensors.critical_ring_bytes {ring} must be a power of two of at least 4096"
-            )));
+        for (name, ring) in [
+            ("critical_ring_bytes", self.sensors.critical_ring_bytes),
+            ("bulk_ring_bytes", self.sensors.bulk_ring_bytes),
+        ] {
+            if !ring.is_power_of_two() || ring < 4096 {
+                return Err(ConfigError::Value(format!(
+                    "sensors.{name} {ring} must be a power of two of at least 4096"
+                )));
+            }
+        }
+        let files = &self.sensors.files;
+        for prefix in files.write_prefixes.iter().chain(&files.read_prefixes) {
+            if !(prefix.starts_with('/') || prefix.starts_with("~/")) {
+                return Err(ConfigError::Value(format!(
+                    "sensors.files: prefix {prefix:?} must be absolute or start with ~/"
+                )));
+            }
         }
         if self.org_id.is_empty() {
             return Err(ConfigError::Value("org_id must not be empty".into()));

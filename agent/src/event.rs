@@ -6,10 +6,10 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY,
-    FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN,
-    FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PPID_UNKNOWN,
-    FLAG_START_UNKNOWN, LOGINUID_UNSET,
+    EventHeader, EventKind, ExecEvent, ExitEvent, FileAction, FileEvent, ForkEvent, TcpAction,
+    TcpEvent, ARGS_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN,
+    FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN,
+    FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
 };
 
 /// A process execution as the kernel saw it.
@@ -95,6 +95,34 @@ pub struct TcpConnection {
     pub bytes: Option<(u64, u64)>,
 }
 
+/// A file operation on a watched path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileActivity {
+    pub boot_ns: u64,
+    pub action: FileAction,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub path: String,
+    /// The new path of a rename.
+    pub target: Option<String>,
+    pub open_flags: u32,
+    pub mode: u32,
+    pub path_truncated: bool,
+}
+
+/// The name of a file action on the wire and in the store.
+pub fn file_action_name(action: FileAction) -> &'static str {
+    match action {
+        FileAction::OpenWrite => "open_write",
+        FileAction::OpenRead => "open_read",
+        FileAction::Unlink => "unlink",
+        FileAction::Rename => "rename",
+        FileAction::Chmod => "chmod",
+    }
+}
+
 /// Every event kind the kernel can send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -102,6 +130,7 @@ pub enum KernelEvent {
     Fork(ProcessFork),
     Exit(ProcessExit),
     Tcp(TcpConnection),
+    File(FileActivity),
 }
 
 impl KernelEvent {
@@ -112,6 +141,7 @@ impl KernelEvent {
             Self::Fork(e) => e.boot_ns,
             Self::Exit(e) => e.boot_ns,
             Self::Tcp(e) => e.boot_ns,
+            Self::File(e) => e.boot_ns,
         }
     }
 }
@@ -128,6 +158,8 @@ pub enum DecodeError {
         actual: usize,
         expected: usize,
     },
+    #[error("unknown file action {0}")]
+    UnknownFileAction(u32),
     #[error("unknown tcp action {0}")]
     UnknownTcpAction(u32),
     #[error("unknown address family {0}")]
@@ -153,7 +185,30 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Fork => decode_fork(record).map(KernelEvent::Fork),
         EventKind::Exit => decode_exit(record).map(KernelEvent::Exit),
         EventKind::Tcp => decode_tcp(record).map(KernelEvent::Tcp),
+        EventKind::File => decode_file(record).map(KernelEvent::File),
     }
+}
+
+fn decode_file(record: &[u8]) -> Result<FileActivity, DecodeError> {
+    let raw: FileEvent = read_record(record, EventKind::File)?;
+    let action =
+        FileAction::from_u32(raw.action).ok_or(DecodeError::UnknownFileAction(raw.action))?;
+    let path_len = checked_len("path", raw.path_len, PATH_CAPACITY)?;
+    let target_len = checked_len("target", raw.target_len, PATH_CAPACITY)?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(until_nul(bytes)).into_owned();
+    Ok(FileActivity {
+        boot_ns: raw.header.boot_ns,
+        action,
+        pid: raw.pid,
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        path: text(&raw.path[..path_len]),
+        target: (action == FileAction::Rename).then(|| text(&raw.target[..target_len])),
+        open_flags: raw.open_flags,
+        mode: raw.mode,
+        path_truncated: raw.header.flags & FLAG_PATH_TRUNCATED != 0,
+    })
 }
 
 /// The name of a TCP action on the wire and in the store.
@@ -525,6 +580,54 @@ pub(crate) mod tests {
             KernelEvent::Tcp(tcp) => tcp,
             other => panic!("not tcp: {other:?}"),
         }
+    }
+
+    #[test]
+    fn decodes_file_activity() {
+        // SAFETY: all-zero is a valid FileEvent.
+        let mut raw: FileEvent = unsafe { std::mem::zeroed() };
+        raw.header = EventHeader {
+            kind: EventKind::File as u32,
+            flags: 0,
+            boot_ns: 4,
+        };
+        raw.action = FileAction::Rename as u32;
+        raw.pid = 5;
+        raw.path[..8].copy_from_slice(b"/tmp/a.x");
+        raw.path_len = 8;
+        raw.target[..12].copy_from_slice(b"/usr/bin/a.x");
+        raw.target_len = 12;
+        let KernelEvent::File(file) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a file event");
+        };
+        assert_eq!(
+            (file.path.as_str(), file.target.as_deref()),
+            ("/tmp/a.x", Some("/usr/bin/a.x"))
+        );
+        assert_eq!(file_action_name(file.action), "rename");
+
+        raw.action = FileAction::Chmod as u32;
+        raw.mode = 0o4755;
+        let KernelEvent::File(chmod) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a file event");
+        };
+        assert_eq!(
+            (chmod.target, chmod.mode),
+            (None, 0o4755),
+            "a target only for renames"
+        );
+
+        raw.path_len = PATH_CAPACITY as u32 + 1;
+        assert!(matches!(
+            decode(&bytes_of(&raw)),
+            Err(DecodeError::LengthOutOfRange { field: "path", .. })
+        ));
+        raw.path_len = 8;
+        raw.action = 77;
+        assert_eq!(
+            decode(&bytes_of(&raw)),
+            Err(DecodeError::UnknownFileAction(77))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod file_watch;
 pub mod identity;
 pub mod kernel_offsets;
 pub mod metrics;

@@ -13,17 +13,19 @@ use std::{
 };
 
 use agent_common::{
-    KernelOffsets, CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM,
-    FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
+    DropReason, KernelOffsets, WatchPrefix, BULK_EVENTS_MAP, CRITICAL_EVENTS_MAP,
+    DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM,
+    KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
 };
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
     Ebpf, EbpfLoader,
 };
 use proto::telemetry::{
-    event::Kind, Ancestor as WireAncestor, Event, Gap, ProcessExec as WireExec,
-    ProcessExit as WireExit, ProcessFork as WireFork, TcpConnection as WireTcp,
+    event::Kind, Ancestor as WireAncestor, Event, FileActivity as WireFile, Gap,
+    ProcessExec as WireExec, ProcessExit as WireExit, ProcessFork as WireFork,
+    TcpConnection as WireTcp,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -31,7 +33,8 @@ use tracing::{info, warn};
 use crate::{
     clock::BootClock,
     config::SensorConfig,
-    event::{decode, tcp_action_name, KernelEvent},
+    event::{decode, file_action_name, tcp_action_name, KernelEvent},
+    file_watch,
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
     process_table::{scan_proc, Ancestor, ProcessTable},
@@ -81,6 +84,33 @@ pub const CRITICAL_SENSORS: &[SensorHook] = &[
         tracepoint: "inet_sock_set_state",
     },
 ];
+
+/// The file sensor: one program per system call it watches.
+pub const FILE_SENSORS: &[SensorHook] = &[
+    file_hook("sys_enter_openat"),
+    file_hook("sys_enter_open"),
+    file_hook("sys_enter_creat"),
+    file_hook("sys_enter_unlinkat"),
+    file_hook("sys_enter_unlink"),
+    file_hook("sys_enter_renameat2"),
+    file_hook("sys_enter_renameat"),
+    file_hook("sys_enter_rename"),
+    file_hook("sys_enter_fchmodat"),
+    file_hook("sys_enter_chmod"),
+];
+
+const fn file_hook(tracepoint: &'static str) -> SensorHook {
+    SensorHook {
+        sensor: "file",
+        program: tracepoint,
+        category: "syscalls",
+        tracepoint,
+    }
+}
+
+/// Records taken from the bulk ring per wake-up before the critical ring is
+/// looked at again.
+const BULK_DRAIN_LIMIT: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
@@ -156,7 +186,9 @@ impl KernelSensors {
         let mut ebpf = EbpfLoader::new()
             .override_global(KERNEL_OFFSETS_GLOBAL, &offsets, true)
             .map_max_entries(CRITICAL_EVENTS_MAP, config.critical_ring_bytes)
+            .map_max_entries(BULK_EVENTS_MAP, config.bulk_ring_bytes)
             .load(EBPF_OBJECT)?;
+        fill_watch_list(&mut ebpf, config)?;
 
         let mut active = Vec::new();
         for hook in CRITICAL_SENSORS {
@@ -175,21 +207,27 @@ impl KernelSensors {
                 Err(err) => warn!(sensor = hook.sensor, error = %err, "sensor not attached"),
             }
         }
+        // The file sensor is one sensor over several system calls: it is
+        // active when every one of them attached.
+        let mut file_hooks = 0;
+        for hook in FILE_SENSORS {
+            match attach(&mut ebpf, hook) {
+                Ok(()) => file_hooks += 1,
+                Err(err) => {
+                    warn!(sensor = hook.sensor, tracepoint = hook.tracepoint, error = %err, "file hook not attached")
+                }
+            }
+        }
+        if file_hooks > 0 {
+            info!(sensor = "file", hooks = file_hooks, of = FILE_SENSORS.len(), hook = "tracepoints syscalls/sys_enter_{open,openat,creat,unlink,unlinkat,rename,renameat,renameat2,chmod,fchmodat}", "sensor active");
+            active.push(FILE_SENSORS[0]);
+        }
         if active.is_empty() {
             return Err(SensorError::NoneActive);
         }
 
-        let ring = RingBuf::try_from(
-            ebpf.take_map(CRITICAL_EVENTS_MAP)
-                .ok_or(SensorError::Missing(CRITICAL_EVENTS_MAP))?,
-        )
-        .map_err(|source| SensorError::Map {
-            map: CRITICAL_EVENTS_MAP,
-            source,
-        })?;
-        // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring
-        // buffer, so the fd stays open for as long as it is registered.
-        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| SensorError::Poll(e.into()))?;
+        let critical = take_ring(&mut ebpf, CRITICAL_EVENTS_MAP)?;
+        let bulk = take_ring(&mut ebpf, BULK_EVENTS_MAP)?;
         let drops: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
             ebpf.take_map(DROP_COUNTERS_MAP)
                 .ok_or(SensorError::Missing(DROP_COUNTERS_MAP))?,
@@ -212,7 +250,7 @@ impl KernelSensors {
             sequencer: sequencer.clone(),
         };
         let tasks = vec![
-            tokio::spawn(reader.run(ring)),
+            tokio::spawn(reader.run(critical, bulk)),
             tokio::spawn(watch_drops(drops, out, metrics, sequencer)),
         ];
         Ok(Self {
@@ -240,6 +278,39 @@ fn resolve_offsets() -> KernelOffsets {
         warn!(error = %err, "tracepoint record layout unknown");
     }
     offsets
+}
+
+fn take_ring(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<AsyncFd<RingBuf<MapData>>, SensorError> {
+    let ring = RingBuf::try_from(ebpf.take_map(name).ok_or(SensorError::Missing(name))?)
+        .map_err(|source| SensorError::Map { map: name, source })?;
+    // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring
+    // buffer, so the fd stays open for as long as it is registered.
+    unsafe { AsyncFd::register(ring) }.map_err(|e| SensorError::Poll(e.into()))
+}
+
+/// Writes the watch prefixes into the kernel's `FILE_WATCH` map.
+fn fill_watch_list(ebpf: &mut Ebpf, config: &SensorConfig) -> Result<(), SensorError> {
+    let list = file_watch::build(&config.files, &file_watch::home_directories());
+    for skipped in &list.skipped {
+        warn!(prefix = %skipped, "file watch prefix left out");
+    }
+    let map_err = |source| SensorError::Map {
+        map: FILE_WATCH_MAP,
+        source,
+    };
+    let mut watch: Array<&mut MapData, WatchPrefix> = Array::try_from(
+        ebpf.map_mut(FILE_WATCH_MAP)
+            .ok_or(SensorError::Missing(FILE_WATCH_MAP))?,
+    )
+    .map_err(map_err)?;
+    for (index, prefix) in list.prefixes.iter().enumerate() {
+        watch.set(index as u32, *prefix, 0).map_err(map_err)?;
+    }
+    info!(prefixes = list.prefixes.len(), "file watch list loaded");
+    Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, hook: &SensorHook) -> Result<(), SensorError> {
@@ -273,36 +344,59 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(mut self, mut ring: AsyncFd<RingBuf<MapData>>) {
+    /// Drains both ring buffers, the critical one first: bulk records are
+    /// taken at most [`BULK_DRAIN_LIMIT`] at a time.
+    async fn run(
+        mut self,
+        mut critical: AsyncFd<RingBuf<MapData>>,
+        mut bulk: AsyncFd<RingBuf<MapData>>,
+    ) {
         let mut batch = Vec::with_capacity(256);
         loop {
-            let mut guard = match ring.readable_mut().await {
+            let (ring, stream) = tokio::select! {
+                biased;
+                guard = critical.readable_mut() => (guard, "critical"),
+                guard = bulk.readable_mut() => (guard, "bulk"),
+            };
+            let mut guard = match ring {
                 Ok(guard) => guard,
                 Err(err) => {
-                    warn!(error = %err, "ring buffer poll failed; process sensors stopped");
+                    warn!(error = %err, stream, "ring buffer poll failed; sensors stopped");
                     return;
                 }
             };
             let clock = BootClock::sample();
             let ring_buf = guard.get_inner_mut();
+            let limit = if stream == "bulk" {
+                BULK_DRAIN_LIMIT
+            } else {
+                usize::MAX
+            };
+            let mut taken = 0;
             let mut decode_errors = 0u64;
-            while let Some(record) = ring_buf.next() {
+            while taken < limit {
+                let Some(record) = ring_buf.next() else {
+                    break;
+                };
+                taken += 1;
                 AgentMetrics::add(&self.metrics.kernel_records, 1);
                 match decode(&record) {
                     Ok(event) => batch.push(self.enrich(event, clock)),
                     Err(err) => {
                         decode_errors += 1;
-                        warn!(error = %err, "discarding undecodable kernel record");
+                        warn!(error = %err, stream, "discarding undecodable kernel record");
                     }
                 }
             }
-            guard.clear_ready();
+            if taken < limit {
+                guard.clear_ready();
+            }
             if decode_errors > 0 {
                 AgentMetrics::add(&self.metrics.decode_errors, decode_errors);
                 let now = clock.to_unix_ns(crate::clock::boot_now_ns());
                 batch.push(gap_event(
                     self.sequencer.next(),
-                    "critical",
+                    stream,
                     "decode_error",
                     decode_errors,
                     now,
@@ -422,6 +516,28 @@ impl Reader {
                 });
                 (ancestry, kind)
             }
+            KernelEvent::File(f) => {
+                let ancestry = self.table.ancestry(f.pid);
+                let exe = self
+                    .table
+                    .get(f.pid)
+                    .map(|p| p.exe.clone())
+                    .unwrap_or_default();
+                let kind = Kind::File(WireFile {
+                    action: file_action_name(f.action).to_owned(),
+                    pid: f.pid,
+                    uid: f.uid,
+                    gid: f.gid,
+                    cgroup_id: f.cgroup_id,
+                    path: f.path,
+                    target_path: f.target.unwrap_or_default(),
+                    open_flags: f.open_flags,
+                    mode: f.mode,
+                    path_truncated: f.path_truncated,
+                    exe,
+                });
+                (ancestry, kind)
+            }
         };
         Event {
             seq: self.sequencer.next(),
@@ -461,36 +577,43 @@ pub fn gap_event(seq: u64, stream: &str, reason: &str, lost: u64, from: u64, to:
 }
 
 /// Sums the kernel's per-CPU drop counters every second and turns growth
-/// into gap records.
+/// into gap records, per stream.
 async fn watch_drops(
     drops: PerCpuArray<MapData, u64>,
     out: mpsc::Sender<Event>,
     metrics: Arc<AgentMetrics>,
     sequencer: Sequencer,
 ) {
-    let mut reported = 0u64;
+    let mut reported = [0u64; DROP_REASONS as usize];
     let mut since = crate::clock::unix_now_ns();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let Ok(values) = drops.get(&0, 0) else {
-            continue;
-        };
-        let total: u64 = values.iter().sum();
         let now = crate::clock::unix_now_ns();
-        if total > reported {
-            let lost = total - reported;
-            warn!(
-                lost,
-                lost_total = total,
-                "kernel ring buffer full: events lost"
-            );
-            AgentMetrics::add(&metrics.kernel_drops, lost);
-            let gap = gap_event(sequencer.next(), "critical", "ring_full", lost, since, now);
-            if out.send(gap).await.is_err() {
-                return;
+        for (reason, stream) in [
+            (DropReason::CriticalRingFull, "critical"),
+            (DropReason::BulkRingFull, "bulk"),
+        ] {
+            let index = reason as usize;
+            let Ok(values) = drops.get(&(reason as u32), 0) else {
+                continue;
+            };
+            let total: u64 = values.iter().sum();
+            if total > reported[index] {
+                let lost = total - reported[index];
+                warn!(
+                    lost,
+                    lost_total = total,
+                    stream,
+                    "kernel ring buffer full: events lost"
+                );
+                AgentMetrics::add(&metrics.kernel_drops, lost);
+                let gap = gap_event(sequencer.next(), stream, "ring_full", lost, since, now);
+                if out.send(gap).await.is_err() {
+                    return;
+                }
+                reported[index] = total;
             }
-            reported = total;
         }
         since = now;
     }

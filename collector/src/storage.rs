@@ -1,5 +1,5 @@
 //! ClickHouse storage: the client, schema migrations and the row types of the
-//! event tables (`process_events`, `gaps`, `network_events`).
+//! event tables (`process_events`, `gaps`, `network_events`, `file_events`).
 //!
 //! Talks to ClickHouse over HTTP (RowBinary) with the `clickhouse` crate.
 //! The schema runs unchanged on ClickHouse 18.16 and current releases.
@@ -19,8 +19,9 @@ use crate::config::{is_identifier, ClickHouseConfig};
 pub use self::{
     migrations::{Column, Migration, MigrationReport, Step, MIGRATIONS},
     rows::{
-        GapRow, NetworkEventRow, ProcessEventRow, TableRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
-        DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
+        FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, TableRow, DIRECTION_INBOUND,
+        DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT,
+        EVENT_TYPE_FORK, FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK,
         NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT,
         TCP_CONNECT_FAILED, TCP_LISTEN,
     },

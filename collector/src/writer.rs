@@ -26,7 +26,9 @@ use tracing::{debug, error, warn};
 
 use crate::{
     metrics::Metrics,
-    storage::{GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError, TableRow},
+    storage::{
+        FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError, TableRow,
+    },
 };
 
 pub use self::batcher::{BatchLimits, Batcher, Flush};
@@ -139,6 +141,7 @@ where
 pub struct TableWriters {
     pub process_events: WriterHandle<ProcessEventRow>,
     pub network_events: WriterHandle<NetworkEventRow>,
+    pub file_events: WriterHandle<FileEventRow>,
     pub gaps: WriterHandle<GapRow>,
 }
 
@@ -147,6 +150,7 @@ pub struct TableWriters {
 pub struct TableWriterTasks {
     process_events: WriterTask,
     network_events: WriterTask,
+    file_events: WriterTask,
     gaps: WriterTask,
 }
 
@@ -154,12 +158,13 @@ impl TableWriterTasks {
     /// Shuts every writer down at once (see [`WriterTask::shutdown`]); true
     /// when all of them flushed within `grace`.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        let (process_events, network_events, gaps) = tokio::join!(
+        let (process_events, network_events, file_events, gaps) = tokio::join!(
             self.process_events.shutdown(grace),
             self.network_events.shutdown(grace),
+            self.file_events.shutdown(grace),
             self.gaps.shutdown(grace)
         );
-        process_events && network_events && gaps
+        process_events && network_events && file_events && gaps
     }
 }
 
@@ -171,16 +176,19 @@ pub fn spawn_tables(
 ) -> (TableWriters, TableWriterTasks) {
     let (process_events, process_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (network_events, network_events_task) = spawn(storage.clone(), limits, metrics.clone());
+    let (file_events, file_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (gaps, gaps_task) = spawn(storage.clone(), limits, metrics);
     (
         TableWriters {
             process_events,
             network_events,
+            file_events,
             gaps,
         },
         TableWriterTasks {
             process_events: process_events_task,
             network_events: network_events_task,
+            file_events: file_events_task,
             gaps: gaps_task,
         },
     )

@@ -1,8 +1,8 @@
 //! The collector against a real ClickHouse (a private server per test, see
 //! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrades of older
 //! databases), the gRPC ingest path end to end for every event kind (process
-//! events, TCP connections, gaps), start-up failure, and a ClickHouse outage
-//! while agents send.
+//! events, TCP connections, file activity, gaps), start-up failure, and a
+//! ClickHouse outage while agents send.
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
         event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck, Event,
-        EventBatch, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
+        EventBatch, FileActivity, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
     },
 };
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig},
-    storage::{GapRow, NetworkEventRow, ProcessEventRow, Storage, MIGRATIONS},
+    storage::{FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, MIGRATIONS},
     CollectorConfig,
 };
 use zt_e2e::clickhouse::{fresh_database_name, ClickHouseServer};
@@ -180,6 +180,17 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         "org_id, hostname, time, pid, seq",
     )
     .await;
+    assert_eq!(
+        table_columns(&server, &database, "file_events").await,
+        sorted(FILE_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "file_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
 
     // The steps themselves are idempotent: with the bookkeeping lost, every
     // migration runs again over the existing schema, and changes nothing.
@@ -197,6 +208,10 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
         sorted(NETWORK_EVENTS_COLUMNS)
+    );
+    assert_eq!(
+        table_columns(&server, &database, "file_events").await,
+        sorted(FILE_EVENTS_COLUMNS)
     );
 }
 
@@ -284,6 +299,34 @@ const NETWORK_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("bytes_sent", "UInt64"),
     ("bytes_received", "UInt64"),
     ("bytes_unknown", "UInt8"),
+    ("ancestor_pids", "Array(UInt32)"),
+    ("ancestor_exes", "Array(String)"),
+    ("ancestor_argv0", "Array(String)"),
+    ("ancestor_start_ns", "Array(UInt64)"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+];
+
+/// Columns of `zt.file_events` (migration 5), with their types.
+const FILE_EVENTS_COLUMNS: &[(&str, &str)] = &[
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("action", "String"),
+    ("pid", "UInt32"),
+    ("uid", "UInt32"),
+    ("gid", "UInt32"),
+    ("cgroup_id", "UInt64"),
+    ("exe", "String"),
+    ("path", "String"),
+    ("target_path", "String"),
+    ("open_flags", "UInt32"),
+    ("mode", "UInt32"),
+    ("path_truncated", "UInt8"),
     ("ancestor_pids", "Array(UInt32)"),
     ("ancestor_exes", "Array(String)"),
     ("ancestor_argv0", "Array(String)"),
@@ -389,7 +432,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -456,7 +499,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test]
@@ -484,7 +527,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4]);
+    assert_eq!(report.applied, vec![4, 5]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -527,7 +570,161 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade4");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+
+    // A database as a collector of migration 4 left it, with rows in every
+    // table it had.
+    assert_eq!(
+        storage.migrate_to(4).await.unwrap().applied,
+        vec![1, 2, 3, 4]
+    );
+    let old = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[
+            exec(1, 100),
+            at(2, gap_kind(5, T0_NS)),
+            at(3, tcp_kind("connected", 6, 4300)),
+        ],
+        1_750_000_100,
+    );
+    assert_eq!((old.rejected, old.rows.len()), (0, 3));
+    storage.insert(&old.rows.process_events).await.unwrap();
+    storage.insert(&old.rows.gaps).await.unwrap();
+    storage.insert(&old.rows.network_events).await.unwrap();
+    assert!(table_columns(&server, &database, "file_events")
+        .await
+        .is_empty());
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![5]);
+    assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
+    assert_eq!(
+        table_columns(&server, &database, "file_events").await,
+        sorted(FILE_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "file_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+    // The older tables and their rows are untouched.
+    for (table, columns) in [
+        ("process_events", PROCESS_EVENTS_COLUMNS),
+        ("gaps", GAPS_COLUMNS),
+        ("network_events", NETWORK_EVENTS_COLUMNS),
+    ] {
+        assert_eq!(
+            table_columns(&server, &database, table).await,
+            sorted(columns),
+            "{table}"
+        );
+    }
+    assert_eq!(
+        stored_rows(&server, &database).await,
+        old.rows.process_events
+    );
+    assert_eq!(stored_gaps(&server, &database).await, old.rows.gaps);
+    assert_eq!(
+        stored_network_events(&server, &database).await,
+        old.rows.network_events
+    );
+
+    // The new table takes rows, every action.
+    let files =
+        zt_collector::ingest::convert_batch(Some(&identity()), &file_events_from(4), 1_750_000_100);
+    assert_eq!((files.rejected, files.rows.file_events.len()), (0, 5));
+    storage.insert(&files.rows.file_events).await.unwrap();
+    assert_eq!(
+        stored_file_events(&server, &database).await,
+        files.rows.file_events
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
+}
+
+/// File activity of pid `pid` (`/usr/bin/vim`, uid 1000) on `path`.
+fn file_kind(action: &str, pid: u32, path: &str) -> Kind {
+    Kind::File(FileActivity {
+        action: action.into(),
+        pid,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        path: path.into(),
+        exe: "/usr/bin/vim".into(),
+        ..Default::default()
+    })
+}
+
+fn with_file(mut kind: Kind, change: impl FnOnce(&mut FileActivity)) -> Kind {
+    if let Kind::File(file) = &mut kind {
+        change(file);
+    }
+    kind
+}
+
+/// O_WRONLY | O_CREAT | O_TRUNC.
+const CREATE_FLAGS: u32 = 0o1 | 0o100 | 0o1000;
+/// O_RDONLY | O_CLOEXEC.
+const READ_FLAGS: u32 = 0o2_000_000;
+
+/// One event of each file action, numbered from `first`: a cron job
+/// written, `/etc/shadow` read, a file deleted, a unit renamed into place and
+/// a program made setuid root.
+fn file_events_from(first: u64) -> Vec<Event> {
+    vec![
+        at(
+            first,
+            with_file(file_kind("open_write", 4400, "/etc/cron.d/job"), |f| {
+                f.open_flags = CREATE_FLAGS;
+                f.mode = 0o644;
+            }),
+        ),
+        at(
+            first + 1,
+            with_file(file_kind("open_read", 4401, "/etc/shadow"), |f| {
+                f.open_flags = READ_FLAGS;
+                f.exe = "/usr/bin/python3".into();
+            }),
+        ),
+        at(first + 2, file_kind("unlink", 4400, "/tmp/stage1")),
+        at(
+            first + 3,
+            with_file(file_kind("rename", 4400, "/tmp/x.service"), |f| {
+                f.target_path = "/etc/systemd/system/x.service".into();
+            }),
+        ),
+        at(
+            first + 4,
+            with_file(file_kind("chmod", 4400, "/usr/local/bin/helper"), |f| {
+                f.mode = 0o4755;
+                f.uid = 0;
+                f.gid = 0;
+            }),
+        ),
+    ]
+}
+
+async fn stored_file_events(server: &ClickHouseServer, database: &str) -> Vec<FileEventRow> {
+    server
+        .client()
+        .with_database(database)
+        .query("SELECT ?fields FROM file_events ORDER BY seq")
+        .fetch_all::<FileEventRow>()
+        .await
+        .expect("select file_events")
 }
 
 #[tokio::test]
@@ -761,7 +958,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         event.ancestors.clear();
         event
     };
-    let events = vec![
+    let mut events = vec![
         exec_event,
         fork,
         exit_kind_at(3, 4301, Some(2), None, false),
@@ -769,7 +966,12 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         gap(5, 40, T0_NS),
         gap(6, 0, T0_NS), // lost nothing: refused
         exit_kind_at(7, 4303, None, Some(9), false),
+        at(8, tcp_kind("connected", 4, 4300)),
     ];
+    events.extend(file_events_from(9)); // seq 9..=13
+                                        // A rename without its new path, and an action that does not exist.
+    events.push(at(14, file_kind("rename", 4400, "/etc/passwd")));
+    events.push(at(15, file_kind("truncate", 4400, "/etc/passwd")));
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -778,7 +980,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
-    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 6, 1));
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 12, 3));
     assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
 
     // Acked means stored, each row in its table.
@@ -886,12 +1088,82 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         (T0_NS + 5_000_000, T0_NS / 1_000_000_000)
     );
 
+    let network = stored_network_events(&server, &database).await;
+    assert_eq!(
+        network
+            .iter()
+            .map(|r| (r.seq, r.action.as_str(), r.direction.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(8, "connected", "outbound")]
+    );
+
+    // File activity, every value as sent.
+    let files = stored_file_events(&server, &database).await;
+    let ingested_at = files[0].ingested_at;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(u64::from(ingested_at).abs_diff(now) < 120);
+    let file = |seq: u64, action: &str, pid: u32, path: &str| FileEventRow {
+        org_id: "pref-test".into(),
+        time: u32::try_from((T0_NS + seq * 1_000_000) / 1_000_000_000).unwrap(),
+        time_ns: T0_NS + seq * 1_000_000,
+        device_id: "device-7".into(),
+        hostname: "pc-007".into(),
+        boot_id: "0b5e2f4c-boot".into(),
+        seq,
+        action: action.into(),
+        pid,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exe: "/usr/bin/vim".into(),
+        path: path.into(),
+        target_path: String::new(),
+        open_flags: 0,
+        mode: 0,
+        path_truncated: 0,
+        ancestor_pids: vec![4200, 1],
+        ancestor_exes: vec!["/usr/bin/bash".into(), "/usr/lib/systemd/systemd".into()],
+        ancestor_argv0: vec!["-bash".into(), "/sbin/init".into()],
+        ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
+        agent_version: "0.1.0-test".into(),
+        ingested_at,
+    };
+    assert_eq!(
+        files,
+        vec![
+            FileEventRow {
+                open_flags: 0o1101,
+                mode: 0o644,
+                ..file(9, "open_write", 4400, "/etc/cron.d/job")
+            },
+            FileEventRow {
+                open_flags: 0o2_000_000,
+                exe: "/usr/bin/python3".into(),
+                ..file(10, "open_read", 4401, "/etc/shadow")
+            },
+            file(11, "unlink", 4400, "/tmp/stage1"),
+            FileEventRow {
+                target_path: "/etc/systemd/system/x.service".into(),
+                ..file(12, "rename", 4400, "/tmp/x.service")
+            },
+            FileEventRow {
+                mode: 2541, // 0o4755: setuid
+                uid: 0,
+                gid: 0,
+                ..file(13, "chmod", 4400, "/usr/local/bin/helper")
+            },
+        ]
+    );
+
     // A batch of gaps only is stored and acked too.
     agent
         .send(EventBatch {
             batch_seq: 2,
             agent: Some(identity()),
-            events: vec![gap(8, 3, T0_NS)],
+            events: vec![gap(16, 3, T0_NS)],
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
@@ -902,8 +1174,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         .await
         .unwrap();
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.events_stored, 7, "process events and gaps");
-    assert_eq!(status.events_rejected, 1);
+    assert_eq!(status.events_stored, 13, "rows of every table");
+    assert_eq!(status.events_rejected, 3);
 
     drop(agent);
     collector.shutdown().await.unwrap();
@@ -1311,6 +1583,35 @@ async fn the_documented_queries_run() {
         .unwrap();
     storage.insert(&converted.rows.gaps).await.unwrap();
 
+    // File activity of every action, from an agent of the organisation the
+    // examples name, just now: the file queries must find it.
+    let now_ns = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap();
+    let files: Vec<Event> = file_events_from(5)
+        .into_iter()
+        .map(|event| Event {
+            time_unix_ns: now_ns - 60_000_000_000 + event.seq,
+            ..event
+        })
+        .collect();
+    let examples_agent = AgentIdentity {
+        org_id: "pref".into(),
+        hostname: "pc-soumu-0042".into(),
+        ..identity()
+    };
+    let converted =
+        zt_collector::ingest::convert_batch(Some(&examples_agent), &files, 1_750_000_100);
+    assert_eq!(
+        (converted.rejected, converted.rows.file_events.len()),
+        (0, 5)
+    );
+    storage.insert(&converted.rows.file_events).await.unwrap();
+
     let doc = include_str!("../../docs/schema.md");
     let queries: Vec<&str> = doc
         .split("```sql\n")
@@ -1320,8 +1621,9 @@ async fn the_documented_queries_run() {
         .map(str::trim)
         .filter(|q| q.starts_with("SELECT") && !q.contains('…') && !q.contains('<'))
         .collect();
-    assert!(queries.len() >= 12, "{} queries found", queries.len());
+    assert!(queries.len() >= 15, "{} queries found", queries.len());
     let client = server.client();
+    let mut file_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -1331,7 +1633,18 @@ async fn the_documented_queries_run() {
             .execute()
             .await
             .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        // Each file query finds the activity it is about.
+        if query.contains("FROM zt.file_events") {
+            file_queries += 1;
+            let found: u64 = client
+                .query(&format!("SELECT count() FROM ({sql})"))
+                .fetch_one()
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+            assert!(found > 0, "no rows from\n{sql}");
+        }
     }
+    assert!(file_queries >= 3, "{file_queries} file queries found");
 }
 
 /// One agent's window of unacknowledged batches is stored together: with a

@@ -644,7 +644,10 @@ fn print_latency(results: &[LatencyResult], execs: usize) {
         println!(
             "| {} | {} | {}/{} | {} ms | {} ms | {} ms | {} ms | {} / {} ms |",
             show(r.agent_delay_ms, 250),
-            show(r.collector_delay_ms, 1000),
+            show(
+                r.collector_delay_ms,
+                zt_collector::config::BatchConfig::default().max_delay_ms
+            ),
             r.seen,
             r.execs,
             r.min.as_millis(),

@@ -257,14 +257,27 @@ async fn kernel_losses_arrive_as_gap_records() -> Result<()> {
         "at least our 20 execs were lost, got {reported}"
     );
 
+    // Other tests' file activity may overflow this agent's bulk ring too:
+    // every kernel drop, of either stream, must be in a gap record, and the
+    // critical ones at least our 20 execs.
+    let all = stack
+        .db()
+        .query("SELECT sum(lost) AS lost, count() AS records FROM gaps WHERE reason = 'ring_full'")
+        .fetch_one::<GapSum>()
+        .await?;
+    assert_eq!(
+        all.lost, reported,
+        "gap records account for every lost event"
+    );
     let sum = stack
         .db()
         .query("SELECT sum(lost) AS lost, count() AS records FROM gaps WHERE stream = 'critical' AND reason = 'ring_full'")
         .fetch_one::<GapSum>()
         .await?;
-    assert_eq!(
-        sum.lost, reported,
-        "gap records account for every lost event"
+    assert!(
+        sum.lost >= 20,
+        "our 20 execs are among the critical losses: {}",
+        sum.lost
     );
     assert!(sum.records >= 1);
 

@@ -5,20 +5,22 @@
 //! `exec`, `fork` and `exit` events become `process_events` rows (their
 //! `event_type` tells them apart, and each carries the process's ancestry);
 //! `tcp` events become `network_events` rows (with the owner's ancestry);
+//! `file` events become `file_events` rows (with the process's ancestry);
 //! `gap` events become `gaps` rows.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use proto::telemetry::{
-    event::Kind, AgentIdentity, Ancestor, Event, Gap, ProcessExec, ProcessExit, ProcessFork,
-    TcpConnection,
+    event::Kind, AgentIdentity, Ancestor, Event, FileActivity, Gap, ProcessExec, ProcessExit,
+    ProcessFork, TcpConnection,
 };
 
 use crate::storage::{
-    GapRow, NetworkEventRow, ProcessEventRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
+    FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
     DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
-    NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT,
-    TCP_CONNECT_FAILED, TCP_LISTEN,
+    FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS,
+    NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED,
+    TCP_LISTEN,
 };
 
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
@@ -72,6 +74,14 @@ pub enum RejectReason {
         /// The refused text, cut to 64 characters.
         addr: String,
     },
+    #[error("file event seq {seq} has unknown action {action:?}")]
+    FileUnknownAction { seq: u64, action: String },
+    #[error("file event seq {seq} has an empty path")]
+    FileEmptyPath { seq: u64 },
+    #[error("file event seq {seq} is a rename without a target path")]
+    FileRenameWithoutTarget { seq: u64 },
+    #[error("file event seq {seq} is a {action} with a target path")]
+    FileTargetOnNonRename { seq: u64, action: &'static str },
 }
 
 /// The sender of a batch, checked once per batch.
@@ -124,6 +134,8 @@ pub enum EventRow {
     ProcessEvent(ProcessEventRow),
     /// `tcp`: a row of `network_events`.
     NetworkEvent(NetworkEventRow),
+    /// `file`: a row of `file_events`.
+    FileEvent(FileEventRow),
     /// `gap`: a row of `gaps`.
     Gap(GapRow),
 }
@@ -145,6 +157,7 @@ impl TryFrom<Received<'_>> for EventRow {
             Kind::Fork(fork) => EventRow::ProcessEvent(fork_row(&header, fork)),
             Kind::Exit(exit) => EventRow::ProcessEvent(exit_row(&header, exit)?),
             Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
+            Kind::File(file) => EventRow::FileEvent(file_row(&header, file)?),
             Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
         })
     }
@@ -447,6 +460,69 @@ fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, 
     })
 }
 
+/// Every file action.
+const FILE_ACTIONS: [&str; 5] = [
+    FILE_OPEN_WRITE,
+    FILE_OPEN_READ,
+    FILE_UNLINK,
+    FILE_RENAME,
+    FILE_CHMOD,
+];
+
+/// Refuses an action outside the five, an empty path, a rename without a
+/// target path and a target path on anything but a rename. The other fields
+/// are stored as sent.
+fn file_row(header: &Header<'_>, file: &FileActivity) -> Result<FileEventRow, RejectReason> {
+    let Received {
+        sender,
+        event,
+        ingested_at,
+    } = header.received;
+    let seq = event.seq;
+    let action = FILE_ACTIONS
+        .into_iter()
+        .find(|action| *action == file.action)
+        .ok_or_else(|| RejectReason::FileUnknownAction {
+            seq,
+            action: excerpt(&file.action),
+        })?;
+    if file.path.is_empty() {
+        return Err(RejectReason::FileEmptyPath { seq });
+    }
+    match (action == FILE_RENAME, file.target_path.is_empty()) {
+        (true, true) => return Err(RejectReason::FileRenameWithoutTarget { seq }),
+        (false, false) => return Err(RejectReason::FileTargetOnNonRename { seq, action }),
+        _ => {}
+    }
+    let ancestry = Ancestry::of(&event.ancestors);
+    Ok(FileEventRow {
+        org_id: sender.org_id.to_owned(),
+        time: header.time,
+        time_ns: event.time_unix_ns,
+        device_id: sender.device_id.to_owned(),
+        hostname: sender.hostname.to_owned(),
+        boot_id: sender.boot_id.to_owned(),
+        seq,
+        action: action.to_owned(),
+        pid: file.pid,
+        uid: file.uid,
+        gid: file.gid,
+        cgroup_id: file.cgroup_id,
+        exe: file.exe.clone(),
+        path: file.path.clone(),
+        target_path: file.target_path.clone(),
+        open_flags: file.open_flags,
+        mode: file.mode,
+        path_truncated: u8::from(file.path_truncated),
+        ancestor_pids: ancestry.pids,
+        ancestor_exes: ancestry.exes,
+        ancestor_argv0: ancestry.argv0,
+        ancestor_start_ns: ancestry.start_ns,
+        agent_version: sender.agent_version.to_owned(),
+        ingested_at,
+    })
+}
+
 /// At most [`REASON_EXCERPT_CHARS`] characters of `text`, for a reject reason
 /// (which goes back to the agent and into the logs).
 fn excerpt(text: &str) -> String {
@@ -461,13 +537,17 @@ fn excerpt(text: &str) -> String {
 pub struct TableRows {
     pub process_events: Vec<ProcessEventRow>,
     pub network_events: Vec<NetworkEventRow>,
+    pub file_events: Vec<FileEventRow>,
     pub gaps: Vec<GapRow>,
 }
 
 impl TableRows {
     /// Rows in every table.
     pub fn len(&self) -> usize {
-        self.process_events.len() + self.network_events.len() + self.gaps.len()
+        self.process_events.len()
+            + self.network_events.len()
+            + self.file_events.len()
+            + self.gaps.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -478,6 +558,7 @@ impl TableRows {
         match row {
             EventRow::ProcessEvent(row) => self.process_events.push(row),
             EventRow::NetworkEvent(row) => self.network_events.push(row),
+            EventRow::FileEvent(row) => self.file_events.push(row),
             EventRow::Gap(row) => self.gaps.push(row),
         }
     }
@@ -509,15 +590,20 @@ pub fn convert_batch(
             }
         }
     };
-    // Nearly every event is a process or a TCP event; gaps are rare.
-    let tcp = events
-        .iter()
-        .filter(|e| matches!(e.kind, Some(Kind::Tcp(_))))
-        .count();
+    // Nearly every event is a process, TCP or file event; gaps are rare.
+    let (mut tcp, mut file) = (0, 0);
+    for event in events {
+        match event.kind {
+            Some(Kind::Tcp(_)) => tcp += 1,
+            Some(Kind::File(_)) => file += 1,
+            _ => {}
+        }
+    }
     let mut out = Converted {
         rows: TableRows {
-            process_events: Vec::with_capacity(events.len() - tcp),
+            process_events: Vec::with_capacity(events.len() - tcp - file),
             network_events: Vec::with_capacity(tcp),
+            file_events: Vec::with_capacity(file),
             gaps: Vec::new(),
         },
         ..Default::default()
@@ -976,6 +1062,9 @@ mod tests {
             event(6, T, tcp_v4("connected")),
             event(7, T, tcp_v6("accepted")),
             event(8, T, tcp_v4("closing")),
+            event(9, T, file_kind("open_write")),
+            event(10, T, file_kind("truncate")),
+            event(11, T, rename("/etc/cron.d/.tmp", "/etc/cron.d/job")),
         ];
         let converted = convert_batch(Some(&identity()), &events, NOW);
         let kinds: Vec<(u64, &str)> = converted
@@ -994,8 +1083,15 @@ mod tests {
             .map(|r| (r.seq, r.action.as_str()))
             .collect();
         assert_eq!(network, vec![(6, "connected"), (7, "accepted")]);
-        assert_eq!(converted.rows.len(), 6);
-        assert_eq!(converted.rejected, 2);
+        let files: Vec<(u64, &str)> = converted
+            .rows
+            .file_events
+            .iter()
+            .map(|r| (r.seq, r.action.as_str()))
+            .collect();
+        assert_eq!(files, vec![(9, "open_write"), (11, "rename")]);
+        assert_eq!(converted.rows.len(), 8);
+        assert_eq!(converted.rejected, 3);
         assert_eq!(
             converted.first_reason,
             Some(RejectReason::GapNothingLost { seq: 5 })
@@ -1037,6 +1133,7 @@ mod tests {
             exit(Some(0), None, false),
             gap("critical", "ring_full", 1, 0, 0),
             tcp_v4("listen"),
+            file_kind("unlink"),
         ] {
             assert_eq!(
                 convert(&event(9, 0, kind.clone())),
@@ -1397,5 +1494,256 @@ mod tests {
         assert!(reason
             .to_string()
             .starts_with("tcp event seq 2 has unknown action"));
+    }
+
+    /// `/usr/bin/vim` (pid 5100) acting on `/etc/crontab`: the fields every
+    /// action has.
+    fn file_kind(action: &str) -> Kind {
+        Kind::File(FileActivity {
+            action: action.into(),
+            pid: 5100,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 88,
+            path: "/etc/crontab".into(),
+            exe: "/usr/bin/vim".into(),
+            ..Default::default()
+        })
+    }
+
+    fn with_file(mut kind: Kind, change: impl FnOnce(&mut FileActivity)) -> Kind {
+        if let Kind::File(file) = &mut kind {
+            change(file);
+        }
+        kind
+    }
+
+    fn rename(from: &str, to: &str) -> Kind {
+        with_file(file_kind("rename"), |f| {
+            f.path = from.into();
+            f.target_path = to.into();
+        })
+    }
+
+    fn file_row_of(event: &Event) -> FileEventRow {
+        match convert(event) {
+            Ok(EventRow::FileEvent(row)) => row,
+            other => panic!("not a file event row: {other:?}"),
+        }
+    }
+
+    /// The row of [`file_kind`] from [`identity`], for `action`.
+    fn file_base(seq: u64, action: &str) -> FileEventRow {
+        FileEventRow {
+            org_id: "pref".into(),
+            time: 1_700_000_000,
+            time_ns: T,
+            device_id: "dev-1".into(),
+            hostname: "pc-001".into(),
+            boot_id: "b-1".into(),
+            seq,
+            action: action.into(),
+            pid: 5100,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 88,
+            exe: "/usr/bin/vim".into(),
+            path: "/etc/crontab".into(),
+            target_path: String::new(),
+            open_flags: 0,
+            mode: 0,
+            path_truncated: 0,
+            ancestor_pids: Vec::new(),
+            ancestor_exes: Vec::new(),
+            ancestor_argv0: Vec::new(),
+            ancestor_start_ns: Vec::new(),
+            agent_version: "0.1.0".into(),
+            ingested_at: NOW,
+        }
+    }
+
+    /// O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC.
+    const WRITE_CREATE_FLAGS: u32 = 0o1 | 0o100 | 0o1000 | 0o2_000_000;
+    /// O_RDONLY | O_CLOEXEC.
+    const READ_FLAGS: u32 = 0o2_000_000;
+
+    #[test]
+    fn open_write_carries_flags_and_create_mode() {
+        let kind = with_file(file_kind("open_write"), |f| {
+            f.open_flags = WRITE_CREATE_FLAGS;
+            f.mode = 0o644;
+        });
+        let converted = convert_batch(Some(&identity()), &[event(1, T, kind)], NOW);
+        assert_eq!(converted.rejected, 0);
+        assert!(converted.rows.process_events.is_empty());
+        assert!(converted.rows.network_events.is_empty() && converted.rows.gaps.is_empty());
+        assert_eq!(
+            converted.rows.file_events,
+            vec![FileEventRow {
+                open_flags: WRITE_CREATE_FLAGS,
+                mode: 0o644,
+                ..file_base(1, "open_write")
+            }]
+        );
+    }
+
+    #[test]
+    fn open_read_carries_flags() {
+        let kind = with_file(file_kind("open_read"), |f| {
+            f.path = "/etc/shadow".into();
+            f.open_flags = READ_FLAGS;
+            f.exe = "/usr/bin/python3".into();
+        });
+        assert_eq!(
+            file_row_of(&event(2, T, kind)),
+            FileEventRow {
+                path: "/etc/shadow".into(),
+                open_flags: READ_FLAGS,
+                exe: "/usr/bin/python3".into(),
+                ..file_base(2, "open_read")
+            }
+        );
+    }
+
+    #[test]
+    fn unlink_is_the_path_alone() {
+        assert_eq!(
+            file_row_of(&event(3, T, file_kind("unlink"))),
+            file_base(3, "unlink")
+        );
+    }
+
+    #[test]
+    fn rename_carries_the_target_path() {
+        let kind = rename("/tmp/x", "/etc/systemd/system/evil.service");
+        assert_eq!(
+            file_row_of(&event(4, T, kind)),
+            FileEventRow {
+                path: "/tmp/x".into(),
+                target_path: "/etc/systemd/system/evil.service".into(),
+                ..file_base(4, "rename")
+            }
+        );
+    }
+
+    #[test]
+    fn chmod_carries_the_new_mode() {
+        let kind = with_file(file_kind("chmod"), |f| {
+            f.path = "/usr/local/bin/helper".into();
+            f.mode = 0o4755;
+        });
+        let row = file_row_of(&event(5, T, kind));
+        assert_eq!(
+            row,
+            FileEventRow {
+                path: "/usr/local/bin/helper".into(),
+                mode: 0o4755,
+                ..file_base(5, "chmod")
+            }
+        );
+        assert_ne!(row.mode & 2048, 0, "the setuid bit the docs query for");
+    }
+
+    #[test]
+    fn file_rows_carry_truncation_and_the_processs_ancestry() {
+        let kind = with_file(file_kind("open_write"), |f| {
+            f.path = format!("/tmp/{}", "d".repeat(250));
+            f.path_truncated = true;
+        });
+        let e = Event {
+            ancestors: vec![
+                Ancestor {
+                    pid: 5000,
+                    exe: "/usr/bin/bash".into(),
+                    argv0: "-bash".into(),
+                    start_unix_ns: T - 1,
+                },
+                Ancestor {
+                    pid: 1,
+                    exe: "/usr/lib/systemd/systemd".into(),
+                    argv0: "/sbin/init".into(),
+                    start_unix_ns: 0,
+                },
+            ],
+            ..event(6, T, kind)
+        };
+        let row = file_row_of(&e);
+        assert_eq!(row.path_truncated, 1);
+        assert_eq!(row.path.len(), 255);
+        assert_eq!(row.ancestor_pids, vec![5000, 1]);
+        assert_eq!(
+            row.ancestor_exes,
+            vec!["/usr/bin/bash", "/usr/lib/systemd/systemd"]
+        );
+        assert_eq!(row.ancestor_argv0, vec!["-bash", "/sbin/init"]);
+        assert_eq!(row.ancestor_start_ns, vec![T - 1, 0]);
+    }
+
+    #[test]
+    fn malformed_file_events_are_refused() {
+        let mut cases = vec![
+            (
+                file_kind("write"),
+                RejectReason::FileUnknownAction {
+                    seq: 7,
+                    action: "write".into(),
+                },
+            ),
+            (
+                file_kind("OPEN_READ"),
+                RejectReason::FileUnknownAction {
+                    seq: 7,
+                    action: "OPEN_READ".into(),
+                },
+            ),
+            (
+                file_kind(""),
+                RejectReason::FileUnknownAction {
+                    seq: 7,
+                    action: String::new(),
+                },
+            ),
+            (
+                rename("/etc/passwd", ""),
+                RejectReason::FileRenameWithoutTarget { seq: 7 },
+            ),
+        ];
+        for action in ["open_write", "open_read", "unlink", "rename", "chmod"] {
+            cases.push((
+                with_file(file_kind(action), |f| {
+                    f.path.clear();
+                    f.target_path = "/etc/x".into();
+                }),
+                RejectReason::FileEmptyPath { seq: 7 },
+            ));
+        }
+        for action in ["open_write", "open_read", "unlink", "chmod"] {
+            cases.push((
+                with_file(file_kind(action), |f| f.target_path = "/etc/x".into()),
+                RejectReason::FileTargetOnNonRename {
+                    seq: 7,
+                    action: FILE_ACTIONS.into_iter().find(|a| *a == action).unwrap(),
+                },
+            ));
+        }
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(7, T, kind)), Err(reason));
+        }
+        assert_eq!(
+            RejectReason::FileTargetOnNonRename {
+                seq: 7,
+                action: "chmod"
+            }
+            .to_string(),
+            "file event seq 7 is a chmod with a target path"
+        );
+        let long = convert(&event(8, T, file_kind(&"z".repeat(500)))).unwrap_err();
+        assert_eq!(
+            long,
+            RejectReason::FileUnknownAction {
+                seq: 8,
+                action: format!("{}…", "z".repeat(64)),
+            }
+        );
     }
 }

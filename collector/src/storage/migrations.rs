@@ -183,6 +183,38 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, pid, seq)";
 
+const CREATE_FILE_EVENTS: &str = "
+CREATE TABLE IF NOT EXISTS file_events
+(
+    org_id            String,
+    time              DateTime,
+    time_ns           UInt64,
+    device_id         String,
+    hostname          String,
+    boot_id           String,
+    seq               UInt64,
+    action            String,
+    pid               UInt32,
+    uid               UInt32,
+    gid               UInt32,
+    cgroup_id         UInt64,
+    exe               String,
+    path              String,
+    target_path       String,
+    open_flags        UInt32,
+    mode              UInt32,
+    path_truncated    UInt8,
+    ancestor_pids     Array(UInt32),
+    ancestor_exes     Array(String),
+    ancestor_argv0    Array(String),
+    ancestor_start_ns Array(UInt64),
+    agent_version     String,
+    ingested_at       DateTime
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, hostname, time, pid, seq)";
+
 /// Every migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -207,6 +239,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "network_events",
         steps: &[Step::Execute(CREATE_NETWORK_EVENTS)],
+    },
+    Migration {
+        version: 5,
+        name: "file_events",
+        steps: &[Step::Execute(CREATE_FILE_EVENTS)],
     },
 ];
 
@@ -351,7 +388,7 @@ mod tests {
     use clickhouse::Row;
 
     use super::*;
-    use crate::storage::{GapRow, NetworkEventRow, ProcessEventRow};
+    use crate::storage::{FileEventRow, GapRow, NetworkEventRow, ProcessEventRow};
 
     #[test]
     fn versions_are_strictly_increasing_and_named() {
@@ -434,6 +471,10 @@ mod tests {
         assert_eq!(
             NetworkEventRow::COLUMN_NAMES,
             column_list(CREATE_NETWORK_EVENTS).as_slice()
+        );
+        assert_eq!(
+            FileEventRow::COLUMN_NAMES,
+            column_list(CREATE_FILE_EVENTS).as_slice()
         );
     }
 

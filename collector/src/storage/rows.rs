@@ -174,3 +174,55 @@ pub struct NetworkEventRow {
 impl TableRow for NetworkEventRow {
     const TABLE: &'static str = "network_events";
 }
+
+/// `file_events.action` values: the file operation a process attempted on a
+/// watched path. Every value names the wire action it comes from.
+pub const FILE_OPEN_WRITE: &str = "open_write";
+pub const FILE_OPEN_READ: &str = "open_read";
+pub const FILE_UNLINK: &str = "unlink";
+pub const FILE_RENAME: &str = "rename";
+pub const FILE_CHMOD: &str = "chmod";
+
+/// One row of `file_events`: a process attempted to open for writing or
+/// reading, unlink, rename or chmod a watched path (seen at the system call;
+/// whether it succeeded is not known); see `action`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct FileEventRow {
+    pub org_id: String,
+    /// Event wall time, seconds since the Unix epoch (`DateTime`).
+    pub time: u32,
+    pub time_ns: u64,
+    pub device_id: String,
+    pub hostname: String,
+    pub boot_id: String,
+    pub seq: u64,
+    /// One of the `FILE_*` actions.
+    pub action: String,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// The process's program.
+    pub exe: String,
+    /// The path operated on, absolute, as the process gave it.
+    pub path: String,
+    /// `rename` only: the new path; `''` on every other action.
+    pub target_path: String,
+    /// `open_*` only: the open(2) flags.
+    pub open_flags: u32,
+    /// `chmod`: the new mode; `open_write` with `O_CREAT`: the create mode.
+    pub mode: u32,
+    /// 1 when the agent cut `path` (or `target_path`) to its buffer.
+    pub path_truncated: u8,
+    /// The process's ancestors, parent first: four parallel arrays.
+    pub ancestor_pids: Vec<u32>,
+    pub ancestor_exes: Vec<String>,
+    pub ancestor_argv0: Vec<String>,
+    pub ancestor_start_ns: Vec<u64>,
+    pub agent_version: String,
+    pub ingested_at: u32,
+}
+
+impl TableRow for FileEventRow {
+    const TABLE: &'static str = "file_events";
+}
