@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod config;
 pub mod event;
+pub mod exe_hash;
 pub mod file_watch;
 pub mod identity;
 pub mod kernel_offsets;
@@ -14,6 +15,7 @@ pub mod sensors;
 pub mod sysfs;
 pub mod tracefs_format;
 pub mod uplink;
+pub mod users;
 
 use std::{sync::Arc, time::Duration};
 

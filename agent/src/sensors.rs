@@ -34,11 +34,13 @@ use crate::{
     clock::BootClock,
     config::SensorConfig,
     event::{decode, file_action_name, tcp_action_name, KernelEvent},
+    exe_hash::ExeHasher,
     file_watch,
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
     process_table::{scan_proc, Ancestor, ProcessTable},
     sysfs,
+    users::UserNames,
 };
 
 /// The compiled `agent-ebpf` object, built by build.rs.
@@ -245,6 +247,8 @@ impl KernelSensors {
 
         let reader = Reader {
             table,
+            hasher: ExeHasher::default(),
+            users: UserNames::default(),
             out: out.clone(),
             metrics: metrics.clone(),
             sequencer: sequencer.clone(),
@@ -338,6 +342,8 @@ fn attach(ebpf: &mut Ebpf, hook: &SensorHook) -> Result<(), SensorError> {
 /// Drains the critical ring buffer: decode, keep the process table, enrich.
 struct Reader {
     table: ProcessTable,
+    hasher: ExeHasher,
+    users: UserNames,
     out: mpsc::Sender<Event>,
     metrics: Arc<AgentMetrics>,
     sequencer: Sequencer,
@@ -420,6 +426,9 @@ impl Reader {
             KernelEvent::Exec(e) => {
                 self.table.on_exec(&e);
                 let ancestry = self.table.ancestry(e.pid);
+                let exe_sha256 =
+                    blocking(|| self.hasher.hash(e.pid, &e.filename)).unwrap_or_default();
+                let user_name = self.users.name(e.uid).unwrap_or_default().to_owned();
                 let kind = Kind::Exec(WireExec {
                     pid: e.pid,
                     tid: e.tid,
@@ -436,6 +445,8 @@ impl Reader {
                     egid: e.egid,
                     loginuid: e.loginuid,
                     process_start_unix_ns: e.start_boot_ns.map_or(0, to_unix),
+                    exe_sha256,
+                    user_name,
                 });
                 (ancestry, kind)
             }
@@ -548,6 +559,16 @@ impl Reader {
                 .collect(),
             kind: Some(kind),
         }
+    }
+}
+
+/// Runs file IO that may take a while (hashing a new binary) without
+/// stalling the runtime's other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -359,6 +359,8 @@ mod tests {
             ancestor_exes: vec![],
             ancestor_argv0: vec![],
             ancestor_start_ns: vec![],
+            exe_sha256: String::new(),
+            user_name: String::new(),
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use clickhouse::Row;
 use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
@@ -254,6 +255,9 @@ const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("ancestor_exes", "Array(String)"),
     ("ancestor_argv0", "Array(String)"),
     ("ancestor_start_ns", "Array(UInt64)"),
+    // Migration 6.
+    ("exe_sha256", "String"),
+    ("user_name", "String"),
 ];
 
 const GAPS_COLUMNS: &[(&str, &str)] = &[
@@ -432,7 +436,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -483,6 +487,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         assert!(row.exe.is_empty() && row.ancestor_pids.is_empty());
         assert!(row.ancestor_exes.is_empty() && row.ancestor_argv0.is_empty());
         assert!(row.ancestor_start_ns.is_empty());
+        assert!(row.exe_sha256.is_empty() && row.user_name.is_empty());
     }
 
     // New rows go in beside them.
@@ -499,7 +504,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
 }
 
 #[tokio::test]
@@ -517,17 +522,14 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         1_750_000_100,
     );
     assert_eq!(converted.rejected, 0);
-    storage
-        .insert(&converted.rows.process_events)
-        .await
-        .unwrap();
+    insert_process_rows_before_v6(&server, &database, &converted.rows.process_events).await;
     storage.insert(&converted.rows.gaps).await.unwrap();
     assert!(table_columns(&server, &database, "network_events")
         .await
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5]);
+    assert_eq!(report.applied, vec![4, 5, 6]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -570,7 +572,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
 }
 
 #[tokio::test]
@@ -596,7 +598,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         1_750_000_100,
     );
     assert_eq!((old.rejected, old.rows.len()), (0, 3));
-    storage.insert(&old.rows.process_events).await.unwrap();
+    insert_process_rows_before_v6(&server, &database, &old.rows.process_events).await;
     storage.insert(&old.rows.gaps).await.unwrap();
     storage.insert(&old.rows.network_events).await.unwrap();
     assert!(table_columns(&server, &database, "file_events")
@@ -604,7 +606,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5]);
+    assert_eq!(report.applied, vec![5, 6]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -651,7 +653,220 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
+}
+
+/// Migration 6's columns of `process_events`.
+const PROCESS_EVENTS_V6: [&str; 2] = ["exe_sha256", "user_name"];
+
+/// Inserts `rows` into a `process_events` older than migration 6, which
+/// lacks columns a [`ProcessEventRow`] names: every other column, by SQL.
+/// The rows must have those columns at their default, `''`.
+async fn insert_process_rows_before_v6(
+    server: &ClickHouseServer,
+    database: &str,
+    rows: &[ProcessEventRow],
+) {
+    let columns: Vec<&str> = ProcessEventRow::COLUMN_NAMES
+        .iter()
+        .copied()
+        .filter(|c| !PROCESS_EVENTS_V6.contains(c))
+        .collect();
+    let tuple = format!("({})", vec!["?"; columns.len()].join(", "));
+    let sql = format!(
+        "INSERT INTO process_events ({}) VALUES {}",
+        columns.join(", "),
+        vec![tuple.as_str(); rows.len()].join(", ")
+    );
+    let client = server.client().with_database(database);
+    let mut query = client.query(&sql);
+    for r in rows {
+        assert!(r.exe_sha256.is_empty() && r.user_name.is_empty(), "{r:?}");
+        // In the order of ProcessEventRow's fields, as COLUMN_NAMES.
+        query = query
+            .bind(&r.org_id)
+            .bind(r.time)
+            .bind(r.time_ns)
+            .bind(&r.device_id)
+            .bind(&r.hostname)
+            .bind(&r.boot_id)
+            .bind(r.seq)
+            .bind(r.pid)
+            .bind(r.tid)
+            .bind(r.ppid)
+            .bind(r.uid)
+            .bind(r.gid)
+            .bind(r.cgroup_id)
+            .bind(&r.filename)
+            .bind(&r.argv)
+            .bind(r.argv_truncated)
+            .bind(r.filename_truncated)
+            .bind(r.ppid_unknown)
+            .bind(&r.agent_version)
+            .bind(r.ingested_at)
+            .bind(&r.event_type)
+            .bind(r.euid)
+            .bind(r.egid)
+            .bind(r.loginuid)
+            .bind(r.process_start_ns)
+            .bind(&r.exe)
+            .bind(r.clone_flags)
+            .bind(r.exit_status)
+            .bind(r.exit_signal)
+            .bind(r.core_dumped)
+            .bind(r.lifetime_ns)
+            .bind(&r.ancestor_pids)
+            .bind(&r.ancestor_exes)
+            .bind(&r.ancestor_argv0)
+            .bind(&r.ancestor_start_ns);
+    }
+    query
+        .execute()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+}
+
+/// SHA-256 of a `/usr/bin/ls`, as an agent sends it.
+const LS_SHA256: &str = "cb30d69b24245bf2ecdc9e7f53bbad19159999970b6d82c0c00c7d32d9e37aa4";
+
+/// [`exec`] with the executed file's hash and the user's name.
+fn exec_as(seq: u64, pid: u32, exe_sha256: &str, user_name: &str) -> Event {
+    let mut event = exec(seq, pid);
+    if let Some(Kind::Exec(e)) = event.kind.as_mut() {
+        e.exe_sha256 = exe_sha256.into();
+        e.user_name = user_name.into();
+    }
+    event
+}
+
+#[tokio::test]
+async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade5");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 5 left it, with rows in every
+    // table: process rows of each type (with ancestry), a gap, a connection
+    // and file activity.
+    assert_eq!(
+        storage.migrate_to(5).await.unwrap().applied,
+        vec![1, 2, 3, 4, 5]
+    );
+    let mut events = vec![
+        exec(1, 4300),
+        at(
+            2,
+            Kind::Fork(ProcessFork {
+                pid: 4301,
+                ppid: 4300,
+                parent_tid: 4300,
+                uid: 1000,
+                gid: 100,
+                cgroup_id: 4242,
+                clone_flags: 0x0120_0011,
+                exe: "/usr/bin/ls".into(),
+            }),
+        ),
+        exit_kind_at(3, 4301, None, Some(9), false),
+        at(4, gap_kind(5, T0_NS)),
+        at(5, tcp_kind("connected", 4, 4300)),
+    ];
+    events[0].ancestors = ancestors();
+    events.extend(file_events_from(6));
+    let old = zt_collector::ingest::convert_batch(Some(&identity()), &events, 1_750_000_100);
+    assert_eq!((old.rejected, old.rows.process_events.len()), (0, 3));
+    insert_process_rows_before_v6(&server, &database, &old.rows.process_events).await;
+    storage.insert(&old.rows.gaps).await.unwrap();
+    storage.insert(&old.rows.network_events).await.unwrap();
+    storage.insert(&old.rows.file_events).await.unwrap();
+    let before = table_columns(&server, &database, "process_events").await;
+    assert!(before
+        .iter()
+        .all(|(name, _)| !PROCESS_EVENTS_V6.contains(&name.as_str())));
+    // As if a collector had died half-way through migration 6.
+    client
+        .query("ALTER TABLE process_events ADD COLUMN exe_sha256 String")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![6]);
+    assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "process_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+    for (table, columns) in [
+        ("gaps", GAPS_COLUMNS),
+        ("network_events", NETWORK_EVENTS_COLUMNS),
+        ("file_events", FILE_EVENTS_COLUMNS),
+    ] {
+        assert_eq!(
+            table_columns(&server, &database, table).await,
+            sorted(columns),
+            "{table}"
+        );
+    }
+
+    // The old rows keep every value and read '' in the new columns (which
+    // is what the collector converted them to: no hash, no user name).
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows, old.rows.process_events);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (
+                r.event_type.as_str(),
+                r.exe_sha256.as_str(),
+                r.user_name.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        vec![("exec", "", ""), ("fork", "", ""), ("exit", "", "")]
+    );
+    let blank: u64 = client
+        .query("SELECT count() FROM process_events WHERE exe_sha256 = '' AND user_name = ''")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(blank, 3);
+    assert_eq!(stored_gaps(&server, &database).await, old.rows.gaps);
+    assert_eq!(
+        stored_network_events(&server, &database).await,
+        old.rows.network_events
+    );
+    assert_eq!(
+        stored_file_events(&server, &database).await,
+        old.rows.file_events
+    );
+
+    // New exec rows carry both, beside the old ones.
+    let new = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[exec_as(20, 4400, LS_SHA256, "alice")],
+        1_750_000_200,
+    );
+    assert_eq!(new.rejected, 0);
+    storage.insert(&new.rows.process_events).await.unwrap();
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[3], new.rows.process_events[0]);
+    assert_eq!(
+        (rows[3].exe_sha256.as_str(), rows[3].user_name.as_str()),
+        (LS_SHA256, "alice")
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
 }
 
 /// File activity of pid `pid` (`/usr/bin/vim`, uid 1000) on `path`.
@@ -930,6 +1145,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         e.egid = 0;
         e.loginuid = Some(1000);
         e.process_start_unix_ns = T0_NS - 1_000;
+        e.exe_sha256 = LS_SHA256.into();
+        e.user_name = "alice".into();
     }
     let fork = at(
         2,
@@ -972,6 +1189,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
                                         // A rename without its new path, and an action that does not exist.
     events.push(at(14, file_kind("rename", 4400, "/etc/passwd")));
     events.push(at(15, file_kind("truncate", 4400, "/etc/passwd")));
+    // An exec whose hash is not lowercase hex.
+    events.push(exec_as(17, 4500, &LS_SHA256.to_ascii_uppercase(), "bob"));
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -980,7 +1199,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
-    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 12, 3));
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 12, 4));
     assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
 
     // Acked means stored, each row in its table.
@@ -1029,6 +1248,19 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         ("/usr/bin/ls", "/usr/bin/ls")
     );
     assert_eq!((exec_row.exit_status, exec_row.clone_flags), (-1, 0));
+    assert_eq!(
+        (exec_row.exe_sha256.as_str(), exec_row.user_name.as_str()),
+        (LS_SHA256, "alice")
+    );
+    // Forks and exits carry neither.
+    for row in &rows[1..] {
+        assert_eq!(
+            (row.exe_sha256.as_str(), row.user_name.as_str()),
+            ("", ""),
+            "seq {}",
+            row.seq
+        );
+    }
 
     let fork_row = &rows[1];
     assert_eq!(
@@ -1175,7 +1407,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         .unwrap();
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.events_stored, 13, "rows of every table");
-    assert_eq!(status.events_rejected, 3);
+    assert_eq!(status.events_rejected, 4);
 
     drop(agent);
     collector.shutdown().await.unwrap();
@@ -1612,6 +1844,33 @@ async fn the_documented_queries_run() {
     );
     storage.insert(&converted.rows.file_events).await.unwrap();
 
+    // Executions of one path whose content changed in between (the first is
+    // the hash the examples hunt for), by the same agent, just now: the hash
+    // queries must find them.
+    let helper = |seq: u64, exe_sha256: &str| {
+        let mut event = exec_as(seq, 4600, exe_sha256, "alice");
+        event.time_unix_ns = now_ns - 30_000_000_000 + seq;
+        if let Some(Kind::Exec(e)) = event.kind.as_mut() {
+            e.filename = "/usr/local/bin/helper".into();
+        }
+        event
+    };
+    let execs = [
+        helper(10, DOCS_HASH_V1),
+        helper(11, DOCS_HASH_V2),
+        helper(12, ""),
+    ];
+    let converted =
+        zt_collector::ingest::convert_batch(Some(&examples_agent), &execs, 1_750_000_100);
+    assert_eq!(
+        (converted.rejected, converted.rows.process_events.len()),
+        (0, 3)
+    );
+    storage
+        .insert(&converted.rows.process_events)
+        .await
+        .unwrap();
+
     let doc = include_str!("../../docs/schema.md");
     let queries: Vec<&str> = doc
         .split("```sql\n")
@@ -1624,6 +1883,7 @@ async fn the_documented_queries_run() {
     assert!(queries.len() >= 15, "{} queries found", queries.len());
     let client = server.client();
     let mut file_queries = 0;
+    let mut hash_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -1633,9 +1893,12 @@ async fn the_documented_queries_run() {
             .execute()
             .await
             .unwrap_or_else(|e| panic!("{e}\n{sql}"));
-        // Each file query finds the activity it is about.
-        if query.contains("FROM zt.file_events") {
-            file_queries += 1;
+        // Each file or hash query finds the activity it is about.
+        let is_file_query = query.contains("FROM zt.file_events");
+        let is_hash_query = query.contains("exe_sha256");
+        file_queries += u32::from(is_file_query);
+        hash_queries += u32::from(is_hash_query);
+        if is_file_query || is_hash_query {
             let found: u64 = client
                 .query(&format!("SELECT count() FROM ({sql})"))
                 .fetch_one()
@@ -1645,7 +1908,18 @@ async fn the_documented_queries_run() {
         }
     }
     assert!(file_queries >= 3, "{file_queries} file queries found");
+    assert!(hash_queries >= 2, "{hash_queries} hash queries found");
+    let doc_hash = format!("exe_sha256 = '{DOCS_HASH_V1}'");
+    assert!(
+        doc.contains(&doc_hash),
+        "the examples hunt for {DOCS_HASH_V1}"
+    );
 }
+
+/// SHA-256 of two versions of a script (`#!/bin/sh\necho v1\n`, then
+/// `v2`); the first is the hash `docs/schema.md` hunts for.
+const DOCS_HASH_V1: &str = "667f61a069b75f1f57fc561623da00e013e144221e8ea54de2803da9dd8aa952";
+const DOCS_HASH_V2: &str = "268005d39f7e216d686f4e63ed1e4b4a1b6a06552b5ca4d1a17e1a176e3ce249";
 
 /// One agent's window of unacknowledged batches is stored together: with a
 /// writer that flushes only when full (the delay is an hour), two batches of

@@ -23,6 +23,8 @@ struct ExecRow {
     argv: Vec<String>,
     argv_truncated: u8,
     time_ns: u64,
+    exe_sha256: String,
+    user_name: String,
 }
 
 async fn exec_rows(stack: &Stack, marker: &str) -> Result<Vec<ExecRow>> {
@@ -56,6 +58,29 @@ async fn wait_for_exec(stack: &Stack, marker: &str, limit: Duration) -> Result<E
     Ok(rows.remove(0))
 }
 
+/// `sha256sum`'s answer for `path`.
+fn sha256_of(path: &str) -> Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    anyhow::ensure!(out.status.success(), "sha256sum {path} failed");
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .context("sha256sum printed nothing")?
+        .to_owned())
+}
+
+/// `getent passwd`'s name for `uid`.
+fn user_name_of(uid: u32) -> Result<String> {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", &uid.to_string()])
+        .output()?;
+    Ok(String::from_utf8(out.stdout)?
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
 /// Runs `/bin/echo <marker> "second arg"` in `cgroup` and checks its row.
 async fn assert_echo_arrives(
     stack: &Stack,
@@ -87,6 +112,12 @@ async fn assert_echo_arrives(
     assert_eq!(row.filename, "/bin/echo");
     assert_eq!(row.argv, ["/bin/echo", marker.as_str(), "second arg"]);
     assert_eq!(row.argv_truncated, 0);
+    assert_eq!(
+        row.exe_sha256,
+        sha256_of("/bin/echo")?,
+        "hash of the executed file"
+    );
+    assert_eq!(row.user_name, user_name_of(uid)?);
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;

@@ -26,6 +26,11 @@ use crate::storage::{
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
 const REASON_EXCERPT_CHARS: usize = 64;
 
+/// Length of `process_events.exe_sha256` when known: a SHA-256 in hex.
+const EXE_SHA256_HEX_LEN: usize = 64;
+/// Longest `process_events.user_name` stored, in bytes.
+const MAX_USER_NAME_BYTES: usize = 256;
+
 /// Why an event was refused. Refused events are counted and reported in the
 /// acknowledgement, never stored and never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +45,17 @@ pub enum RejectReason {
     ZeroTime { seq: u64 },
     #[error("event seq {seq} has a time beyond 2106 ({time_unix_ns} ns)")]
     TimeOutOfRange { seq: u64, time_unix_ns: u64 },
+    #[error(
+        "exec event seq {seq} has exe_sha256 {exe_sha256:?}, \
+         not empty or 64 lowercase hex characters"
+    )]
+    ExecBadSha256 {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        exe_sha256: String,
+    },
+    #[error("exec event seq {seq} has a user_name of {bytes} bytes, beyond 256")]
+    ExecUserNameTooLong { seq: u64, bytes: usize },
     #[error("exit event seq {seq} has exit status {status}, beyond 255")]
     ExitStatusOutOfRange { seq: u64, status: u32 },
     #[error("exit event seq {seq} has signal {signal}, not in 1..=255")]
@@ -153,7 +169,7 @@ impl TryFrom<Received<'_>> for EventRow {
         let time = event_time(event)?;
         let header = Header { received, time };
         Ok(match kind {
-            Kind::Exec(exec) => EventRow::ProcessEvent(exec_row(&header, exec)),
+            Kind::Exec(exec) => EventRow::ProcessEvent(exec_row(&header, exec)?),
             Kind::Fork(fork) => EventRow::ProcessEvent(fork_row(&header, fork)),
             Kind::Exit(exit) => EventRow::ProcessEvent(exit_row(&header, exit)?),
             Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
@@ -228,12 +244,29 @@ impl Header<'_> {
             ancestor_exes: ancestry.exes,
             ancestor_argv0: ancestry.argv0,
             ancestor_start_ns: ancestry.start_ns,
+            exe_sha256: String::new(),
+            user_name: String::new(),
         }
     }
 }
 
-fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> ProcessEventRow {
-    ProcessEventRow {
+/// Refuses an `exe_sha256` that is neither empty (unknown) nor 64 lowercase
+/// hex characters, and a `user_name` longer than [`MAX_USER_NAME_BYTES`].
+fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, RejectReason> {
+    let seq = header.received.event.seq;
+    if !is_sha256_hex_or_empty(&exec.exe_sha256) {
+        return Err(RejectReason::ExecBadSha256 {
+            seq,
+            exe_sha256: excerpt(&exec.exe_sha256),
+        });
+    }
+    if exec.user_name.len() > MAX_USER_NAME_BYTES {
+        return Err(RejectReason::ExecUserNameTooLong {
+            seq,
+            bytes: exec.user_name.len(),
+        });
+    }
+    Ok(ProcessEventRow {
         pid: exec.pid,
         tid: exec.tid,
         ppid: exec.ppid,
@@ -250,8 +283,18 @@ fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> ProcessEventRow {
         loginuid: exec.loginuid.unwrap_or(NO_LOGINUID),
         process_start_ns: exec.process_start_unix_ns,
         exe: exec.filename.clone(),
+        exe_sha256: exec.exe_sha256.clone(),
+        user_name: exec.user_name.clone(),
         ..header.process_row(EVENT_TYPE_EXEC)
-    }
+    })
+}
+
+/// `''`, or exactly [`EXE_SHA256_HEX_LEN`] characters of `0-9a-f`: one
+/// spelling per hash, so analysts can match it with `=`.
+fn is_sha256_hex_or_empty(text: &str) -> bool {
+    text.is_empty()
+        || (text.len() == EXE_SHA256_HEX_LEN
+            && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 /// `pid` is the child; `tid` the parent's thread that forked.
@@ -757,6 +800,8 @@ mod tests {
             ancestor_exes: Vec::new(),
             ancestor_argv0: Vec::new(),
             ancestor_start_ns: Vec::new(),
+            exe_sha256: String::new(),
+            user_name: String::new(),
         }
     }
 
@@ -816,6 +861,140 @@ mod tests {
         if let Some(Kind::Exec(exec)) = e.kind.as_mut() {
             exec.loginuid = loginuid;
         }
+    }
+
+    /// SHA-256 of `/usr/bin/ls` on some host.
+    const LS_SHA256: &str = "cb30d69b24245bf2ecdc9e7f53bbad19159999970b6d82c0c00c7d32d9e37aa4";
+
+    /// [`exec_event`] with the hash and user name the agent sent.
+    fn exec_as(seq: u64, exe_sha256: &str, user_name: &str) -> Event {
+        let mut e = exec_event(seq, T);
+        if let Some(Kind::Exec(exec)) = e.kind.as_mut() {
+            exec.exe_sha256 = exe_sha256.into();
+            exec.user_name = user_name.into();
+        }
+        e
+    }
+
+    #[test]
+    fn exec_carries_the_files_hash_and_the_user_name() {
+        let row = process_row(&exec_as(1, LS_SHA256, "alice"));
+        assert_eq!(
+            (row.exe_sha256.as_str(), row.user_name.as_str()),
+            (LS_SHA256, "alice")
+        );
+        assert_eq!((row.event_type.as_str(), row.uid), ("exec", 1000));
+        // A name of exactly 256 bytes (multi-byte characters count as bytes).
+        let longest = format!("{}é", "u".repeat(254));
+        assert_eq!(longest.len(), 256);
+        assert_eq!(process_row(&exec_as(2, "", &longest)).user_name, longest);
+    }
+
+    #[test]
+    fn an_unknown_hash_or_user_is_stored_empty() {
+        let row = process_row(&exec_as(1, "", ""));
+        assert_eq!((row.exe_sha256.as_str(), row.user_name.as_str()), ("", ""));
+        // An agent that does not send them (older than the fields) alike.
+        let row = process_row(&exec_event(2, T));
+        assert_eq!((row.exe_sha256.as_str(), row.user_name.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn fork_and_exit_rows_have_no_hash_or_user() {
+        for kind in [
+            Kind::Fork(ProcessFork::default()),
+            exit(Some(0), None, false),
+        ] {
+            let row = process_row(&event(3, T, kind));
+            assert_eq!((row.exe_sha256.as_str(), row.user_name.as_str()), ("", ""));
+        }
+    }
+
+    #[test]
+    fn a_malformed_hash_is_refused() {
+        let bad = |text: &str| RejectReason::ExecBadSha256 {
+            seq: 4,
+            exe_sha256: text.into(),
+        };
+        let upper = LS_SHA256.to_ascii_uppercase();
+        let one_upper = format!("C{}", &LS_SHA256[1..]);
+        let non_hex = format!("{}g", &LS_SHA256[..63]);
+        let prefixed = format!("0x{}", &LS_SHA256[2..]);
+        let spaced = format!(" {}", &LS_SHA256[1..]);
+        // 64 bytes but not 64 characters.
+        let multibyte = format!("{}é", &LS_SHA256[..62]);
+        assert_eq!(multibyte.len(), 64);
+        for text in [
+            &LS_SHA256[..63],
+            &LS_SHA256[..40], // a SHA-1's length
+            "0",
+            upper.as_str(),
+            one_upper.as_str(),
+            non_hex.as_str(),
+            prefixed.as_str(),
+            spaced.as_str(),
+            multibyte.as_str(),
+        ] {
+            assert_eq!(
+                convert(&exec_as(4, text, "alice")),
+                Err(bad(text)),
+                "{text}"
+            );
+        }
+        // 65 characters: refused, and quoted cut to 64.
+        let longer = format!("{LS_SHA256}0");
+        assert_eq!(
+            convert(&exec_as(4, &longer, "alice")),
+            Err(bad(&format!("{LS_SHA256}…")))
+        );
+        // A long refused value is quoted cut.
+        let huge = "f".repeat(1000);
+        assert_eq!(
+            convert(&exec_as(4, &huge, "")),
+            Err(bad(&format!("{}…", "f".repeat(64))))
+        );
+        assert_eq!(
+            bad("ABC").to_string(),
+            "exec event seq 4 has exe_sha256 \"ABC\", \
+             not empty or 64 lowercase hex characters"
+        );
+    }
+
+    #[test]
+    fn a_user_name_beyond_256_bytes_is_refused() {
+        let name = "u".repeat(257);
+        assert_eq!(
+            convert(&exec_as(5, LS_SHA256, &name)),
+            Err(RejectReason::ExecUserNameTooLong { seq: 5, bytes: 257 })
+        );
+        let name = "é".repeat(129); // 129 characters, 258 bytes
+        let reason = convert(&exec_as(5, "", &name)).unwrap_err();
+        assert_eq!(
+            reason.to_string(),
+            "exec event seq 5 has a user_name of 258 bytes, beyond 256"
+        );
+    }
+
+    #[test]
+    fn a_refused_exec_does_not_stop_the_batch() {
+        let events = [
+            exec_as(1, LS_SHA256, "alice"),
+            exec_as(2, "nothex", "bob"),
+            exec_as(3, "", "carol"),
+        ];
+        let converted = convert_batch(Some(&identity()), &events, NOW);
+        let stored: Vec<(u64, &str)> = converted
+            .rows
+            .process_events
+            .iter()
+            .map(|r| (r.seq, r.user_name.as_str()))
+            .collect();
+        assert_eq!(stored, vec![(1, "alice"), (3, "carol")]);
+        assert_eq!(converted.rejected, 1);
+        assert!(matches!(
+            converted.first_reason,
+            Some(RejectReason::ExecBadSha256 { seq: 2, .. })
+        ));
     }
 
     #[test]

@@ -123,6 +123,12 @@ pub const PROCESS_EVENTS_V2_COLUMNS: &[Column] = &[
     column("ancestor_start_ns", "Array(UInt64)"),
 ];
 
+/// Columns of migration 6: what an exec ran and as whom, by name.
+pub const PROCESS_EVENTS_V6_COLUMNS: &[Column] = &[
+    column("exe_sha256", "String"),
+    column("user_name", "String"),
+];
+
 const CREATE_GAPS: &str = "
 CREATE TABLE IF NOT EXISTS gaps
 (
@@ -244,6 +250,14 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "file_events",
         steps: &[Step::Execute(CREATE_FILE_EVENTS)],
+    },
+    Migration {
+        version: 6,
+        name: "exec_hash_and_user",
+        steps: &[Step::AddColumns {
+            table: "process_events",
+            columns: PROCESS_EVENTS_V6_COLUMNS,
+        }],
     },
 ];
 
@@ -465,7 +479,8 @@ mod tests {
     fn row_types_match_the_migrated_columns() {
         let v1: Vec<&str> = column_list(CREATE_PROCESS_EVENTS);
         let v2 = PROCESS_EVENTS_V2_COLUMNS.iter().map(|c| c.name);
-        let process_events: Vec<&str> = v1.into_iter().chain(v2).collect();
+        let v6 = PROCESS_EVENTS_V6_COLUMNS.iter().map(|c| c.name);
+        let process_events: Vec<&str> = v1.into_iter().chain(v2).chain(v6).collect();
         assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
         assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
         assert_eq!(

@@ -71,6 +71,13 @@ pub struct ProcessEventRow {
     pub ancestor_exes: Vec<String>,
     pub ancestor_argv0: Vec<String>,
     pub ancestor_start_ns: Vec<u64>,
+    // Migration 6.
+    /// Exec rows: SHA-256 of the executed file, 64 lowercase hex characters;
+    /// `''` when unknown and on fork/exit rows.
+    pub exe_sha256: String,
+    /// Exec rows: name of `uid` on the endpoint; `''` when unknown and on
+    /// fork/exit rows.
+    pub user_name: String,
 }
 
 impl TableRow for ProcessEventRow {
