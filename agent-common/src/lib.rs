@@ -81,10 +81,18 @@ pub enum DropReason {
     CriticalRingFull = 0,
     /// The bulk ring buffer was full.
     BulkRingFull = 1,
+    /// The agent's self-budget asked the kernel to sample bulk events, and
+    /// this one was not kept.
+    BulkSampled = 2,
 }
 
 /// Number of entries of the drop-counter map.
-pub const DROP_REASONS: u32 = 2;
+pub const DROP_REASONS: u32 = 3;
+
+/// One-entry array: the kernel keeps 1 in N bulk events (0 or 1: all). Set by
+/// the agent's self-budget under CPU or memory pressure; critical events are
+/// never sampled.
+pub const BULK_SAMPLING_MAP: &str = "BULK_SAMPLING";
 
 /// Common prefix of every event.
 #[repr(C)]

@@ -68,6 +68,10 @@ pub static TCP_LISTENERS: LruHashMap<u32, SocketOwner> = LruHashMap::with_max_en
 #[map(name = "BULK_EVENTS")]
 pub static BULK_EVENTS: RingBuf = RingBuf::with_byte_size(BULK_RING_BYTES, 0);
 
+/// Keep 1 in N bulk events (0 or 1: all); written by the agent's self-budget.
+#[map(name = "BULK_SAMPLING")]
+pub static BULK_SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Watched path prefixes, filled by user space; the list ends at `len == 0`.
 #[map(name = "FILE_WATCH")]
 pub static FILE_WATCH: Array<WatchPrefix> = Array::with_max_entries(FILE_WATCH_CAPACITY, 0);

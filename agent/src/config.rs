@@ -27,6 +27,7 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub uplink: UplinkConfig,
     pub sensors: SensorConfig,
+    pub budget: crate::budget::BudgetConfig,
     pub log_format: LogFormat,
 }
 
@@ -125,6 +126,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/zt-agent"),
             uplink: UplinkConfig::default(),
             sensors: SensorConfig::default(),
+            budget: crate::budget::BudgetConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -233,6 +235,12 @@ impl AgentConfig {
                     "sensors.{name} {ring} must be a power of two of at least 4096"
                 )));
             }
+        }
+        let cpu_ok = self.budget.cpu_percent.is_finite() && self.budget.cpu_percent > 0.0;
+        if !cpu_ok || self.budget.memory_mib == 0 {
+            return Err(ConfigError::Value(
+                "budget.cpu_percent and budget.memory_mib must be positive".into(),
+            ));
         }
         let files = &self.sensors.files;
         for prefix in files.write_prefixes.iter().chain(&files.read_prefixes) {

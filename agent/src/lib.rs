@@ -1,6 +1,7 @@
 //! The endpoint agent (`zt-agent`): kernel sensors, event decoding and
 //! enrichment, and the uplink that streams telemetry to the collector.
 
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod event;
@@ -49,8 +50,14 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
     // Events are numbered 1, 2, ... within this run (identity.boot_id).
     let sequencer = Sequencer::default();
-    let sensors = KernelSensors::start(&config.sensors, tx, metrics.clone(), sequencer.clone())
-        .context("starting kernel sensors")?;
+    let sensors = KernelSensors::start(
+        &config.sensors,
+        &config.budget,
+        tx,
+        metrics.clone(),
+        sequencer.clone(),
+    )
+    .context("starting kernel sensors")?;
 
     let uplink = Uplink::new(
         config.collector_url.clone(),
@@ -98,6 +105,7 @@ fn log_counters(metrics: &AgentMetrics, message: &str) {
         kernel_records = AgentMetrics::get(&metrics.kernel_records),
         decode_errors = AgentMetrics::get(&metrics.decode_errors),
         kernel_drops = AgentMetrics::get(&metrics.kernel_drops),
+        bulk_sampled = AgentMetrics::get(&metrics.bulk_sampled),
         batches_sent = AgentMetrics::get(&metrics.batches_sent),
         acked = AgentMetrics::get(&metrics.events_acked),
         rejected = AgentMetrics::get(&metrics.events_rejected),

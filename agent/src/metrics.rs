@@ -10,6 +10,8 @@ pub struct AgentMetrics {
     pub decode_errors: AtomicU64,
     /// Events the kernel could not deliver (ring buffer full), summed per CPU.
     pub kernel_drops: AtomicU64,
+    /// Bulk events the kernel left out under the self-budget's sampling.
+    pub bulk_sampled: AtomicU64,
     /// Events the collector acknowledged as stored.
     pub events_acked: AtomicU64,
     /// Events the collector refused as malformed.

@@ -1,19 +1,28 @@
 //! The uplink's queue of events not yet acknowledged by the collector.
 //! Sans-IO: the uplink task drives it; tests drive it directly.
 //!
-//! Events wait in `pending`, leave in numbered batches, and stay `in_flight`
-//! until the collector acknowledges their batch (after storing it). When the
-//! connection breaks, in-flight batches go back to the front of `pending`, in
-//! order, and are sent again. The queue is bounded: when it is full the oldest
-//! pending events are dropped and counted (the disk spool replaces this).
+//! Events wait in two pending queues, critical (process, network, gap
+//! records) and bulk (file activity); a batch takes critical events first, so
+//! a flood of file events never delays an exec. Batches stay `in_flight`
+//! until the collector acknowledges them (after storing them). When the
+//! connection breaks, in-flight events go back to the front of their queues,
+//! in order, and are sent again. The queue is bounded: when it is full the
+//! oldest bulk events are dropped first, critical ones only when no bulk
+//! event is left; every drop is counted (the disk spool replaces this).
 
 use std::collections::{BTreeMap, VecDeque};
 
-use proto::telemetry::Event;
+use proto::telemetry::{event::Kind, Event};
+
+/// Whether an event may wait behind others and go first when space runs out.
+pub fn is_bulk(event: &Event) -> bool {
+    matches!(event.kind, Some(Kind::File(_)))
+}
 
 #[derive(Debug)]
 pub struct Outbox {
-    pending: VecDeque<Event>,
+    critical: VecDeque<Event>,
+    bulk: VecDeque<Event>,
     in_flight: BTreeMap<u64, Vec<Event>>,
     in_flight_events: usize,
     next_batch_seq: u64,
@@ -25,7 +34,8 @@ impl Outbox {
     /// `capacity` bounds pending plus in-flight events.
     pub fn new(capacity: usize) -> Self {
         Self {
-            pending: VecDeque::new(),
+            critical: VecDeque::new(),
+            bulk: VecDeque::new(),
             in_flight: BTreeMap::new(),
             in_flight_events: 0,
             next_batch_seq: 1,
@@ -34,29 +44,40 @@ impl Outbox {
         }
     }
 
-    /// Queues an event; returns how many old events were dropped for it.
+    /// Queues an event; returns how many events were dropped for it (the
+    /// oldest bulk ones first; the new one itself when nothing pending may
+    /// go for it).
     pub fn push(&mut self, event: Event) -> u64 {
+        let bulk = is_bulk(&event);
         let mut dropped = 0;
-        while self.pending.len() + self.in_flight_events >= self.capacity {
-            if self.pending.pop_front().is_none() {
-                // Everything is in flight: the new event is the one to lose.
-                self.dropped += 1;
-                return 1;
+        while self.pending_len() + self.in_flight_events >= self.capacity {
+            let made_room =
+                self.bulk.pop_front().is_some() || (!bulk && self.critical.pop_front().is_some());
+            if !made_room {
+                self.dropped += dropped + 1;
+                return dropped + 1;
             }
             dropped += 1;
         }
-        self.pending.push_back(event);
+        if bulk {
+            self.bulk.push_back(event);
+        } else {
+            self.critical.push_back(event);
+        }
         self.dropped += dropped;
         dropped
     }
 
-    /// Takes up to `max_events` pending events as the next batch.
+    /// Takes up to `max_events` pending events as the next batch, critical
+    /// ones first.
     pub fn next_batch(&mut self, max_events: usize) -> Option<(u64, Vec<Event>)> {
-        if self.pending.is_empty() {
+        if self.pending_len() == 0 {
             return None;
         }
-        let take = self.pending.len().min(max_events);
-        let events: Vec<Event> = self.pending.drain(..take).collect();
+        let from_critical = self.critical.len().min(max_events);
+        let mut events: Vec<Event> = self.critical.drain(..from_critical).collect();
+        let from_bulk = self.bulk.len().min(max_events - from_critical);
+        events.extend(self.bulk.drain(..from_bulk));
         let seq = self.next_batch_seq;
         self.next_batch_seq += 1;
         self.in_flight_events += events.len();
@@ -79,13 +100,17 @@ impl Outbox {
         self.in_flight_events = 0;
         for events in in_flight.into_values().rev() {
             for event in events.into_iter().rev() {
-                self.pending.push_front(event);
+                if is_bulk(&event) {
+                    self.bulk.push_front(event);
+                } else {
+                    self.critical.push_front(event);
+                }
             }
         }
     }
 
     pub fn pending_len(&self) -> usize {
-        self.pending.len()
+        self.critical.len() + self.bulk.len()
     }
 
     pub fn in_flight_batches(&self) -> usize {
@@ -159,5 +184,52 @@ mod tests {
         assert_eq!(outbox.push(event(4)), 1);
         assert_eq!(outbox.dropped_total(), 2);
         assert_eq!(outbox.pending_len(), 0);
+    }
+
+    fn file(seq: u64) -> Event {
+        Event {
+            seq,
+            time_unix_ns: seq,
+            kind: Some(Kind::File(Default::default())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn critical_events_go_first_and_bulk_events_are_dropped_first() {
+        let mut outbox = Outbox::new(4);
+        outbox.push(file(1));
+        outbox.push(file(2));
+        outbox.push(event(3));
+        outbox.push(file(4));
+        // Full: a critical event displaces the oldest bulk one.
+        assert_eq!(outbox.push(event(5)), 1);
+        let (_, events) = outbox.next_batch(3).unwrap();
+        assert_eq!(
+            seqs(&events),
+            vec![3, 5, 2],
+            "critical first, then the oldest bulk"
+        );
+
+        // Only critical pending and in flight: a bulk event cannot displace
+        // any, it is dropped itself.
+        let mut all_critical = Outbox::new(2);
+        all_critical.push(event(1));
+        all_critical.push(event(2));
+        assert_eq!(all_critical.push(file(3)), 1);
+        assert_eq!(all_critical.pending_len(), 2);
+        assert_eq!(all_critical.dropped_total(), 1);
+    }
+
+    #[test]
+    fn requeued_events_return_to_their_queues() {
+        let mut outbox = Outbox::new(10);
+        outbox.push(event(1));
+        outbox.push(file(2));
+        let _ = outbox.next_batch(10).unwrap();
+        outbox.push(file(3));
+        outbox.requeue_in_flight();
+        let (_, events) = outbox.next_batch(10).unwrap();
+        assert_eq!(seqs(&events), vec![1, 2, 3]);
     }
 }

@@ -13,9 +13,9 @@ use std::{
 };
 
 use agent_common::{
-    DropReason, KernelOffsets, WatchPrefix, BULK_EVENTS_MAP, CRITICAL_EVENTS_MAP,
-    DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM,
-    KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
+    DropReason, KernelOffsets, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
+    CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM,
+    FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -172,6 +172,7 @@ impl KernelSensors {
     /// Loads and attaches the sensors and starts delivering events to `out`.
     pub fn start(
         config: &SensorConfig,
+        budget: &crate::budget::BudgetConfig,
         out: mpsc::Sender<Event>,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
@@ -253,7 +254,16 @@ impl KernelSensors {
             metrics: metrics.clone(),
             sequencer: sequencer.clone(),
         };
+        let sampling: Array<MapData, u32> = Array::try_from(
+            ebpf.take_map(BULK_SAMPLING_MAP)
+                .ok_or(SensorError::Missing(BULK_SAMPLING_MAP))?,
+        )
+        .map_err(|source| SensorError::Map {
+            map: BULK_SAMPLING_MAP,
+            source,
+        })?;
         let tasks = vec![
+            tokio::spawn(crate::budget::enforce(budget.clone(), sampling)),
             tokio::spawn(reader.run(critical, bulk)),
             tokio::spawn(watch_drops(drops, out, metrics, sequencer)),
         ];
@@ -350,7 +360,10 @@ struct Reader {
 }
 
 impl Reader {
-    /// Drains both ring buffers, the critical one first: bulk records are
+    /// Drains both ring buffers. Every wake-up drains the critical ring
+    /// first, whichever ring woke it: a process's fork and exec records are
+    /// committed before it can touch a file, so draining critical first means
+    /// a file event always finds its process in the table. Bulk records are
     /// taken at most [`BULK_DRAIN_LIMIT`] at a time.
     async fn run(
         mut self,
@@ -358,63 +371,80 @@ impl Reader {
         mut bulk: AsyncFd<RingBuf<MapData>>,
     ) {
         let mut batch = Vec::with_capacity(256);
+        let mut bulk_pending = false;
         loop {
-            let (ring, stream) = tokio::select! {
-                biased;
-                guard = critical.readable_mut() => (guard, "critical"),
-                guard = bulk.readable_mut() => (guard, "bulk"),
-            };
-            let mut guard = match ring {
-                Ok(guard) => guard,
-                Err(err) => {
-                    warn!(error = %err, stream, "ring buffer poll failed; sensors stopped");
+            if !bulk_pending {
+                // Readiness is cleared before draining: a record committed
+                // after the drain wakes the ring again.
+                let woken = tokio::select! {
+                    biased;
+                    guard = critical.readable_mut() => guard.map(|mut g| g.clear_ready()),
+                    guard = bulk.readable_mut() => guard.map(|mut g| g.clear_ready()),
+                };
+                if let Err(err) = woken {
+                    warn!(error = %err, "ring buffer poll failed; sensors stopped");
                     return;
                 }
-            };
+            }
             let clock = BootClock::sample();
-            let ring_buf = guard.get_inner_mut();
-            let limit = if stream == "bulk" {
-                BULK_DRAIN_LIMIT
-            } else {
-                usize::MAX
-            };
-            let mut taken = 0;
-            let mut decode_errors = 0u64;
-            while taken < limit {
-                let Some(record) = ring_buf.next() else {
-                    break;
-                };
-                taken += 1;
-                AgentMetrics::add(&self.metrics.kernel_records, 1);
-                match decode(&record) {
-                    Ok(event) => batch.push(self.enrich(event, clock)),
-                    Err(err) => {
-                        decode_errors += 1;
-                        warn!(error = %err, stream, "discarding undecodable kernel record");
-                    }
-                }
-            }
-            if taken < limit {
-                guard.clear_ready();
-            }
-            if decode_errors > 0 {
-                AgentMetrics::add(&self.metrics.decode_errors, decode_errors);
-                let now = clock.to_unix_ns(crate::clock::boot_now_ns());
-                batch.push(gap_event(
-                    self.sequencer.next(),
-                    stream,
-                    "decode_error",
-                    decode_errors,
-                    now,
-                    now,
-                ));
-            }
+            self.drain(
+                critical.get_mut(),
+                "critical",
+                usize::MAX,
+                clock,
+                &mut batch,
+            );
+            bulk_pending = self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, clock, &mut batch);
             for event in batch.drain(..) {
                 if self.out.send(event).await.is_err() {
                     return;
                 }
             }
         }
+    }
+
+    /// Takes up to `limit` records of `ring` into `batch`; true when the
+    /// limit stopped it (more records wait).
+    fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        stream: &'static str,
+        limit: usize,
+        clock: BootClock,
+        batch: &mut Vec<Event>,
+    ) -> bool {
+        let mut taken = 0;
+        let mut decode_errors = 0u64;
+        while taken < limit {
+            let Some(record) = ring.next() else {
+                break;
+            };
+            taken += 1;
+            AgentMetrics::add(&self.metrics.kernel_records, 1);
+            match decode(&record) {
+                Ok(event) => {
+                    drop(record);
+                    batch.push(self.enrich(event, clock));
+                }
+                Err(err) => {
+                    decode_errors += 1;
+                    warn!(error = %err, stream, "discarding undecodable kernel record");
+                }
+            }
+        }
+        if decode_errors > 0 {
+            AgentMetrics::add(&self.metrics.decode_errors, decode_errors);
+            let now = clock.to_unix_ns(crate::clock::boot_now_ns());
+            batch.push(gap_event(
+                self.sequencer.next(),
+                stream,
+                "decode_error",
+                decode_errors,
+                now,
+                now,
+            ));
+        }
+        taken == limit
     }
 
     /// Applies `event` to the process table and builds the wire event with
@@ -611,9 +641,10 @@ async fn watch_drops(
     loop {
         tick.tick().await;
         let now = crate::clock::unix_now_ns();
-        for (reason, stream) in [
-            (DropReason::CriticalRingFull, "critical"),
-            (DropReason::BulkRingFull, "bulk"),
+        for (reason, stream, why) in [
+            (DropReason::CriticalRingFull, "critical", "ring_full"),
+            (DropReason::BulkRingFull, "bulk", "ring_full"),
+            (DropReason::BulkSampled, "bulk", "sampled"),
         ] {
             let index = reason as usize;
             let Ok(values) = drops.get(&(reason as u32), 0) else {
@@ -622,14 +653,18 @@ async fn watch_drops(
             let total: u64 = values.iter().sum();
             if total > reported[index] {
                 let lost = total - reported[index];
-                warn!(
-                    lost,
-                    lost_total = total,
-                    stream,
-                    "kernel ring buffer full: events lost"
-                );
-                AgentMetrics::add(&metrics.kernel_drops, lost);
-                let gap = gap_event(sequencer.next(), stream, "ring_full", lost, since, now);
+                if reason == DropReason::BulkSampled {
+                    AgentMetrics::add(&metrics.bulk_sampled, lost);
+                } else {
+                    warn!(
+                        lost,
+                        lost_total = total,
+                        stream,
+                        "kernel ring buffer full: events lost"
+                    );
+                    AgentMetrics::add(&metrics.kernel_drops, lost);
+                }
+                let gap = gap_event(sequencer.next(), stream, why, lost, since, now);
                 if out.send(gap).await.is_err() {
                     return;
                 }

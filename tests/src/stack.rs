@@ -64,6 +64,10 @@ impl Stack {
         let mut envs = vec![
             ("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "100".to_owned()),
             ("ZT_AGENT_UPLINK__BACKOFF_MAX_MS", "500".to_owned()),
+            // Tests run side by side and every agent sees every test's file
+            // activity: a whole core of budget keeps sampling out of tests
+            // that do not test it (they set their own).
+            ("ZT_AGENT_BUDGET__CPU_PERCENT", "100".to_owned()),
         ];
         envs.extend(env.iter().cloned());
         let mut agent = Process::spawn(

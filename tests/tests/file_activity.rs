@@ -222,3 +222,121 @@ async fn a_file_flood_never_costs_an_exec_and_its_loss_is_recorded() -> Result<(
     );
     Ok(())
 }
+
+/// Over its CPU budget the agent samples file events — never execs — and
+/// says so: the kernel's sampling counts arrive as gap records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_cpu_budget_the_agent_samples_file_events_and_records_it() -> Result<()> {
+    const EXECS: usize = 20;
+    let stack = Stack::new("e2e_budget").await?;
+    let _collector = stack.start_collector().await?;
+    let mut agent = stack
+        .start_agent_named(
+            "agent",
+            &[
+                ("ZT_AGENT_BUDGET__CPU_PERCENT", "0.5".to_owned()),
+                ("ZT_AGENT_BUDGET__INTERVAL_MS", "200".to_owned()),
+            ],
+        )
+        .await?;
+    let cgroup = TestCgroup::create("budget")?;
+    let cgroup_id = cgroup.id()?;
+
+    // Watched opens for 4 seconds; prints how many.
+    let dir = tempfile::Builder::new()
+        .prefix(&marker_for("budget"))
+        .tempdir_in("/tmp")?;
+    let target = dir.path().join("f");
+    let flood = format!(
+        "import time\np = {:?}\nn = 0\nend = time.time() + 4\nwhile time.time() < end:\n    for _ in range(100):\n        open(p, 'w').close()\n    n += 100\nprint(n, flush=True)\n",
+        target.display().to_string()
+    );
+    let flooder = zt_e2e::stack::spawn_in_cgroup_with(
+        &cgroup,
+        "/usr/bin/python3",
+        &["-c", &flood],
+        std::process::Stdio::piped(),
+    )?;
+    let marker = marker_for("exec");
+    for _ in 0..EXECS {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (_, status) = run_in_cgroup(&cgroup, "/bin/echo", &[&marker])?;
+        ensure!(status.success());
+    }
+    let output = flooder.wait_with_output()?;
+    ensure!(output.status.success(), "flooder failed");
+    let opens: u64 = String::from_utf8(output.stdout)?.trim().parse()?;
+
+    let execs = eventually(Duration::from_secs(15), || async {
+        let n = stack
+            .db()
+            .query("SELECT count() FROM process_events WHERE event_type = 'exec' AND has(argv, ?)")
+            .bind(&marker)
+            .fetch_one::<u64>()
+            .await
+            .ok()?;
+        (n == EXECS as u64).then_some(n)
+    })
+    .await;
+    ensure!(execs.is_some(), "execs are never sampled\n{}", stack.logs());
+    ensure!(
+        agent.log().contains("over self-budget"),
+        "the agent did not notice it was over budget:\n{}",
+        agent.log()
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let status = agent
+        .terminate(Duration::from_secs(20))
+        .context("agent did not stop")?;
+    ensure!(status.success());
+    let log = agent.log();
+    let counter = |name: &str| -> Option<u64> {
+        log.lines()
+            .filter(|line| line.contains(" stopped "))
+            .find_map(|line| {
+                line.split(&format!("{name}="))
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+    };
+    let sampled = counter("bulk_sampled").with_context(|| format!("no bulk_sampled in:\n{log}"))?;
+    assert!(sampled > 0, "sampling left nothing out");
+
+    let lost = stack
+        .db()
+        .query("SELECT stream, sum(lost) AS lost FROM gaps WHERE reason = 'sampled' GROUP BY stream ORDER BY stream")
+        .fetch_all::<LostByStream>()
+        .await?;
+    assert_eq!(lost.len(), 1, "only the bulk stream is sampled: {lost:?}");
+    assert_eq!(lost[0].stream, "bulk");
+    assert_eq!(
+        lost[0].lost, sampled,
+        "gap records account for every sampled event"
+    );
+
+    let ring_lost = stack
+        .db()
+        .query("SELECT sum(lost) FROM gaps WHERE stream = 'bulk' AND reason = 'ring_full'")
+        .fetch_one::<u64>()
+        .await?;
+    let stored = stack
+        .db()
+        .query("SELECT count() FROM file_events WHERE cgroup_id = ? AND path = ?")
+        .bind(cgroup_id)
+        .bind(target.display().to_string())
+        .fetch_one::<u64>()
+        .await?;
+    assert!(
+        stored < opens,
+        "sampling kept fewer than all {opens} opens ({stored})"
+    );
+    assert!(
+        stored + sampled + ring_lost >= opens,
+        "every open is stored, sampled or lost: {stored} + {sampled} + {ring_lost} < {opens}"
+    );
+    Ok(())
+}
