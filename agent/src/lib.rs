@@ -64,6 +64,7 @@ pub async fn run(
         identity,
         config.uplink.clone(),
         metrics.clone(),
+        sequencer,
     );
     let mut uplink_task = tokio::spawn(uplink.run(rx));
 

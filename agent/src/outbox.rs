@@ -19,8 +19,15 @@ pub fn is_bulk(event: &Event) -> bool {
     matches!(event.kind, Some(Kind::File(_)))
 }
 
+/// Gap records report losses: they are never dropped themselves.
+fn is_report(event: &Event) -> bool {
+    matches!(event.kind, Some(Kind::Gap(_)))
+}
+
 #[derive(Debug)]
 pub struct Outbox {
+    /// Gap records: sent first, never dropped.
+    reports: VecDeque<Event>,
     critical: VecDeque<Event>,
     bulk: VecDeque<Event>,
     in_flight: BTreeMap<u64, Vec<Event>>,
@@ -28,12 +35,15 @@ pub struct Outbox {
     next_batch_seq: u64,
     capacity: usize,
     dropped: u64,
+    /// Drops not yet reported as gap records: (critical, bulk).
+    unreported: (u64, u64),
 }
 
 impl Outbox {
     /// `capacity` bounds pending plus in-flight events.
     pub fn new(capacity: usize) -> Self {
         Self {
+            reports: VecDeque::new(),
             critical: VecDeque::new(),
             bulk: VecDeque::new(),
             in_flight: BTreeMap::new(),
@@ -41,7 +51,21 @@ impl Outbox {
             next_batch_seq: 1,
             capacity,
             dropped: 0,
+            unreported: (0, 0),
         }
+    }
+
+    /// Drops since the last call, `(critical, bulk)`, if any: the uplink
+    /// reports them as gap records.
+    pub fn take_unreported(&mut self) -> Option<(u64, u64)> {
+        let taken = std::mem::take(&mut self.unreported);
+        (taken != (0, 0)).then_some(taken)
+    }
+
+    /// Queues a record of the agent's own (a gap record) regardless of the
+    /// bound, so that reporting a loss never causes another.
+    pub fn push_unbounded(&mut self, event: Event) {
+        self.reports.push_back(event);
     }
 
     /// Queues an event; returns how many events were dropped for it (the
@@ -50,10 +74,19 @@ impl Outbox {
     pub fn push(&mut self, event: Event) -> u64 {
         let bulk = is_bulk(&event);
         let mut dropped = 0;
-        while self.pending_len() + self.in_flight_events >= self.capacity {
-            let made_room =
-                self.bulk.pop_front().is_some() || (!bulk && self.critical.pop_front().is_some());
-            if !made_room {
+        // Gap records (few, never dropped) do not count against the bound.
+        while self.critical.len() + self.bulk.len() + self.in_flight_events >= self.capacity {
+            if self.bulk.pop_front().is_some() {
+                self.unreported.1 += 1;
+            } else if !bulk && self.critical.pop_front().is_some() {
+                self.unreported.0 += 1;
+            } else {
+                // Nothing may go for it: the new event is the one lost.
+                if bulk {
+                    self.unreported.1 += 1;
+                } else {
+                    self.unreported.0 += 1;
+                }
                 self.dropped += dropped + 1;
                 return dropped + 1;
             }
@@ -74,9 +107,11 @@ impl Outbox {
         if self.pending_len() == 0 {
             return None;
         }
-        let from_critical = self.critical.len().min(max_events);
-        let mut events: Vec<Event> = self.critical.drain(..from_critical).collect();
-        let from_bulk = self.bulk.len().min(max_events - from_critical);
+        let from_reports = self.reports.len().min(max_events);
+        let mut events: Vec<Event> = self.reports.drain(..from_reports).collect();
+        let from_critical = self.critical.len().min(max_events - events.len());
+        events.extend(self.critical.drain(..from_critical));
+        let from_bulk = self.bulk.len().min(max_events - events.len());
         events.extend(self.bulk.drain(..from_bulk));
         let seq = self.next_batch_seq;
         self.next_batch_seq += 1;
@@ -100,7 +135,9 @@ impl Outbox {
         self.in_flight_events = 0;
         for events in in_flight.into_values().rev() {
             for event in events.into_iter().rev() {
-                if is_bulk(&event) {
+                if is_report(&event) {
+                    self.reports.push_front(event);
+                } else if is_bulk(&event) {
                     self.bulk.push_front(event);
                 } else {
                     self.critical.push_front(event);
@@ -110,7 +147,7 @@ impl Outbox {
     }
 
     pub fn pending_len(&self) -> usize {
-        self.critical.len() + self.bulk.len()
+        self.reports.len() + self.critical.len() + self.bulk.len()
     }
 
     pub fn in_flight_batches(&self) -> usize {
@@ -219,6 +256,31 @@ mod tests {
         assert_eq!(all_critical.push(file(3)), 1);
         assert_eq!(all_critical.pending_len(), 2);
         assert_eq!(all_critical.dropped_total(), 1);
+    }
+
+    #[test]
+    fn drops_are_handed_out_once_per_stream_for_gap_records() {
+        let mut outbox = Outbox::new(2);
+        assert_eq!(outbox.take_unreported(), None);
+        outbox.push(file(1));
+        outbox.push(event(2));
+        outbox.push(event(3)); // displaces the file event
+        outbox.push(event(4)); // displaces event 2
+        assert_eq!(outbox.take_unreported(), Some((1, 1)));
+        assert_eq!(outbox.take_unreported(), None, "reported once");
+        let gap = Event {
+            seq: 5,
+            kind: Some(Kind::Gap(Default::default())),
+            ..Default::default()
+        };
+        outbox.push_unbounded(gap);
+        assert_eq!(outbox.pending_len(), 3, "a gap record is never refused");
+        // Nor displaced: new events displace each other, not the report.
+        outbox.push(event(6));
+        outbox.push(event(7));
+        assert_eq!(outbox.take_unreported(), Some((2, 0)));
+        let (_, events) = outbox.next_batch(10).unwrap();
+        assert_eq!(seqs(&events), vec![5, 6, 7], "the report goes first");
     }
 
     #[test]

@@ -15,7 +15,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::{config::UplinkConfig, metrics::AgentMetrics, outbox::Outbox};
+use crate::{
+    config::UplinkConfig,
+    metrics::AgentMetrics,
+    outbox::Outbox,
+    sensors::{gap_event, Sequencer},
+};
 
 /// How long a stopping agent waits for the collector to acknowledge what it
 /// still holds.
@@ -45,6 +50,9 @@ pub struct Uplink {
     config: UplinkConfig,
     metrics: Arc<AgentMetrics>,
     outbox: Outbox,
+    sequencer: Sequencer,
+    /// When the oldest drop not yet reported happened (Unix ns).
+    first_unreported_drop_ns: Option<u64>,
 }
 
 /// How a session with the collector ended without error.
@@ -60,6 +68,7 @@ impl Uplink {
         identity: AgentIdentity,
         config: UplinkConfig,
         metrics: Arc<AgentMetrics>,
+        sequencer: Sequencer,
     ) -> Self {
         let outbox = Outbox::new(config.buffer_max_events);
         Self {
@@ -68,6 +77,25 @@ impl Uplink {
             config,
             metrics,
             outbox,
+            sequencer,
+            first_unreported_drop_ns: None,
+        }
+    }
+
+    /// Turns the queue's drops since the last report into gap records
+    /// (`reason = "queue_full"`), sent ahead of other events.
+    fn report_drops(&mut self) {
+        let Some((critical, bulk)) = self.outbox.take_unreported() else {
+            return;
+        };
+        let now = crate::clock::unix_now_ns();
+        let from = self.first_unreported_drop_ns.take().unwrap_or(now);
+        for (stream, lost) in [("critical", critical), ("bulk", bulk)] {
+            if lost > 0 {
+                let seq = self.sequencer.next();
+                let gap = gap_event(seq, stream, "queue_full", lost, from, now);
+                self.outbox.push_unbounded(gap);
+            }
         }
     }
 
@@ -112,6 +140,8 @@ impl Uplink {
     fn push(&mut self, event: Event) {
         let dropped = self.outbox.push(event);
         if dropped > 0 {
+            self.first_unreported_drop_ns
+                .get_or_insert_with(crate::clock::unix_now_ns);
             AgentMetrics::add(&self.metrics.events_dropped_queue_full, dropped);
             let total = self.outbox.dropped_total();
             if total.is_power_of_two() {
@@ -235,6 +265,7 @@ impl Uplink {
         tx: &mpsc::Sender<EventBatch>,
         flush: bool,
     ) -> Result<(), UplinkError> {
+        self.report_drops();
         let max = self.config.batch_max_events;
         while self.outbox.in_flight_batches() < self.config.max_in_flight_batches
             && (self.outbox.pending_len() >= max || (flush && self.outbox.pending_len() > 0))
@@ -332,7 +363,7 @@ mod tests {
             ..UplinkConfig::default()
         };
         let identity = AgentIdentity::default();
-        let uplink = Uplink::new(url, identity, config, metrics.clone());
+        let uplink = Uplink::new(url, identity, config, metrics.clone(), Sequencer::default());
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(uplink.run(rx));
         for seq in 0..300 {
