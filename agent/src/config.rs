@@ -103,6 +103,9 @@ pub struct UplinkConfig {
     /// Events held in memory while the collector is unreachable; beyond it
     /// the oldest are dropped and counted.
     pub buffer_max_events: usize,
+    /// The same queue's bound in encoded bytes (events carry their ancestry,
+    /// so their size varies): what keeps the agent's memory bounded.
+    pub buffer_max_bytes: usize,
     /// Batches sent and not yet acknowledged.
     pub max_in_flight_batches: usize,
     /// Reconnect backoff: first delay and ceiling (with jitter).
@@ -138,6 +141,7 @@ impl Default for UplinkConfig {
             batch_max_events: 512,
             batch_max_delay_ms: 250,
             buffer_max_events: 200_000,
+            buffer_max_bytes: 32 * 1024 * 1024,
             max_in_flight_batches: 16,
             backoff_initial_ms: 200,
             backoff_max_ms: 10_000,
@@ -219,6 +223,11 @@ impl AgentConfig {
             return Err(ConfigError::Value(
                 "uplink.batch_max_events and uplink.max_in_flight_batches must be at least 1"
                     .into(),
+            ));
+        }
+        if u.buffer_max_bytes < 64 * 1024 {
+            return Err(ConfigError::Value(
+                "uplink.buffer_max_bytes must be at least 65536".into(),
             ));
         }
         if u.buffer_max_events < u.batch_max_events {

@@ -6,12 +6,14 @@
 //! a flood of file events never delays an exec. Batches stay `in_flight`
 //! until the collector acknowledges them (after storing them). When the
 //! connection breaks, in-flight events go back to the front of their queues,
-//! in order, and are sent again. The queue is bounded: when it is full the
+//! in order, and are sent again. The queue is bounded in events and in bytes
+//! (events carry their ancestry, so their size varies): when it is full the
 //! oldest bulk events are dropped first, critical ones only when no bulk
 //! event is left; every drop is counted (the disk spool replaces this).
 
 use std::collections::{BTreeMap, VecDeque};
 
+use prost::Message as _;
 use proto::telemetry::{event::Kind, Event};
 
 /// Whether an event may wait behind others and go first when space runs out.
@@ -34,6 +36,10 @@ pub struct Outbox {
     in_flight_events: usize,
     next_batch_seq: u64,
     capacity: usize,
+    max_bytes: usize,
+    /// Encoded bytes of the critical and bulk queues and of the in-flight
+    /// batches.
+    bytes: usize,
     dropped: u64,
     /// Drops not yet reported as gap records: (critical, bulk).
     unreported: (u64, u64),
@@ -42,6 +48,11 @@ pub struct Outbox {
 impl Outbox {
     /// `capacity` bounds pending plus in-flight events.
     pub fn new(capacity: usize) -> Self {
+        Self::with_limits(capacity, usize::MAX)
+    }
+
+    /// Bounds pending plus in-flight events by count and by encoded bytes.
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> Self {
         Self {
             reports: VecDeque::new(),
             critical: VecDeque::new(),
@@ -50,6 +61,8 @@ impl Outbox {
             in_flight_events: 0,
             next_batch_seq: 1,
             capacity,
+            max_bytes,
+            bytes: 0,
             dropped: 0,
             unreported: (0, 0),
         }
@@ -75,10 +88,15 @@ impl Outbox {
         let bulk = is_bulk(&event);
         let mut dropped = 0;
         // Gap records (few, never dropped) do not count against the bound.
-        while self.critical.len() + self.bulk.len() + self.in_flight_events >= self.capacity {
-            if self.bulk.pop_front().is_some() {
+        let size = event.encoded_len();
+        while self.critical.len() + self.bulk.len() + self.in_flight_events >= self.capacity
+            || self.bytes + size > self.max_bytes
+        {
+            if let Some(old) = self.bulk.pop_front() {
+                self.bytes -= old.encoded_len();
                 self.unreported.1 += 1;
-            } else if !bulk && self.critical.pop_front().is_some() {
+            } else if let Some(old) = (!bulk).then(|| self.critical.pop_front()).flatten() {
+                self.bytes -= old.encoded_len();
                 self.unreported.0 += 1;
             } else {
                 // Nothing may go for it: the new event is the one lost.
@@ -92,6 +110,7 @@ impl Outbox {
             }
             dropped += 1;
         }
+        self.bytes += size;
         if bulk {
             self.bulk.push_back(event);
         } else {
@@ -125,6 +144,12 @@ impl Outbox {
     pub fn ack(&mut self, seq: u64) -> Option<usize> {
         let events = self.in_flight.remove(&seq)?;
         self.in_flight_events -= events.len();
+        let acked: usize = events
+            .iter()
+            .filter(|e| !is_report(e))
+            .map(|e| e.encoded_len())
+            .sum();
+        self.bytes -= acked;
         Some(events.len())
     }
 
@@ -156,6 +181,11 @@ impl Outbox {
 
     pub fn dropped_total(&self) -> u64 {
         self.dropped
+    }
+
+    /// Encoded bytes held (pending and in flight, gap records aside).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -281,6 +311,25 @@ mod tests {
         assert_eq!(outbox.take_unreported(), Some((2, 0)));
         let (_, events) = outbox.next_batch(10).unwrap();
         assert_eq!(seqs(&events), vec![5, 6, 7], "the report goes first");
+    }
+
+    #[test]
+    fn the_byte_bound_drops_bulk_first_and_acks_free_bytes() {
+        let one = file(1).encoded_len();
+        let mut outbox = Outbox::with_limits(100, one * 3);
+        outbox.push(file(1));
+        outbox.push(event(2));
+        outbox.push(file(3));
+        assert_eq!(outbox.dropped_total(), 0);
+        // The next one does not fit: the oldest bulk event goes.
+        outbox.push(event(4));
+        assert_eq!(outbox.take_unreported(), Some((0, 1)));
+        assert!(outbox.bytes() <= one * 3);
+        let (seq, _) = outbox.next_batch(10).unwrap();
+        let held = outbox.bytes();
+        assert!(held > 0, "in-flight events still count");
+        outbox.ack(seq);
+        assert_eq!(outbox.bytes(), 0, "acknowledged events free their bytes");
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl Uplink {
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
     ) -> Self {
-        let outbox = Outbox::new(config.buffer_max_events);
+        let outbox = Outbox::with_limits(config.buffer_max_events, config.buffer_max_bytes);
         Self {
             url,
             identity,
@@ -265,7 +265,11 @@ impl Uplink {
         tx: &mpsc::Sender<EventBatch>,
         flush: bool,
     ) -> Result<(), UplinkError> {
-        self.report_drops();
+        // Losses are reported with each flush: at most one gap record per
+        // stream per batch delay, however fast events are dropped.
+        if flush {
+            self.report_drops();
+        }
         let max = self.config.batch_max_events;
         while self.outbox.in_flight_batches() < self.config.max_in_flight_batches
             && (self.outbox.pending_len() >= max || (flush && self.outbox.pending_len() > 0))
