@@ -119,6 +119,23 @@ impl Process {
         }
     }
 
+    /// A counter from the agent's last words (its `stopped` log line, e.g.
+    /// `kernel_drops=12`); an error naming it when absent.
+    pub fn final_counter(&self, name: &str) -> Result<u64> {
+        let log = self.log();
+        log.lines()
+            .filter(|line| line.contains(" stopped "))
+            .find_map(|line| {
+                line.split(&format!("{name}="))
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("no {name} in the agent's last words:\n{log}"))
+    }
+
     /// SIGTERM, then waits up to `limit` for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: signalling our own child.

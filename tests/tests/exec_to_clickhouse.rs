@@ -247,18 +247,7 @@ async fn queue_overflow_while_collector_is_down_is_reported_as_gaps() -> Result<
         .context("agent did not stop")?;
     assert!(status.success());
     let log = agent.log();
-    let dropped: u64 = log
-        .lines()
-        .filter(|line| line.contains(" stopped "))
-        .find_map(|line| {
-            line.split("dropped_queue_full=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no dropped_queue_full in:\n{log}"))?;
+    let dropped: u64 = agent.final_counter("dropped_queue_full")?;
     let total = stack
         .db()
         .query("SELECT sum(lost) FROM gaps WHERE reason = 'queue_full'")

@@ -169,19 +169,7 @@ async fn a_file_flood_never_costs_an_exec_and_its_loss_is_recorded() -> Result<(
         .terminate(Duration::from_secs(20))
         .context("agent did not stop")?;
     ensure!(status.success());
-    let log = agent.log();
-    let kernel_drops: u64 = log
-        .lines()
-        .filter(|line| line.contains(" stopped "))
-        .find_map(|line| {
-            line.split("kernel_drops=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no kernel_drops in the agent's last words:\n{log}"))?;
+    let kernel_drops: u64 = agent.final_counter("kernel_drops")?;
 
     let lost = stack
         .db()
@@ -290,20 +278,7 @@ async fn over_its_cpu_budget_the_agent_samples_file_events_and_records_it() -> R
         .terminate(Duration::from_secs(20))
         .context("agent did not stop")?;
     ensure!(status.success());
-    let log = agent.log();
-    let counter = |name: &str| -> Option<u64> {
-        log.lines()
-            .filter(|line| line.contains(" stopped "))
-            .find_map(|line| {
-                line.split(&format!("{name}="))
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-    };
-    let sampled = counter("bulk_sampled").with_context(|| format!("no bulk_sampled in:\n{log}"))?;
+    let sampled = agent.final_counter("bulk_sampled")?;
     assert!(sampled > 0, "sampling left nothing out");
 
     let lost = stack

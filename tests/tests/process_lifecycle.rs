@@ -239,19 +239,7 @@ async fn kernel_losses_arrive_as_gap_records() -> Result<()> {
         .context("agent did not stop")?;
     assert!(status.success());
 
-    let log = agent.log();
-    let reported: u64 = log
-        .lines()
-        .filter(|line| line.contains(" stopped "))
-        .find_map(|line| {
-            line.split("kernel_drops=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no kernel_drops in the agent's last words:\n{log}"))?;
+    let reported: u64 = agent.final_counter("kernel_drops")?;
     assert!(
         reported >= 20,
         "at least our 20 execs were lost, got {reported}"
