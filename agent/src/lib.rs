@@ -9,6 +9,7 @@ pub mod exe_hash;
 pub mod file_watch;
 pub mod identity;
 pub mod kernel_offsets;
+pub mod listeners;
 pub mod metrics;
 pub mod outbox;
 pub mod process_table;

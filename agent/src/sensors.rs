@@ -13,9 +13,9 @@ use std::{
 };
 
 use agent_common::{
-    DropReason, KernelOffsets, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
+    DropReason, KernelOffsets, SocketOwner, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
     CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM,
-    FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_STATE_PROGRAM,
+    FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP, TCP_STATE_PROGRAM,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -192,6 +192,7 @@ impl KernelSensors {
             .map_max_entries(BULK_EVENTS_MAP, config.bulk_ring_bytes)
             .load(EBPF_OBJECT)?;
         fill_watch_list(&mut ebpf, config)?;
+        seed_listeners(&mut ebpf);
 
         let mut active = Vec::new();
         for hook in CRITICAL_SENSORS {
@@ -303,6 +304,39 @@ fn take_ring(
     // SAFETY: the ring buffer owns its fd and the AsyncFd owns the ring
     // buffer, so the fd stays open for as long as it is registered.
     unsafe { AsyncFd::register(ring) }.map_err(|e| SensorError::Poll(e.into()))
+}
+
+/// Tells the kernel who owns the sockets that were listening before the
+/// agent started (it only sees new listens).
+fn seed_listeners(ebpf: &mut Ebpf) {
+    let cgroup_root = match sysfs::cgroup2_mount() {
+        Ok(root) => root,
+        Err(err) => {
+            warn!(error = %err, "cannot find the cgroup v2 mount; existing listeners get no cgroup id");
+            std::path::PathBuf::from("/nonexistent")
+        }
+    };
+    let owners = crate::listeners::current_listeners(Path::new("/proc"), &cgroup_root);
+    let Some(map) = ebpf.map_mut(TCP_LISTENERS_MAP) else {
+        warn!("eBPF object has no {TCP_LISTENERS_MAP}");
+        return;
+    };
+    let mut listeners: aya::maps::HashMap<&mut MapData, u32, SocketOwner> =
+        match aya::maps::HashMap::try_from(map) {
+            Ok(map) => map,
+            Err(err) => {
+                warn!(error = %err, "cannot open {TCP_LISTENERS_MAP}");
+                return;
+            }
+        };
+    let mut seeded = 0;
+    for (port, owner) in &owners {
+        match listeners.insert(u32::from(*port), *owner, 0) {
+            Ok(()) => seeded += 1,
+            Err(err) => warn!(port, error = %err, "cannot record an existing listener"),
+        }
+    }
+    info!(listeners = seeded, "existing TCP listeners recorded");
 }
 
 /// Writes the watch prefixes into the kernel's `FILE_WATCH` map.

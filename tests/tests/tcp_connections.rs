@@ -149,3 +149,75 @@ async fn connect_accept_close_and_refused_connect_are_recorded() -> Result<()> {
     find("connect_failed", &|r| r.remote_port == closed_port)?;
     Ok(())
 }
+
+/// A service that was listening before the agent started: connections it
+/// accepts are still attributed to it, from the agent's /proc snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_a_listener_older_than_the_agent_are_attributed() -> Result<()> {
+    const LISTENER: &str = r#"
+import socket, sys
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.recv(16)
+conn.close()
+"#;
+    let stack = Stack::new("e2e_old_listener").await?;
+    let _collector = stack.start_collector().await?;
+    let cgroup = TestCgroup::create("oldlistener")?;
+    let mut service = zt_e2e::stack::spawn_in_cgroup_with(
+        &cgroup,
+        "/usr/bin/python3",
+        &["-c", LISTENER],
+        Stdio::piped(),
+    )?;
+    let mut line = String::new();
+    {
+        use std::io::BufRead as _;
+        let stdout = service.stdout.take().context("listener stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+    }
+    let port: u16 = line.trim().parse()?;
+
+    // Only now the agent: it never saw this socket enter LISTEN.
+    let _agent = stack.start_agent().await?;
+    {
+        use std::io::Write as _;
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        client.write_all(b"hello")?;
+    }
+    ensure!(service.wait()?.success(), "listener failed");
+
+    let cgroup_id = cgroup.id()?;
+    let accepted = eventually(Duration::from_secs(10), || async {
+        stack
+            .db()
+            .query(
+                "SELECT ?fields FROM network_events WHERE action = 'accepted' AND local_port = ?",
+            )
+            .bind(port)
+            .fetch_all::<NetRow>()
+            .await
+            .ok()
+            .filter(|rows| !rows.is_empty())
+    })
+    .await
+    .with_context(|| format!("no accepted row\n{}", stack.logs()))?;
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(
+        accepted[0].pid,
+        service.id(),
+        "the listener's process owns it"
+    );
+    assert_eq!(accepted[0].owner_unknown, 0);
+    let owner_cgroup = stack
+        .db()
+        .query("SELECT cgroup_id FROM network_events WHERE action = 'accepted' AND local_port = ?")
+        .bind(port)
+        .fetch_one::<u64>()
+        .await?;
+    assert_eq!(owner_cgroup, cgroup_id);
+    Ok(())
+}
