@@ -58,6 +58,7 @@ pub enum EventKind {
     Exit = 3,
     Tcp = 4,
     File = 5,
+    Creds = 6,
 }
 
 impl EventKind {
@@ -68,6 +69,7 @@ impl EventKind {
             3 => Some(Self::Exit),
             4 => Some(Self::Tcp),
             5 => Some(Self::File),
+            6 => Some(Self::Creds),
             _ => None,
         }
     }
@@ -341,6 +343,59 @@ pub struct FileEvent {
 /// A path did not fit in [`PATH_CAPACITY`] bytes and was cut.
 pub const FLAG_PATH_TRUNCATED: u32 = 1 << 9;
 
+/// Which member of the setuid family changed credentials.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredSyscall {
+    Setuid = 1,
+    Setgid = 2,
+    Setreuid = 3,
+    Setregid = 4,
+    Setresuid = 5,
+    Setresgid = 6,
+}
+
+impl CredSyscall {
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Setuid),
+            2 => Some(Self::Setgid),
+            3 => Some(Self::Setreuid),
+            4 => Some(Self::Setregid),
+            5 => Some(Self::Setresuid),
+            6 => Some(Self::Setresgid),
+            _ => None,
+        }
+    }
+}
+
+/// Real and effective ids of a task at one moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CredIds {
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+}
+
+/// A successful setuid-family call that changed the caller's ids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CredEvent {
+    pub header: EventHeader,
+    pub pid: u32,
+    /// A [`CredSyscall`] id.
+    pub syscall: u32,
+    pub old: CredIds,
+    pub new: CredIds,
+    pub cgroup_id: u64,
+}
+
+/// Ids of a task between entry and exit of a setuid-family call, by
+/// pid_tgid.
+pub const CRED_PENDING_MAP: &str = "CRED_PENDING";
+
 /// Byte offsets inside kernel structures, resolved by user space from the
 /// running kernel's BTF and handed to the programs as a read-only global. A
 /// zero `valid` means the programs must not follow kernel pointers.
@@ -397,6 +452,8 @@ const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<KernelOffsets>() == 21 * 4);
 const _: () = assert!(size_of::<SocketOwner>() == 32);
+const _: () = assert!(size_of::<CredIds>() == 16);
+const _: () = assert!(size_of::<CredEvent>() == 16 + 8 + 2 * 16 + 8);
 const _: () = assert!(size_of::<WatchPrefix>() == 8 + PREFIX_CAPACITY);
 const _: () = assert!(size_of::<FileEvent>() == 16 + 4 * 4 + 8 + 4 * 4 + 2 * PATH_CAPACITY);
 const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);

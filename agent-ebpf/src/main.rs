@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod creds;
 mod exec;
 mod file;
 mod lifecycle;

@@ -1,7 +1,7 @@
 //! Maps and globals shared by every program of the object.
 
 use agent_common::{
-    DropReason, FileEvent, KernelOffsets, SocketOwner, WatchPrefix, BULK_RING_BYTES,
+    CredIds, DropReason, FileEvent, KernelOffsets, SocketOwner, WatchPrefix, BULK_RING_BYTES,
     CRITICAL_RING_BYTES, DROP_REASONS, FILE_WATCH_CAPACITY,
 };
 use aya_ebpf::{
@@ -80,3 +80,7 @@ pub static FILE_WATCH: Array<WatchPrefix> = Array::with_max_entries(FILE_WATCH_C
 /// be watched (too big for the 512-byte stack).
 #[map(name = "FILE_SCRATCH")]
 pub static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ids of a task between entry and exit of a setuid-family call.
+#[map(name = "CRED_PENDING")]
+pub static CRED_PENDING: LruHashMap<u64, CredIds> = LruHashMap::with_max_entries(16_384, 0);

@@ -6,10 +6,11 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    EventHeader, EventKind, ExecEvent, ExitEvent, FileAction, FileEvent, ForkEvent, TcpAction,
-    TcpEvent, ARGS_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN,
-    FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN,
-    FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
+    CredEvent, CredIds, CredSyscall, EventHeader, EventKind, ExecEvent, ExitEvent, FileAction,
+    FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY, FILENAME_CAPACITY,
+    FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED,
+    FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN,
+    FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
 };
 
 /// A process execution as the kernel saw it.
@@ -112,6 +113,29 @@ pub struct FileActivity {
     pub path_truncated: bool,
 }
 
+/// A successful setuid-family call that changed the caller's ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialChange {
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub syscall: CredSyscall,
+    pub old: CredIds,
+    pub new: CredIds,
+    pub cgroup_id: u64,
+}
+
+/// The name of a credential system call on the wire and in the store.
+pub fn cred_syscall_name(syscall: CredSyscall) -> &'static str {
+    match syscall {
+        CredSyscall::Setuid => "setuid",
+        CredSyscall::Setgid => "setgid",
+        CredSyscall::Setreuid => "setreuid",
+        CredSyscall::Setregid => "setregid",
+        CredSyscall::Setresuid => "setresuid",
+        CredSyscall::Setresgid => "setresgid",
+    }
+}
+
 /// The name of a file action on the wire and in the store.
 pub fn file_action_name(action: FileAction) -> &'static str {
     match action {
@@ -131,6 +155,7 @@ pub enum KernelEvent {
     Exit(ProcessExit),
     Tcp(TcpConnection),
     File(FileActivity),
+    Creds(CredentialChange),
 }
 
 impl KernelEvent {
@@ -142,6 +167,7 @@ impl KernelEvent {
             Self::Exit(e) => e.boot_ns,
             Self::Tcp(e) => e.boot_ns,
             Self::File(e) => e.boot_ns,
+            Self::Creds(e) => e.boot_ns,
         }
     }
 }
@@ -158,6 +184,8 @@ pub enum DecodeError {
         actual: usize,
         expected: usize,
     },
+    #[error("unknown credential system call {0}")]
+    UnknownCredSyscall(u32),
     #[error("unknown file action {0}")]
     UnknownFileAction(u32),
     #[error("unknown tcp action {0}")]
@@ -186,7 +214,21 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Exit => decode_exit(record).map(KernelEvent::Exit),
         EventKind::Tcp => decode_tcp(record).map(KernelEvent::Tcp),
         EventKind::File => decode_file(record).map(KernelEvent::File),
+        EventKind::Creds => decode_creds(record).map(KernelEvent::Creds),
     }
+}
+
+fn decode_creds(record: &[u8]) -> Result<CredentialChange, DecodeError> {
+    let raw: CredEvent = read_record(record, EventKind::Creds)?;
+    Ok(CredentialChange {
+        boot_ns: raw.header.boot_ns,
+        pid: raw.pid,
+        syscall: CredSyscall::from_u32(raw.syscall)
+            .ok_or(DecodeError::UnknownCredSyscall(raw.syscall))?,
+        old: raw.old,
+        new: raw.new,
+        cgroup_id: raw.cgroup_id,
+    })
 }
 
 fn decode_file(record: &[u8]) -> Result<FileActivity, DecodeError> {
@@ -627,6 +669,42 @@ pub(crate) mod tests {
         assert_eq!(
             decode(&bytes_of(&raw)),
             Err(DecodeError::UnknownFileAction(77))
+        );
+    }
+
+    #[test]
+    fn decodes_credential_changes() {
+        let mut raw = CredEvent {
+            header: EventHeader {
+                kind: EventKind::Creds as u32,
+                flags: 0,
+                boot_ns: 8,
+            },
+            pid: 9,
+            syscall: CredSyscall::Setresuid as u32,
+            old: CredIds {
+                uid: 1000,
+                euid: 1000,
+                gid: 1000,
+                egid: 1000,
+            },
+            new: CredIds {
+                uid: 0,
+                euid: 0,
+                gid: 1000,
+                egid: 1000,
+            },
+            cgroup_id: 3,
+        };
+        let KernelEvent::Creds(change) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a credential change");
+        };
+        assert_eq!(cred_syscall_name(change.syscall), "setresuid");
+        assert_eq!((change.old.euid, change.new.euid), (1000, 0));
+        raw.syscall = 42;
+        assert_eq!(
+            decode(&bytes_of(&raw)),
+            Err(DecodeError::UnknownCredSyscall(42))
         );
     }
 

@@ -23,9 +23,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proto::telemetry::{
-    event::Kind, Ancestor as WireAncestor, Event, FileActivity as WireFile, Gap,
-    ProcessExec as WireExec, ProcessExit as WireExit, ProcessFork as WireFork,
-    TcpConnection as WireTcp,
+    event::Kind, Ancestor as WireAncestor, CredentialChange as WireCreds, Event,
+    FileActivity as WireFile, Gap, ProcessExec as WireExec, ProcessExit as WireExit,
+    ProcessFork as WireFork, TcpConnection as WireTcp,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::{
     clock::BootClock,
     config::SensorConfig,
-    event::{decode, file_action_name, tcp_action_name, KernelEvent},
+    event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
     exe_hash::ExeHasher,
     file_watch,
     kernel_offsets::{self, VMLINUX_BTF},
@@ -100,6 +100,31 @@ pub const FILE_SENSORS: &[SensorHook] = &[
     file_hook("sys_enter_fchmodat"),
     file_hook("sys_enter_chmod"),
 ];
+
+/// The credential sensor: entry and exit of each setuid-family call.
+pub const CRED_SENSORS: &[SensorHook] = &[
+    cred_hook("sys_enter_setuid"),
+    cred_hook("sys_exit_setuid"),
+    cred_hook("sys_enter_setgid"),
+    cred_hook("sys_exit_setgid"),
+    cred_hook("sys_enter_setreuid"),
+    cred_hook("sys_exit_setreuid"),
+    cred_hook("sys_enter_setregid"),
+    cred_hook("sys_exit_setregid"),
+    cred_hook("sys_enter_setresuid"),
+    cred_hook("sys_exit_setresuid"),
+    cred_hook("sys_enter_setresgid"),
+    cred_hook("sys_exit_setresgid"),
+];
+
+const fn cred_hook(tracepoint: &'static str) -> SensorHook {
+    SensorHook {
+        sensor: "creds",
+        program: tracepoint,
+        category: "syscalls",
+        tracepoint,
+    }
+}
 
 const fn file_hook(tracepoint: &'static str) -> SensorHook {
     SensorHook {
@@ -221,6 +246,26 @@ impl KernelSensors {
                     warn!(sensor = hook.sensor, tracepoint = hook.tracepoint, error = %err, "file hook not attached")
                 }
             }
+        }
+        // Credentials: active only when every entry/exit pair attached.
+        let cred_hooks = CRED_SENSORS
+            .iter()
+            .filter(|hook| match attach(&mut ebpf, hook) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(tracepoint = hook.tracepoint, error = %err, "credential hook not attached");
+                    false
+                }
+            })
+            .count();
+        if cred_hooks == CRED_SENSORS.len() {
+            info!(
+                sensor = "creds",
+                hook =
+                    "tracepoints syscalls/sys_{enter,exit}_set{uid,gid,reuid,regid,resuid,resgid}",
+                "sensor active"
+            );
+            active.push(CRED_SENSORS[0]);
         }
         if file_hooks > 0 {
             info!(sensor = "file", hooks = file_hooks, of = FILE_SENSORS.len(), hook = "tracepoints syscalls/sys_enter_{open,openat,creat,unlink,unlinkat,rename,renameat,renameat2,chmod,fchmodat}", "sensor active");
@@ -587,6 +632,29 @@ impl Reader {
                     bytes_sent,
                     bytes_received,
                     bytes_unknown: t.action == agent_common::TcpAction::Closed && t.bytes.is_none(),
+                    exe,
+                });
+                (ancestry, kind)
+            }
+            KernelEvent::Creds(c) => {
+                let ancestry = self.table.ancestry(c.pid);
+                let exe = self
+                    .table
+                    .get(c.pid)
+                    .map(|p| p.exe.clone())
+                    .unwrap_or_default();
+                let kind = Kind::Creds(WireCreds {
+                    pid: c.pid,
+                    syscall: cred_syscall_name(c.syscall).to_owned(),
+                    old_uid: c.old.uid,
+                    old_euid: c.old.euid,
+                    old_gid: c.old.gid,
+                    old_egid: c.old.egid,
+                    uid: c.new.uid,
+                    euid: c.new.euid,
+                    gid: c.new.gid,
+                    egid: c.new.egid,
+                    cgroup_id: c.cgroup_id,
                     exe,
                 });
                 (ancestry, kind)

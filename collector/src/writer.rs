@@ -361,6 +361,11 @@ mod tests {
             ancestor_start_ns: vec![],
             exe_sha256: String::new(),
             user_name: String::new(),
+            previous_uid: 0,
+            previous_euid: 0,
+            previous_gid: 0,
+            previous_egid: 0,
+            cred_syscall: String::new(),
         }
     }
 

@@ -10,8 +10,9 @@ use clickhouse::Row;
 use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
-        event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck, Event,
-        EventBatch, FileActivity, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
+        event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck,
+        CredentialChange, Event, EventBatch, FileActivity, Gap, ProcessExec, ProcessExit,
+        ProcessFork, TcpConnection,
     },
 };
 use tokio::sync::mpsc;
@@ -258,6 +259,12 @@ const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
     // Migration 6.
     ("exe_sha256", "String"),
     ("user_name", "String"),
+    // Migration 7.
+    ("previous_uid", "UInt32"),
+    ("previous_euid", "UInt32"),
+    ("previous_gid", "UInt32"),
+    ("previous_egid", "UInt32"),
+    ("cred_syscall", "String"),
 ];
 
 const GAPS_COLUMNS: &[(&str, &str)] = &[
@@ -436,7 +443,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -488,6 +495,11 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         assert!(row.ancestor_exes.is_empty() && row.ancestor_argv0.is_empty());
         assert!(row.ancestor_start_ns.is_empty());
         assert!(row.exe_sha256.is_empty() && row.user_name.is_empty());
+        assert_eq!(
+            (row.previous_uid, row.previous_euid, row.previous_gid),
+            (0, 0, 0)
+        );
+        assert!(row.previous_egid == 0 && row.cred_syscall.is_empty());
     }
 
     // New rows go in beside them.
@@ -504,7 +516,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
 }
 
 #[tokio::test]
@@ -529,7 +541,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -572,7 +584,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
 }
 
 #[tokio::test]
@@ -606,7 +618,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6]);
+    assert_eq!(report.applied, vec![5, 6, 7]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -653,11 +665,20 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
 }
 
 /// Migration 6's columns of `process_events`.
 const PROCESS_EVENTS_V6: [&str; 2] = ["exe_sha256", "user_name"];
+
+/// Migration 7's columns of `process_events`.
+const PROCESS_EVENTS_V7: [&str; 5] = [
+    "previous_uid",
+    "previous_euid",
+    "previous_gid",
+    "previous_egid",
+    "cred_syscall",
+];
 
 /// Inserts `rows` into a `process_events` older than migration 6, which
 /// lacks columns a [`ProcessEventRow`] names: every other column, by SQL.
@@ -667,10 +688,23 @@ async fn insert_process_rows_before_v6(
     database: &str,
     rows: &[ProcessEventRow],
 ) {
+    insert_old_process_rows(server, database, rows, false).await;
+}
+
+/// Inserts `rows` into a `process_events` older than migration 7 (and, unless
+/// `with_v6`, older than migration 6): the columns it has, by SQL. The rows
+/// must have the missing columns at their defaults.
+async fn insert_old_process_rows(
+    server: &ClickHouseServer,
+    database: &str,
+    rows: &[ProcessEventRow],
+    with_v6: bool,
+) {
     let columns: Vec<&str> = ProcessEventRow::COLUMN_NAMES
         .iter()
         .copied()
-        .filter(|c| !PROCESS_EVENTS_V6.contains(c))
+        .filter(|c| !PROCESS_EVENTS_V7.contains(c))
+        .filter(|c| with_v6 || !PROCESS_EVENTS_V6.contains(c))
         .collect();
     let tuple = format!("({})", vec!["?"; columns.len()].join(", "));
     let sql = format!(
@@ -681,7 +715,20 @@ async fn insert_process_rows_before_v6(
     let client = server.client().with_database(database);
     let mut query = client.query(&sql);
     for r in rows {
-        assert!(r.exe_sha256.is_empty() && r.user_name.is_empty(), "{r:?}");
+        assert!(
+            with_v6 || (r.exe_sha256.is_empty() && r.user_name.is_empty()),
+            "{r:?}"
+        );
+        assert!(
+            r.cred_syscall.is_empty()
+                && (
+                    r.previous_uid,
+                    r.previous_euid,
+                    r.previous_gid,
+                    r.previous_egid
+                ) == (0, 0, 0, 0),
+            "{r:?}"
+        );
         // In the order of ProcessEventRow's fields, as COLUMN_NAMES.
         query = query
             .bind(&r.org_id)
@@ -719,6 +766,9 @@ async fn insert_process_rows_before_v6(
             .bind(&r.ancestor_exes)
             .bind(&r.ancestor_argv0)
             .bind(&r.ancestor_start_ns);
+        if with_v6 {
+            query = query.bind(&r.exe_sha256).bind(&r.user_name);
+        }
     }
     query
         .execute()
@@ -793,7 +843,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6]);
+    assert_eq!(report.applied, vec![6, 7]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -866,7 +916,134 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+}
+
+/// Pid `pid` (`/usr/bin/sudo`, uid/gid 1000/100) becoming root with
+/// `syscall`: new uid, euid and egid 0, gid unchanged.
+fn creds_kind(syscall: &str, pid: u32) -> Kind {
+    Kind::Creds(CredentialChange {
+        pid,
+        syscall: syscall.into(),
+        old_uid: 1000,
+        old_euid: 1000,
+        old_gid: 100,
+        old_egid: 100,
+        uid: 0,
+        euid: 0,
+        gid: 100,
+        egid: 0,
+        cgroup_id: 4242,
+        exe: "/usr/bin/sudo".into(),
+    })
+}
+
+#[tokio::test]
+async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade6");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 6 left it, with process rows of
+    // every type it knew (an exec with its hash and user), and a gap.
+    assert_eq!(
+        storage.migrate_to(6).await.unwrap().applied,
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    let mut events = vec![
+        exec_as(1, 4300, LS_SHA256, "alice"),
+        at(
+            2,
+            Kind::Fork(ProcessFork {
+                pid: 4301,
+                ppid: 4300,
+                parent_tid: 4300,
+                uid: 1000,
+                gid: 100,
+                cgroup_id: 4242,
+                clone_flags: 0x0120_0011,
+                exe: "/usr/bin/ls".into(),
+            }),
+        ),
+        exit_kind_at(3, 4301, Some(0), None, false),
+        at(4, gap_kind(5, T0_NS)),
+    ];
+    events[0].ancestors = ancestors();
+    let old = zt_collector::ingest::convert_batch(Some(&identity()), &events, 1_750_000_100);
+    assert_eq!((old.rejected, old.rows.process_events.len()), (0, 3));
+    insert_old_process_rows(&server, &database, &old.rows.process_events, true).await;
+    storage.insert(&old.rows.gaps).await.unwrap();
+    let before = table_columns(&server, &database, "process_events").await;
+    assert!(before
+        .iter()
+        .all(|(name, _)| !PROCESS_EVENTS_V7.contains(&name.as_str())));
+    // As if a collector had died half-way through migration 7.
+    client
+        .query("ALTER TABLE process_events ADD COLUMN previous_uid UInt32")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![7]);
+    assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "process_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+
+    // The old rows keep every value (the exec its hash and user) and read
+    // the new columns' defaults, 0 and ''.
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows, old.rows.process_events);
+    assert_eq!(
+        (rows[0].exe_sha256.as_str(), rows[0].user_name.as_str()),
+        (LS_SHA256, "alice")
+    );
+    let blank: u64 = client
+        .query(
+            "SELECT count() FROM process_events WHERE previous_uid = 0 AND previous_euid = 0 \
+             AND previous_gid = 0 AND previous_egid = 0 AND cred_syscall = ''",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(blank, 3);
+    assert_eq!(stored_gaps(&server, &database).await, old.rows.gaps);
+
+    // Credential changes go in beside them.
+    let new = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[at(20, creds_kind("setuid", 4400))],
+        1_750_000_200,
+    );
+    assert_eq!(new.rejected, 0);
+    storage.insert(&new.rows.process_events).await.unwrap();
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[3], new.rows.process_events[0]);
+    assert_eq!(
+        (
+            rows[3].event_type.as_str(),
+            rows[3].cred_syscall.as_str(),
+            rows[3].previous_euid,
+            rows[3].euid
+        ),
+        ("cred_change", "setuid", 1000, 0)
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
 }
 
 /// File activity of pid `pid` (`/usr/bin/vim`, uid 1000) on `path`.
@@ -1191,6 +1368,9 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
     events.push(at(15, file_kind("truncate", 4400, "/etc/passwd")));
     // An exec whose hash is not lowercase hex.
     events.push(exec_as(17, 4500, &LS_SHA256.to_ascii_uppercase(), "bob"));
+    // A process becoming root, and a change by a syscall that is not one.
+    events.push(at(18, creds_kind("setresuid", 4304)));
+    events.push(at(19, creds_kind("setfsuid", 4304)));
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -1199,7 +1379,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
-    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 12, 4));
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 13, 5));
     assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
 
     // Acked means stored, each row in its table.
@@ -1215,7 +1395,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
             (2, "fork"),
             (3, "exit"),
             (4, "exit"),
-            (7, "exit")
+            (7, "exit"),
+            (18, "cred_change")
         ]
     );
     for row in &rows {
@@ -1293,6 +1474,49 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         (killed.exit_status, killed.exit_signal, killed.core_dumped),
         (-1, 9, 0)
     );
+    // Only the credential change fills the previous ids and the syscall.
+    for row in &rows[..5] {
+        assert_eq!(
+            (
+                row.previous_uid,
+                row.previous_euid,
+                row.previous_gid,
+                row.previous_egid,
+                row.cred_syscall.as_str()
+            ),
+            (0, 0, 0, 0, ""),
+            "seq {}",
+            row.seq
+        );
+    }
+
+    // The credential change, every value as sent: new ids in uid/euid/
+    // gid/egid, old ones in previous_*.
+    let cred = &rows[5];
+    assert_eq!(
+        (cred.pid, cred.uid, cred.euid, cred.gid, cred.egid),
+        (4304, 0, 0, 100, 0)
+    );
+    assert_eq!(
+        (
+            cred.previous_uid,
+            cred.previous_euid,
+            cred.previous_gid,
+            cred.previous_egid
+        ),
+        (1000, 1000, 100, 100)
+    );
+    assert_eq!(
+        (
+            cred.cred_syscall.as_str(),
+            cred.cgroup_id,
+            cred.exe.as_str()
+        ),
+        ("setresuid", 4242, "/usr/bin/sudo")
+    );
+    assert!(cred.filename.is_empty() && cred.argv.is_empty());
+    assert_eq!((cred.tid, cred.ppid, cred.loginuid), (0, 0, u32::MAX));
+    assert_eq!((cred.exit_status, cred.clone_flags), (-1, 0));
 
     let gaps = stored_gaps(&server, &database).await;
     assert_eq!(gaps.len(), 1);
@@ -1406,8 +1630,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         .await
         .unwrap();
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.events_stored, 13, "rows of every table");
-    assert_eq!(status.events_rejected, 4);
+    assert_eq!(status.events_stored, 14, "rows of every table");
+    assert_eq!(status.events_rejected, 5);
 
     drop(agent);
     collector.shutdown().await.unwrap();
@@ -1855,16 +2079,21 @@ async fn the_documented_queries_run() {
         }
         event
     };
+    // And a process that became root just now: the credential queries must
+    // find it.
+    let mut became_root = at(13, creds_kind("setuid", 4700));
+    became_root.time_unix_ns = now_ns - 20_000_000_000;
     let execs = [
         helper(10, DOCS_HASH_V1),
         helper(11, DOCS_HASH_V2),
         helper(12, ""),
+        became_root,
     ];
     let converted =
         zt_collector::ingest::convert_batch(Some(&examples_agent), &execs, 1_750_000_100);
     assert_eq!(
         (converted.rejected, converted.rows.process_events.len()),
-        (0, 3)
+        (0, 4)
     );
     storage
         .insert(&converted.rows.process_events)
@@ -1884,6 +2113,7 @@ async fn the_documented_queries_run() {
     let client = server.client();
     let mut file_queries = 0;
     let mut hash_queries = 0;
+    let mut cred_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -1896,9 +2126,11 @@ async fn the_documented_queries_run() {
         // Each file or hash query finds the activity it is about.
         let is_file_query = query.contains("FROM zt.file_events");
         let is_hash_query = query.contains("exe_sha256");
+        let is_cred_query = query.contains("'cred_change'");
         file_queries += u32::from(is_file_query);
         hash_queries += u32::from(is_hash_query);
-        if is_file_query || is_hash_query {
+        cred_queries += u32::from(is_cred_query);
+        if is_file_query || is_hash_query || is_cred_query {
             let found: u64 = client
                 .query(&format!("SELECT count() FROM ({sql})"))
                 .fetch_one()
@@ -1909,6 +2141,7 @@ async fn the_documented_queries_run() {
     }
     assert!(file_queries >= 3, "{file_queries} file queries found");
     assert!(hash_queries >= 2, "{hash_queries} hash queries found");
+    assert!(cred_queries >= 1, "{cred_queries} credential queries found");
     let doc_hash = format!("exe_sha256 = '{DOCS_HASH_V1}'");
     assert!(
         doc.contains(&doc_hash),

@@ -278,3 +278,83 @@ async fn kernel_losses_arrive_as_gap_records() -> Result<()> {
     assert_eq!(execs, 0, "no exec record fits a 4 KiB ring");
     Ok(())
 }
+
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+struct CredRow {
+    cred_syscall: String,
+    uid: u32,
+    euid: u32,
+    gid: u32,
+    egid: u32,
+    previous_uid: u32,
+    previous_euid: u32,
+    previous_gid: u32,
+    previous_egid: u32,
+    exe: String,
+}
+
+/// A root process drops to nobody: each successful setuid-family call that
+/// changed its ids is a row with the ids before and after; a refused call
+/// (back to root) is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_changes_are_recorded_with_before_and_after() -> Result<()> {
+    const DROP: &str = r#"
+import os
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+try:
+    os.setuid(0)
+except PermissionError:
+    pass
+"#;
+    let stack = Stack::new("e2e_creds").await?;
+    let _collector = stack.start_collector().await?;
+    let _agent = stack.start_agent().await?;
+    let cgroup = TestCgroup::create("creds")?;
+    let (pid, status) = run_in_cgroup(&cgroup, "/usr/bin/python3", &["-c", DROP])?;
+    ensure!(status.success(), "python failed");
+
+    let rows = eventually(LIMIT, || async {
+        let rows = stack
+            .db()
+            .query("SELECT ?fields FROM process_events WHERE event_type = 'cred_change' AND pid = ? ORDER BY time_ns, seq")
+            .bind(pid)
+            .fetch_all::<CredRow>()
+            .await
+            .ok()?;
+        (rows.len() >= 2).then_some(rows)
+    })
+    .await
+    .with_context(|| format!("no credential changes for pid {pid}\n{}", stack.logs()))?;
+    // Let a wrongly recorded refused setuid(0) arrive too before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = rows_of_creds(&stack, pid).await;
+    assert_eq!(
+        all.len(),
+        2,
+        "two changes, the refused call is none: {all:#?}"
+    );
+
+    let gid = &rows[0];
+    assert_eq!(gid.cred_syscall, "setresgid");
+    assert_eq!((gid.previous_gid, gid.previous_egid), (0, 0));
+    assert_eq!((gid.gid, gid.egid), (65534, 65534));
+    assert_eq!((gid.uid, gid.euid), (0, 0), "uids unchanged by setresgid");
+    assert!(gid.exe.contains("python3"), "{gid:?}");
+
+    let uid = &rows[1];
+    assert_eq!(uid.cred_syscall, "setresuid");
+    assert_eq!((uid.previous_uid, uid.previous_euid), (0, 0));
+    assert_eq!((uid.uid, uid.euid), (65534, 65534));
+    Ok(())
+}
+
+async fn rows_of_creds(stack: &Stack, pid: u32) -> Vec<CredRow> {
+    stack
+        .db()
+        .query("SELECT ?fields FROM process_events WHERE event_type = 'cred_change' AND pid = ?")
+        .bind(pid)
+        .fetch_all::<CredRow>()
+        .await
+        .unwrap_or_default()
+}

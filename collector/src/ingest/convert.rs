@@ -4,6 +4,8 @@
 //!
 //! `exec`, `fork` and `exit` events become `process_events` rows (their
 //! `event_type` tells them apart, and each carries the process's ancestry);
+//! `creds` events (a process changed its user or group ids) become
+//! `process_events` rows too, `event_type = 'cred_change'`;
 //! `tcp` events become `network_events` rows (with the owner's ancestry);
 //! `file` events become `file_events` rows (with the process's ancestry);
 //! `gap` events become `gaps` rows.
@@ -11,16 +13,16 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use proto::telemetry::{
-    event::Kind, AgentIdentity, Ancestor, Event, FileActivity, Gap, ProcessExec, ProcessExit,
-    ProcessFork, TcpConnection,
+    event::Kind, AgentIdentity, Ancestor, CredentialChange, Event, FileActivity, Gap, ProcessExec,
+    ProcessExit, ProcessFork, TcpConnection,
 };
 
 use crate::storage::{
-    FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, DIRECTION_INBOUND, DIRECTION_LISTEN,
-    DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
-    FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS,
-    NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED,
-    TCP_LISTEN,
+    FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, CRED_SYSCALLS, DIRECTION_INBOUND,
+    DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_CRED_CHANGE,
+    EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE,
+    FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED,
+    TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN,
 };
 
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
@@ -62,6 +64,15 @@ pub enum RejectReason {
     ExitSignalOutOfRange { seq: u64, signal: u32 },
     #[error("exit event seq {seq} has both an exit status and a signal")]
     ExitStatusAndSignal { seq: u64 },
+    #[error(
+        "credential change event seq {seq} has unknown syscall {syscall:?}, \
+         not setuid, setgid, setreuid, setregid, setresuid or setresgid"
+    )]
+    CredUnknownSyscall {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        syscall: String,
+    },
     #[error("gap event seq {seq} has an empty {field}")]
     GapEmptyField { seq: u64, field: &'static str },
     #[error("gap event seq {seq} reports no lost events")]
@@ -146,7 +157,7 @@ pub struct Received<'a> {
 /// A converted event: a row of the table its kind is stored in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventRow {
-    /// `exec`, `fork` or `exit`: a row of `process_events`.
+    /// `exec`, `fork`, `exit` or `creds`: a row of `process_events`.
     ProcessEvent(ProcessEventRow),
     /// `tcp`: a row of `network_events`.
     NetworkEvent(NetworkEventRow),
@@ -172,6 +183,7 @@ impl TryFrom<Received<'_>> for EventRow {
             Kind::Exec(exec) => EventRow::ProcessEvent(exec_row(&header, exec)?),
             Kind::Fork(fork) => EventRow::ProcessEvent(fork_row(&header, fork)),
             Kind::Exit(exit) => EventRow::ProcessEvent(exit_row(&header, exit)?),
+            Kind::Creds(creds) => EventRow::ProcessEvent(cred_change_row(&header, creds)?),
             Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
             Kind::File(file) => EventRow::FileEvent(file_row(&header, file)?),
             Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
@@ -246,6 +258,11 @@ impl Header<'_> {
             ancestor_start_ns: ancestry.start_ns,
             exe_sha256: String::new(),
             user_name: String::new(),
+            previous_uid: 0,
+            previous_euid: 0,
+            previous_gid: 0,
+            previous_egid: 0,
+            cred_syscall: String::new(),
         }
     }
 }
@@ -348,6 +365,38 @@ fn exit_row(header: &Header<'_>, exit: &ProcessExit) -> Result<ProcessEventRow, 
         core_dumped: u8::from(exit.core_dumped),
         lifetime_ns: exit.lifetime_ns,
         ..header.process_row(EVENT_TYPE_EXIT)
+    })
+}
+
+/// Refuses a system call outside [`CRED_SYSCALLS`]. `uid`, `euid`, `gid` and
+/// `egid` are the ids after the change, `previous_*` those before it; the
+/// other ids are stored as sent (an agent reports all four either way).
+fn cred_change_row(
+    header: &Header<'_>,
+    creds: &CredentialChange,
+) -> Result<ProcessEventRow, RejectReason> {
+    let seq = header.received.event.seq;
+    let syscall = CRED_SYSCALLS
+        .into_iter()
+        .find(|name| *name == creds.syscall)
+        .ok_or_else(|| RejectReason::CredUnknownSyscall {
+            seq,
+            syscall: excerpt(&creds.syscall),
+        })?;
+    Ok(ProcessEventRow {
+        pid: creds.pid,
+        uid: creds.uid,
+        euid: creds.euid,
+        gid: creds.gid,
+        egid: creds.egid,
+        cgroup_id: creds.cgroup_id,
+        exe: creds.exe.clone(),
+        previous_uid: creds.old_uid,
+        previous_euid: creds.old_euid,
+        previous_gid: creds.old_gid,
+        previous_egid: creds.old_egid,
+        cred_syscall: syscall.to_owned(),
+        ..header.process_row(EVENT_TYPE_CRED_CHANGE)
     })
 }
 
@@ -802,6 +851,11 @@ mod tests {
             ancestor_start_ns: Vec::new(),
             exe_sha256: String::new(),
             user_name: String::new(),
+            previous_uid: 0,
+            previous_euid: 0,
+            previous_gid: 0,
+            previous_egid: 0,
+            cred_syscall: String::new(),
         }
     }
 
@@ -1924,5 +1978,138 @@ mod tests {
                 action: format!("{}…", "z".repeat(64)),
             }
         );
+    }
+
+    /// `/usr/bin/sudo` (pid 6100) becoming root with `syscall`.
+    fn creds_kind(syscall: &str) -> Kind {
+        Kind::Creds(CredentialChange {
+            pid: 6100,
+            syscall: syscall.into(),
+            old_uid: 1000,
+            old_euid: 1000,
+            old_gid: 100,
+            old_egid: 100,
+            uid: 0,
+            euid: 0,
+            gid: 100,
+            egid: 0,
+            cgroup_id: 91,
+            exe: "/usr/bin/sudo".into(),
+        })
+    }
+
+    #[test]
+    fn a_credential_change_is_a_process_row_with_old_and_new_ids() {
+        let e = Event {
+            ancestors: vec![Ancestor {
+                pid: 6000,
+                exe: "/usr/bin/bash".into(),
+                argv0: "-bash".into(),
+                start_unix_ns: T - 9,
+            }],
+            ..event(8, T, creds_kind("setresuid"))
+        };
+        let converted = convert_batch(Some(&identity()), &[e], NOW);
+        assert_eq!((converted.rejected, converted.first_reason), (0, None));
+        assert_eq!(
+            converted.rows.process_events,
+            vec![ProcessEventRow {
+                pid: 6100,
+                uid: 0,
+                euid: 0,
+                gid: 100,
+                egid: 0,
+                cgroup_id: 91,
+                exe: "/usr/bin/sudo".into(),
+                previous_uid: 1000,
+                previous_euid: 1000,
+                previous_gid: 100,
+                previous_egid: 100,
+                cred_syscall: "setresuid".into(),
+                ancestor_pids: vec![6000],
+                ancestor_exes: vec!["/usr/bin/bash".into()],
+                ancestor_argv0: vec!["-bash".into()],
+                ancestor_start_ns: vec![T - 9],
+                ..base(8, "cred_change")
+            }]
+        );
+        // Every listed system call is taken, as sent.
+        for syscall in CRED_SYSCALLS {
+            assert_eq!(
+                process_row(&event(9, T, creds_kind(syscall))).cred_syscall,
+                syscall
+            );
+        }
+    }
+
+    #[test]
+    fn other_process_rows_have_no_credential_change() {
+        for kind in [
+            exec_event(1, T).kind.unwrap(),
+            Kind::Fork(ProcessFork::default()),
+            exit(Some(0), None, false),
+        ] {
+            let row = process_row(&event(3, T, kind));
+            assert_eq!(
+                (
+                    row.previous_uid,
+                    row.previous_euid,
+                    row.previous_gid,
+                    row.previous_egid,
+                    row.cred_syscall.as_str()
+                ),
+                (0, 0, 0, 0, "")
+            );
+        }
+    }
+
+    #[test]
+    fn a_credential_change_with_an_unknown_syscall_is_refused() {
+        for syscall in ["setfsuid", "SETUID", "setuid ", "capset", ""] {
+            assert_eq!(
+                convert(&event(10, T, creds_kind(syscall))),
+                Err(RejectReason::CredUnknownSyscall {
+                    seq: 10,
+                    syscall: syscall.into(),
+                }),
+                "{syscall:?}"
+            );
+        }
+        let reason = convert(&event(11, T, creds_kind(&"s".repeat(300)))).unwrap_err();
+        assert_eq!(
+            reason,
+            RejectReason::CredUnknownSyscall {
+                seq: 11,
+                syscall: format!("{}…", "s".repeat(64)),
+            }
+        );
+        assert_eq!(
+            RejectReason::CredUnknownSyscall {
+                seq: 12,
+                syscall: "setfsuid".into(),
+            }
+            .to_string(),
+            "credential change event seq 12 has unknown syscall \"setfsuid\", \
+             not setuid, setgid, setreuid, setregid, setresuid or setresgid"
+        );
+        // A refused change does not stop the batch.
+        let events = [
+            event(1, T, creds_kind("setuid")),
+            event(2, T, creds_kind("setfsuid")),
+            exec_event(3, T),
+        ];
+        let converted = convert_batch(Some(&identity()), &events, NOW);
+        let stored: Vec<(u64, &str)> = converted
+            .rows
+            .process_events
+            .iter()
+            .map(|r| (r.seq, r.event_type.as_str()))
+            .collect();
+        assert_eq!(stored, vec![(1, "cred_change"), (3, "exec")]);
+        assert_eq!(converted.rejected, 1);
+        assert!(matches!(
+            converted.first_reason,
+            Some(RejectReason::CredUnknownSyscall { seq: 2, .. })
+        ));
     }
 }

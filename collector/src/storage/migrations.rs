@@ -129,6 +129,15 @@ pub const PROCESS_EVENTS_V6_COLUMNS: &[Column] = &[
     column("user_name", "String"),
 ];
 
+/// Columns of migration 7: credential changes (`cred_change` rows).
+pub const PROCESS_EVENTS_V7_COLUMNS: &[Column] = &[
+    column("previous_uid", "UInt32"),
+    column("previous_euid", "UInt32"),
+    column("previous_gid", "UInt32"),
+    column("previous_egid", "UInt32"),
+    column("cred_syscall", "String"),
+];
+
 const CREATE_GAPS: &str = "
 CREATE TABLE IF NOT EXISTS gaps
 (
@@ -257,6 +266,14 @@ pub const MIGRATIONS: &[Migration] = &[
         steps: &[Step::AddColumns {
             table: "process_events",
             columns: PROCESS_EVENTS_V6_COLUMNS,
+        }],
+    },
+    Migration {
+        version: 7,
+        name: "credential_changes",
+        steps: &[Step::AddColumns {
+            table: "process_events",
+            columns: PROCESS_EVENTS_V7_COLUMNS,
         }],
     },
 ];
@@ -480,7 +497,8 @@ mod tests {
         let v1: Vec<&str> = column_list(CREATE_PROCESS_EVENTS);
         let v2 = PROCESS_EVENTS_V2_COLUMNS.iter().map(|c| c.name);
         let v6 = PROCESS_EVENTS_V6_COLUMNS.iter().map(|c| c.name);
-        let process_events: Vec<&str> = v1.into_iter().chain(v2).chain(v6).collect();
+        let v7 = PROCESS_EVENTS_V7_COLUMNS.iter().map(|c| c.name);
+        let process_events: Vec<&str> = v1.into_iter().chain(v2).chain(v6).chain(v7).collect();
         assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
         assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
         assert_eq!(

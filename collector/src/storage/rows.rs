@@ -16,6 +16,19 @@ pub const EVENT_TYPE_EXEC: &str = "exec";
 pub const EVENT_TYPE_FORK: &str = "fork";
 /// `process_events.event_type` of the end of a process.
 pub const EVENT_TYPE_EXIT: &str = "exit";
+/// `process_events.event_type` of a change of a process's user or group ids
+/// (`setuid(2)` and kin).
+pub const EVENT_TYPE_CRED_CHANGE: &str = "cred_change";
+/// `process_events.cred_syscall` values: the system call that changed the
+/// ids of a `cred_change` row.
+pub const CRED_SYSCALLS: [&str; 6] = [
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+];
 /// `process_events.loginuid` of a process outside any login session.
 pub const NO_LOGINUID: u32 = u32::MAX;
 /// `process_events.exit_status` of a process killed by a signal, and of
@@ -23,7 +36,8 @@ pub const NO_LOGINUID: u32 = u32::MAX;
 pub const NO_EXIT_STATUS: i16 = -1;
 
 /// One row of `process_events`: a process executed a program (`exec`), was
-/// created (`fork`) or ended (`exit`); see `event_type`.
+/// created (`fork`), ended (`exit`) or changed its user or group ids
+/// (`cred_change`); see `event_type`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct ProcessEventRow {
     pub org_id: String,
@@ -50,7 +64,9 @@ pub struct ProcessEventRow {
     /// When the collector received the event, seconds (`DateTime`).
     pub ingested_at: u32,
     // Migration 2.
-    /// [`EVENT_TYPE_EXEC`], [`EVENT_TYPE_FORK`] or [`EVENT_TYPE_EXIT`].
+    /// [`EVENT_TYPE_EXEC`], [`EVENT_TYPE_FORK`], [`EVENT_TYPE_EXIT`] or
+    /// [`EVENT_TYPE_CRED_CHANGE`]. On `cred_change` rows `uid`, `euid`, `gid`
+    /// and `egid` are the ids after the change.
     pub event_type: String,
     pub euid: u32,
     pub egid: u32,
@@ -78,6 +94,14 @@ pub struct ProcessEventRow {
     /// Exec rows: name of `uid` on the endpoint; `''` when unknown and on
     /// fork/exit rows.
     pub user_name: String,
+    // Migration 7.
+    /// `cred_change` rows: the ids before the change; 0 on other rows.
+    pub previous_uid: u32,
+    pub previous_euid: u32,
+    pub previous_gid: u32,
+    pub previous_egid: u32,
+    /// `cred_change` rows: one of [`CRED_SYSCALLS`]; `''` on other rows.
+    pub cred_syscall: String,
 }
 
 impl TableRow for ProcessEventRow {
