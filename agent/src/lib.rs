@@ -59,6 +59,8 @@ pub async fn run(
         sequencer.clone(),
     )
     .context("starting kernel sensors")?;
+    let active: Vec<&str> = sensors.active().iter().map(|hook| hook.sensor).collect();
+    info!(sensors = ?active, "sensors active");
 
     let uplink = Uplink::new(
         config.collector_url.clone(),

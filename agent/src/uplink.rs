@@ -9,7 +9,7 @@ use proto::telemetry::{telemetry_client::TelemetryClient, AgentIdentity, Event, 
 use rand::Rng;
 use tokio::{
     sync::mpsc,
-    time::{sleep_until, timeout, Instant},
+    time::{sleep_until, Instant},
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -325,14 +325,14 @@ impl Backoff {
     }
 }
 
-/// Waits for `timeout` unless `fut` finishes first; for tests and shutdown.
-pub async fn bounded<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    timeout(limit, fut).await.ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits for `limit` unless `fut` finishes first.
+    async fn bounded<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+        tokio::time::timeout(limit, fut).await.ok()
+    }
 
     #[test]
     fn backoff_grows_to_ceiling_and_resets() {
