@@ -2,6 +2,7 @@
 //! enrichment, and the uplink that streams telemetry to the collector.
 
 pub mod budget;
+pub mod cgroups;
 pub mod clock;
 pub mod config;
 pub mod event;

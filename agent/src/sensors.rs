@@ -295,6 +295,9 @@ impl KernelSensors {
         let reader = Reader {
             table,
             hasher: ExeHasher::default(),
+            cgroups: sysfs::cgroup2_mount()
+                .ok()
+                .map(crate::cgroups::CgroupResolver::new),
             users: UserNames::default(),
             out: out.clone(),
             metrics: metrics.clone(),
@@ -433,6 +436,8 @@ struct Reader {
     table: ProcessTable,
     hasher: ExeHasher,
     users: UserNames,
+    /// cgroup ids to paths; `None` without a cgroup v2 hierarchy.
+    cgroups: Option<crate::cgroups::CgroupResolver>,
     out: mpsc::Sender<Event>,
     metrics: Arc<AgentMetrics>,
     sequencer: Sequencer,
@@ -538,6 +543,13 @@ impl Reader {
                 let exe_sha256 =
                     blocking(|| self.hasher.hash(e.pid, &e.filename)).unwrap_or_default();
                 let user_name = self.users.name(e.uid).unwrap_or_default().to_owned();
+                let cgroup_path = self
+                    .cgroups
+                    .as_mut()
+                    .and_then(|cgroups| cgroups.path_of(e.cgroup_id, e.pid))
+                    .unwrap_or_default()
+                    .to_owned();
+                let container_id = crate::cgroups::container_id(&cgroup_path).unwrap_or_default();
                 let kind = Kind::Exec(WireExec {
                     pid: e.pid,
                     tid: e.tid,
@@ -556,6 +568,8 @@ impl Reader {
                     process_start_unix_ns: e.start_boot_ns.map_or(0, to_unix),
                     exe_sha256,
                     user_name,
+                    cgroup_path,
+                    container_id,
                 });
                 (ancestry, kind)
             }

@@ -366,6 +366,8 @@ mod tests {
             previous_gid: 0,
             previous_egid: 0,
             cred_syscall: String::new(),
+            cgroup_path: String::new(),
+            container_id: String::new(),
         }
     }
 

@@ -265,6 +265,9 @@ const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("previous_gid", "UInt32"),
     ("previous_egid", "UInt32"),
     ("cred_syscall", "String"),
+    // Migration 8.
+    ("cgroup_path", "String"),
+    ("container_id", "String"),
 ];
 
 const GAPS_COLUMNS: &[(&str, &str)] = &[
@@ -443,7 +446,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -516,7 +519,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
 }
 
 #[tokio::test]
@@ -541,7 +544,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7, 8]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -584,7 +587,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
 }
 
 #[tokio::test]
@@ -618,7 +621,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -665,7 +668,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
 }
 
 /// Migration 6's columns of `process_events`.
@@ -680,6 +683,9 @@ const PROCESS_EVENTS_V7: [&str; 5] = [
     "cred_syscall",
 ];
 
+/// Migration 8's columns of `process_events`.
+const PROCESS_EVENTS_V8: [&str; 2] = ["cgroup_path", "container_id"];
+
 /// Inserts `rows` into a `process_events` older than migration 6, which
 /// lacks columns a [`ProcessEventRow`] names: every other column, by SQL.
 /// The rows must have those columns at their default, `''`.
@@ -688,22 +694,25 @@ async fn insert_process_rows_before_v6(
     database: &str,
     rows: &[ProcessEventRow],
 ) {
-    insert_old_process_rows(server, database, rows, false).await;
+    insert_old_process_rows(server, database, rows, 5).await;
 }
 
-/// Inserts `rows` into a `process_events` older than migration 7 (and, unless
-/// `with_v6`, older than migration 6): the columns it has, by SQL. The rows
-/// must have the missing columns at their defaults.
+/// Inserts `rows` into a `process_events` at migration `at` (5, 6 or 7),
+/// which lacks the columns of later migrations: the columns it has, by SQL.
+/// The rows must have the missing columns at their defaults.
 async fn insert_old_process_rows(
     server: &ClickHouseServer,
     database: &str,
     rows: &[ProcessEventRow],
-    with_v6: bool,
+    at: u32,
 ) {
+    assert!((5..=7).contains(&at), "{at}");
+    let (with_v6, with_v7) = (at >= 6, at >= 7);
     let columns: Vec<&str> = ProcessEventRow::COLUMN_NAMES
         .iter()
         .copied()
-        .filter(|c| !PROCESS_EVENTS_V7.contains(c))
+        .filter(|c| !PROCESS_EVENTS_V8.contains(c))
+        .filter(|c| with_v7 || !PROCESS_EVENTS_V7.contains(c))
         .filter(|c| with_v6 || !PROCESS_EVENTS_V6.contains(c))
         .collect();
     let tuple = format!("({})", vec!["?"; columns.len()].join(", "));
@@ -720,13 +729,18 @@ async fn insert_old_process_rows(
             "{r:?}"
         );
         assert!(
-            r.cred_syscall.is_empty()
-                && (
-                    r.previous_uid,
-                    r.previous_euid,
-                    r.previous_gid,
-                    r.previous_egid
-                ) == (0, 0, 0, 0),
+            r.cgroup_path.is_empty() && r.container_id.is_empty(),
+            "{r:?}"
+        );
+        assert!(
+            with_v7
+                || r.cred_syscall.is_empty()
+                    && (
+                        r.previous_uid,
+                        r.previous_euid,
+                        r.previous_gid,
+                        r.previous_egid
+                    ) == (0, 0, 0, 0),
             "{r:?}"
         );
         // In the order of ProcessEventRow's fields, as COLUMN_NAMES.
@@ -768,6 +782,14 @@ async fn insert_old_process_rows(
             .bind(&r.ancestor_start_ns);
         if with_v6 {
             query = query.bind(&r.exe_sha256).bind(&r.user_name);
+        }
+        if with_v7 {
+            query = query
+                .bind(r.previous_uid)
+                .bind(r.previous_euid)
+                .bind(r.previous_gid)
+                .bind(r.previous_egid)
+                .bind(&r.cred_syscall);
         }
     }
     query
@@ -843,7 +865,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7]);
+    assert_eq!(report.applied, vec![6, 7, 8]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -916,7 +938,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
 }
 
 /// Pid `pid` (`/usr/bin/sudo`, uid/gid 1000/100) becoming root with
@@ -973,7 +995,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
     events[0].ancestors = ancestors();
     let old = zt_collector::ingest::convert_batch(Some(&identity()), &events, 1_750_000_100);
     assert_eq!((old.rejected, old.rows.process_events.len()), (0, 3));
-    insert_old_process_rows(&server, &database, &old.rows.process_events, true).await;
+    insert_old_process_rows(&server, &database, &old.rows.process_events, 6).await;
     storage.insert(&old.rows.gaps).await.unwrap();
     let before = table_columns(&server, &database, "process_events").await;
     assert!(before
@@ -987,7 +1009,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7]);
+    assert_eq!(report.applied, vec![7, 8]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1043,7 +1065,122 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+}
+
+/// A docker container's id, and the cgroup of a process in it.
+const CONTAINER_ID: &str = "4f1c8b2e9a7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b";
+const CONTAINER_CGROUP: &str =
+    "/system.slice/docker-4f1c8b2e9a7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b.scope";
+
+/// [`exec`] in the cgroup `cgroup_path` of the container `container_id`.
+fn exec_in(seq: u64, pid: u32, cgroup_path: &str, container_id: &str) -> Event {
+    let mut event = exec_as(seq, pid, LS_SHA256, "alice");
+    if let Some(Kind::Exec(e)) = event.kind.as_mut() {
+        e.cgroup_path = cgroup_path.into();
+        e.container_id = container_id.into();
+    }
+    event
+}
+
+#[tokio::test]
+async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade7");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 7 left it, with process rows of
+    // every type it knew, and a gap.
+    assert_eq!(
+        storage.migrate_to(7).await.unwrap().applied,
+        vec![1, 2, 3, 4, 5, 6, 7]
+    );
+    let mut events = vec![
+        exec_as(1, 4300, LS_SHA256, "alice"),
+        at(
+            2,
+            Kind::Fork(ProcessFork {
+                pid: 4301,
+                ppid: 4300,
+                parent_tid: 4300,
+                uid: 1000,
+                gid: 100,
+                cgroup_id: 4242,
+                clone_flags: 0x0120_0011,
+                exe: "/usr/bin/ls".into(),
+            }),
+        ),
+        exit_kind_at(3, 4301, Some(0), None, false),
+        at(4, creds_kind("setresuid", 4302)),
+        at(5, gap_kind(5, T0_NS)),
+    ];
+    events[0].ancestors = ancestors();
+    let old = zt_collector::ingest::convert_batch(Some(&identity()), &events, 1_750_000_100);
+    assert_eq!((old.rejected, old.rows.process_events.len()), (0, 4));
+    insert_old_process_rows(&server, &database, &old.rows.process_events, 7).await;
+    storage.insert(&old.rows.gaps).await.unwrap();
+    let before = table_columns(&server, &database, "process_events").await;
+    assert!(before
+        .iter()
+        .all(|(name, _)| !PROCESS_EVENTS_V8.contains(&name.as_str())));
+    // As if a collector had died half-way through migration 8.
+    client
+        .query("ALTER TABLE process_events ADD COLUMN cgroup_path String")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![8]);
+    assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(
+        table_columns(&server, &database, "process_events").await,
+        sorted(PROCESS_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "process_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
+
+    // The old rows keep every value and read the new columns' default, ''.
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows, old.rows.process_events);
+    assert_eq!(
+        (rows[0].exe_sha256.as_str(), rows[3].cred_syscall.as_str()),
+        (LS_SHA256, "setresuid")
+    );
+    let blank: u64 = client
+        .query("SELECT count() FROM process_events WHERE cgroup_path = '' AND container_id = ''")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(blank, 4);
+    assert_eq!(stored_gaps(&server, &database).await, old.rows.gaps);
+
+    // Execs in containers go in beside them.
+    let new = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[exec_in(20, 4400, CONTAINER_CGROUP, CONTAINER_ID)],
+        1_750_000_200,
+    );
+    assert_eq!(new.rejected, 0);
+    storage.insert(&new.rows.process_events).await.unwrap();
+    let rows = stored_rows(&server, &database).await;
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[4], new.rows.process_events[0]);
+    assert_eq!(
+        (rows[4].cgroup_path.as_str(), rows[4].container_id.as_str()),
+        (CONTAINER_CGROUP, CONTAINER_ID)
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
 }
 
 /// File activity of pid `pid` (`/usr/bin/vim`, uid 1000) on `path`.
@@ -1324,6 +1461,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         e.process_start_unix_ns = T0_NS - 1_000;
         e.exe_sha256 = LS_SHA256.into();
         e.user_name = "alice".into();
+        e.cgroup_path = CONTAINER_CGROUP.into();
+        e.container_id = CONTAINER_ID.into();
     }
     let fork = at(
         2,
@@ -1433,10 +1572,36 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         (exec_row.exe_sha256.as_str(), exec_row.user_name.as_str()),
         (LS_SHA256, "alice")
     );
-    // Forks and exits carry neither.
+    assert_eq!(
+        (
+            exec_row.cgroup_path.as_str(),
+            exec_row.container_id.as_str()
+        ),
+        (CONTAINER_CGROUP, CONTAINER_ID)
+    );
+    let in_container: u64 = server
+        .client()
+        .with_database(&database)
+        .query(
+            "SELECT count() FROM process_events \
+             WHERE event_type = 'exec' AND seq = 1 AND cgroup_path = ? AND container_id = ?",
+        )
+        .bind(CONTAINER_CGROUP)
+        .bind(CONTAINER_ID)
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(in_container, 1);
+    // Forks and exits carry none of them.
     for row in &rows[1..] {
         assert_eq!(
             (row.exe_sha256.as_str(), row.user_name.as_str()),
+            ("", ""),
+            "seq {}",
+            row.seq
+        );
+        assert_eq!(
+            (row.cgroup_path.as_str(), row.container_id.as_str()),
             ("", ""),
             "seq {}",
             row.seq
@@ -2083,17 +2248,21 @@ async fn the_documented_queries_run() {
     // find it.
     let mut became_root = at(13, creds_kind("setuid", 4700));
     became_root.time_unix_ns = now_ns - 20_000_000_000;
+    // And an exec in a container just now: the container queries must find it.
+    let mut in_container = exec_in(14, 4800, CONTAINER_CGROUP, CONTAINER_ID);
+    in_container.time_unix_ns = now_ns - 10_000_000_000;
     let execs = [
         helper(10, DOCS_HASH_V1),
         helper(11, DOCS_HASH_V2),
         helper(12, ""),
         became_root,
+        in_container,
     ];
     let converted =
         zt_collector::ingest::convert_batch(Some(&examples_agent), &execs, 1_750_000_100);
     assert_eq!(
         (converted.rejected, converted.rows.process_events.len()),
-        (0, 4)
+        (0, 5)
     );
     storage
         .insert(&converted.rows.process_events)
@@ -2114,6 +2283,7 @@ async fn the_documented_queries_run() {
     let mut file_queries = 0;
     let mut hash_queries = 0;
     let mut cred_queries = 0;
+    let mut container_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -2127,10 +2297,12 @@ async fn the_documented_queries_run() {
         let is_file_query = query.contains("FROM zt.file_events");
         let is_hash_query = query.contains("exe_sha256");
         let is_cred_query = query.contains("'cred_change'");
+        let is_container_query = query.contains("container_id != ''");
         file_queries += u32::from(is_file_query);
         hash_queries += u32::from(is_hash_query);
         cred_queries += u32::from(is_cred_query);
-        if is_file_query || is_hash_query || is_cred_query {
+        container_queries += u32::from(is_container_query);
+        if is_file_query || is_hash_query || is_cred_query || is_container_query {
             let found: u64 = client
                 .query(&format!("SELECT count() FROM ({sql})"))
                 .fetch_one()
@@ -2142,6 +2314,10 @@ async fn the_documented_queries_run() {
     assert!(file_queries >= 3, "{file_queries} file queries found");
     assert!(hash_queries >= 2, "{hash_queries} hash queries found");
     assert!(cred_queries >= 1, "{cred_queries} credential queries found");
+    assert!(
+        container_queries >= 1,
+        "{container_queries} container queries found"
+    );
     let doc_hash = format!("exe_sha256 = '{DOCS_HASH_V1}'");
     assert!(
         doc.contains(&doc_hash),

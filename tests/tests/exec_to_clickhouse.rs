@@ -25,6 +25,8 @@ struct ExecRow {
     time_ns: u64,
     exe_sha256: String,
     user_name: String,
+    cgroup_path: String,
+    container_id: String,
 }
 
 async fn exec_rows(stack: &Stack, marker: &str) -> Result<Vec<ExecRow>> {
@@ -118,6 +120,17 @@ async fn assert_echo_arrives(
         "hash of the executed file"
     );
     assert_eq!(row.user_name, user_name_of(uid)?);
+    let relative = cgroup
+        .path()
+        .strip_prefix(zt_e2e::cgroup::cgroup2_mount()?)?
+        .display()
+        .to_string();
+    assert_eq!(
+        row.cgroup_path,
+        format!("/{relative}"),
+        "the test cgroup's path"
+    );
+    assert_eq!(row.container_id, "", "not a container");
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;

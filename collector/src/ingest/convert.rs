@@ -32,6 +32,8 @@ const REASON_EXCERPT_CHARS: usize = 64;
 const EXE_SHA256_HEX_LEN: usize = 64;
 /// Longest `process_events.user_name` stored, in bytes.
 const MAX_USER_NAME_BYTES: usize = 256;
+/// Longest `process_events.cgroup_path` stored, in bytes (`PATH_MAX`).
+const MAX_CGROUP_PATH_BYTES: usize = 4096;
 
 /// Why an event was refused. Refused events are counted and reported in the
 /// acknowledgement, never stored and never retried.
@@ -58,6 +60,23 @@ pub enum RejectReason {
     },
     #[error("exec event seq {seq} has a user_name of {bytes} bytes, beyond 256")]
     ExecUserNameTooLong { seq: u64, bytes: usize },
+    #[error(
+        "exec event seq {seq} has container_id {container_id:?}, \
+         not empty or 64 lowercase hex characters"
+    )]
+    ExecBadContainerId {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        container_id: String,
+    },
+    #[error("exec event seq {seq} has a cgroup_path of {bytes} bytes, beyond 4096")]
+    ExecCgroupPathTooLong { seq: u64, bytes: usize },
+    #[error("exec event seq {seq} has cgroup_path {cgroup_path:?}, not starting with '/'")]
+    ExecCgroupPathNotAbsolute {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        cgroup_path: String,
+    },
     #[error("exit event seq {seq} has exit status {status}, beyond 255")]
     ExitStatusOutOfRange { seq: u64, status: u32 },
     #[error("exit event seq {seq} has signal {signal}, not in 1..=255")]
@@ -263,12 +282,16 @@ impl Header<'_> {
             previous_gid: 0,
             previous_egid: 0,
             cred_syscall: String::new(),
+            cgroup_path: String::new(),
+            container_id: String::new(),
         }
     }
 }
 
-/// Refuses an `exe_sha256` that is neither empty (unknown) nor 64 lowercase
-/// hex characters, and a `user_name` longer than [`MAX_USER_NAME_BYTES`].
+/// Refuses an `exe_sha256` or a `container_id` that is neither empty
+/// (unknown) nor 64 lowercase hex characters, a `user_name` longer than
+/// [`MAX_USER_NAME_BYTES`], and a non-empty `cgroup_path` longer than
+/// [`MAX_CGROUP_PATH_BYTES`] or not starting with `/`.
 fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, RejectReason> {
     let seq = header.received.event.seq;
     if !is_sha256_hex_or_empty(&exec.exe_sha256) {
@@ -281,6 +304,24 @@ fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, 
         return Err(RejectReason::ExecUserNameTooLong {
             seq,
             bytes: exec.user_name.len(),
+        });
+    }
+    if !is_sha256_hex_or_empty(&exec.container_id) {
+        return Err(RejectReason::ExecBadContainerId {
+            seq,
+            container_id: excerpt(&exec.container_id),
+        });
+    }
+    if exec.cgroup_path.len() > MAX_CGROUP_PATH_BYTES {
+        return Err(RejectReason::ExecCgroupPathTooLong {
+            seq,
+            bytes: exec.cgroup_path.len(),
+        });
+    }
+    if !exec.cgroup_path.is_empty() && !exec.cgroup_path.starts_with('/') {
+        return Err(RejectReason::ExecCgroupPathNotAbsolute {
+            seq,
+            cgroup_path: excerpt(&exec.cgroup_path),
         });
     }
     Ok(ProcessEventRow {
@@ -302,12 +343,15 @@ fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, 
         exe: exec.filename.clone(),
         exe_sha256: exec.exe_sha256.clone(),
         user_name: exec.user_name.clone(),
+        cgroup_path: exec.cgroup_path.clone(),
+        container_id: exec.container_id.clone(),
         ..header.process_row(EVENT_TYPE_EXEC)
     })
 }
 
 /// `''`, or exactly [`EXE_SHA256_HEX_LEN`] characters of `0-9a-f`: one
-/// spelling per hash, so analysts can match it with `=`.
+/// spelling per hash (or container id, also 64 hex), so analysts can match
+/// it with `=`.
 fn is_sha256_hex_or_empty(text: &str) -> bool {
     text.is_empty()
         || (text.len() == EXE_SHA256_HEX_LEN
@@ -856,6 +900,8 @@ mod tests {
             previous_gid: 0,
             previous_egid: 0,
             cred_syscall: String::new(),
+            cgroup_path: String::new(),
+            container_id: String::new(),
         }
     }
 
@@ -1026,6 +1072,134 @@ mod tests {
         assert_eq!(
             reason.to_string(),
             "exec event seq 5 has a user_name of 258 bytes, beyond 256"
+        );
+    }
+
+    /// A docker container's id.
+    const CONTAINER_ID: &str = "4f1c8b2e9a7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b";
+
+    /// [`exec_event`] with the cgroup path and container id the agent sent.
+    fn exec_in(seq: u64, cgroup_path: &str, container_id: &str) -> Event {
+        let mut e = exec_event(seq, T);
+        if let Some(Kind::Exec(exec)) = e.kind.as_mut() {
+            exec.cgroup_path = cgroup_path.into();
+            exec.container_id = container_id.into();
+        }
+        e
+    }
+
+    #[test]
+    fn exec_carries_the_cgroup_path_and_container_id() {
+        let path = format!("/system.slice/docker-{CONTAINER_ID}.scope");
+        let row = process_row(&exec_in(1, &path, CONTAINER_ID));
+        assert_eq!(
+            (row.cgroup_path.as_str(), row.container_id.as_str()),
+            (path.as_str(), CONTAINER_ID)
+        );
+        // Outside a container: a path, no id.
+        let row = process_row(&exec_in(2, "/user.slice/user-1000.slice", ""));
+        assert_eq!(row.cgroup_path, "/user.slice/user-1000.slice");
+        assert_eq!(row.container_id, "");
+        // The root cgroup, and a path of exactly 4096 bytes.
+        assert_eq!(process_row(&exec_in(3, "/", "")).cgroup_path, "/");
+        let longest = format!("/{}", "c".repeat(4095));
+        assert_eq!(process_row(&exec_in(4, &longest, "")).cgroup_path, longest);
+    }
+
+    #[test]
+    fn an_unknown_cgroup_or_container_is_stored_empty() {
+        let row = process_row(&exec_in(1, "", ""));
+        assert_eq!(
+            (row.cgroup_path.as_str(), row.container_id.as_str()),
+            ("", "")
+        );
+        // An agent older than the fields alike.
+        let row = process_row(&exec_event(2, T));
+        assert_eq!(
+            (row.cgroup_path.as_str(), row.container_id.as_str()),
+            ("", "")
+        );
+        for kind in [
+            Kind::Fork(ProcessFork::default()),
+            exit(Some(0), None, false),
+        ] {
+            let row = process_row(&event(3, T, kind));
+            assert_eq!(
+                (row.cgroup_path.as_str(), row.container_id.as_str()),
+                ("", "")
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_container_id_is_refused() {
+        let bad = |text: &str| RejectReason::ExecBadContainerId {
+            seq: 6,
+            container_id: text.into(),
+        };
+        let upper = CONTAINER_ID.to_ascii_uppercase();
+        let non_hex = format!("{}g", &CONTAINER_ID[..63]);
+        let multibyte = format!("{}é", &CONTAINER_ID[..62]);
+        assert_eq!(multibyte.len(), 64);
+        for text in [
+            &CONTAINER_ID[..12], // docker's short form
+            &CONTAINER_ID[..63],
+            upper.as_str(),
+            non_hex.as_str(),
+            multibyte.as_str(),
+        ] {
+            assert_eq!(convert(&exec_in(6, "/x", text)), Err(bad(text)), "{text}");
+        }
+        let longer = format!("{CONTAINER_ID}0");
+        assert_eq!(
+            convert(&exec_in(6, "/x", &longer)),
+            Err(bad(&format!("{CONTAINER_ID}…")))
+        );
+        assert_eq!(
+            bad("ABC").to_string(),
+            "exec event seq 6 has container_id \"ABC\", \
+             not empty or 64 lowercase hex characters"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_path_beyond_4096_bytes_is_refused() {
+        let path = format!("/{}", "c".repeat(4096));
+        assert_eq!(
+            convert(&exec_in(7, &path, "")),
+            Err(RejectReason::ExecCgroupPathTooLong {
+                seq: 7,
+                bytes: 4097
+            })
+        );
+        let path = format!("/{}", "é".repeat(2048)); // 4097 bytes
+        assert_eq!(
+            convert(&exec_in(7, &path, CONTAINER_ID))
+                .unwrap_err()
+                .to_string(),
+            "exec event seq 7 has a cgroup_path of 4097 bytes, beyond 4096"
+        );
+    }
+
+    #[test]
+    fn a_relative_cgroup_path_is_refused() {
+        for path in ["system.slice", " /system.slice", "./x", "\\x"] {
+            assert_eq!(
+                convert(&exec_in(8, path, "")),
+                Err(RejectReason::ExecCgroupPathNotAbsolute {
+                    seq: 8,
+                    cgroup_path: path.into(),
+                }),
+                "{path}"
+            );
+        }
+        let huge = "c".repeat(100);
+        assert_eq!(
+            convert(&exec_in(8, &huge, "")).unwrap_err().to_string(),
+            format!(
+                "exec event seq 8 has cgroup_path \"{}…\", not starting with '/'",
+                "c".repeat(64)
+            )
         );
     }
 

@@ -138,6 +138,13 @@ pub const PROCESS_EVENTS_V7_COLUMNS: &[Column] = &[
     column("cred_syscall", "String"),
 ];
 
+/// Columns of migration 8: the container an exec ran in (exec rows; ''
+/// otherwise and when unknown).
+pub const PROCESS_EVENTS_V8_COLUMNS: &[Column] = &[
+    column("cgroup_path", "String"),
+    column("container_id", "String"),
+];
+
 const CREATE_GAPS: &str = "
 CREATE TABLE IF NOT EXISTS gaps
 (
@@ -274,6 +281,14 @@ pub const MIGRATIONS: &[Migration] = &[
         steps: &[Step::AddColumns {
             table: "process_events",
             columns: PROCESS_EVENTS_V7_COLUMNS,
+        }],
+    },
+    Migration {
+        version: 8,
+        name: "exec_containers",
+        steps: &[Step::AddColumns {
+            table: "process_events",
+            columns: PROCESS_EVENTS_V8_COLUMNS,
         }],
     },
 ];
@@ -498,7 +513,14 @@ mod tests {
         let v2 = PROCESS_EVENTS_V2_COLUMNS.iter().map(|c| c.name);
         let v6 = PROCESS_EVENTS_V6_COLUMNS.iter().map(|c| c.name);
         let v7 = PROCESS_EVENTS_V7_COLUMNS.iter().map(|c| c.name);
-        let process_events: Vec<&str> = v1.into_iter().chain(v2).chain(v6).chain(v7).collect();
+        let v8 = PROCESS_EVENTS_V8_COLUMNS.iter().map(|c| c.name);
+        let process_events: Vec<&str> = v1
+            .into_iter()
+            .chain(v2)
+            .chain(v6)
+            .chain(v7)
+            .chain(v8)
+            .collect();
         assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
         assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
         assert_eq!(

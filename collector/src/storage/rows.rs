@@ -102,6 +102,13 @@ pub struct ProcessEventRow {
     pub previous_egid: u32,
     /// `cred_change` rows: one of [`CRED_SYSCALLS`]; `''` on other rows.
     pub cred_syscall: String,
+    // Migration 8.
+    /// Exec rows: the process's cgroup v2 path from the hierarchy's root,
+    /// starting with `/`; `''` when unknown and on other rows.
+    pub cgroup_path: String,
+    /// Exec rows: the container id (64 lowercase hex characters) when the
+    /// cgroup is a container's; `''` otherwise and on other rows.
+    pub container_id: String,
 }
 
 impl TableRow for ProcessEventRow {
