@@ -80,6 +80,14 @@ impl ProcessTable {
         self.processes.get(&pid)
     }
 
+    /// The program `pid` runs, or "" when the table does not know it.
+    pub fn exe_of(&self, pid: u32) -> String {
+        self.processes
+            .get(&pid)
+            .map(|p| p.exe.clone())
+            .unwrap_or_default()
+    }
+
     pub fn len(&self) -> usize {
         self.processes.len()
     }

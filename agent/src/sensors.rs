@@ -576,11 +576,7 @@ impl Reader {
             KernelEvent::Fork(f) => {
                 self.table.on_fork(&f);
                 let ancestry = self.table.ancestry(f.child_pid);
-                let exe = self
-                    .table
-                    .get(f.child_pid)
-                    .map(|p| p.exe.clone())
-                    .unwrap_or_default();
+                let exe = self.table.exe_of(f.child_pid);
                 let kind = Kind::Fork(WireFork {
                     pid: f.child_pid,
                     ppid: f.parent_pid,
@@ -595,11 +591,7 @@ impl Reader {
             }
             KernelEvent::Exit(x) => {
                 let ancestry = self.table.ancestry(x.pid);
-                let exe = self
-                    .table
-                    .get(x.pid)
-                    .map(|p| p.exe.clone())
-                    .unwrap_or_default();
+                let exe = self.table.exe_of(x.pid);
                 self.table.on_exit(&x);
                 let kind = Kind::Exit(WireExit {
                     pid: x.pid,
@@ -620,13 +612,7 @@ impl Reader {
             KernelEvent::Tcp(t) => {
                 let pid = t.pid.unwrap_or(0);
                 let (ancestry, exe) = match t.pid {
-                    Some(pid) => (
-                        self.table.ancestry(pid),
-                        self.table
-                            .get(pid)
-                            .map(|p| p.exe.clone())
-                            .unwrap_or_default(),
-                    ),
+                    Some(pid) => (self.table.ancestry(pid), self.table.exe_of(pid)),
                     None => (Vec::new(), String::new()),
                 };
                 let (bytes_sent, bytes_received) = t.bytes.unwrap_or((0, 0));
@@ -652,11 +638,7 @@ impl Reader {
             }
             KernelEvent::Creds(c) => {
                 let ancestry = self.table.ancestry(c.pid);
-                let exe = self
-                    .table
-                    .get(c.pid)
-                    .map(|p| p.exe.clone())
-                    .unwrap_or_default();
+                let exe = self.table.exe_of(c.pid);
                 let kind = Kind::Creds(WireCreds {
                     pid: c.pid,
                     syscall: cred_syscall_name(c.syscall).to_owned(),
@@ -675,11 +657,7 @@ impl Reader {
             }
             KernelEvent::File(f) => {
                 let ancestry = self.table.ancestry(f.pid);
-                let exe = self
-                    .table
-                    .get(f.pid)
-                    .map(|p| p.exe.clone())
-                    .unwrap_or_default();
+                let exe = self.table.exe_of(f.pid);
                 let kind = Kind::File(WireFile {
                     action: file_action_name(f.action).to_owned(),
                     pid: f.pid,
