@@ -4,6 +4,7 @@
 //! and every loss the kernel counts becomes a gap record.
 
 use std::{
+    collections::VecDeque,
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -138,6 +139,10 @@ const fn file_hook(tracepoint: &'static str) -> SensorHook {
 /// Records taken from the bulk ring per wake-up before the critical ring is
 /// looked at again.
 const BULK_DRAIN_LIMIT: usize = 4096;
+
+/// How old a bulk record must be before it is enriched: far longer than any
+/// of the agent's programs runs between reserving and committing a record.
+const BULK_HOLD_NS: u64 = 2_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
@@ -302,6 +307,7 @@ impl KernelSensors {
             out: out.clone(),
             metrics: metrics.clone(),
             sequencer: sequencer.clone(),
+            gaps: Vec::new(),
         };
         let sampling: Array<MapData, u32> = Array::try_from(
             ebpf.take_map(BULK_SAMPLING_MAP)
@@ -441,29 +447,40 @@ struct Reader {
     out: mpsc::Sender<Event>,
     metrics: Arc<AgentMetrics>,
     sequencer: Sequencer,
+    /// Gap records for undecodable records, sent with the round's events.
+    gaps: Vec<Event>,
 }
 
 impl Reader {
     /// Drains both ring buffers. Every wake-up drains the critical ring
-    /// first, whichever ring woke it: a process's fork and exec records are
-    /// committed before it can touch a file, so draining critical first means
-    /// a file event always finds its process in the table. Bulk records are
-    /// taken at most [`BULK_DRAIN_LIMIT`] at a time.
+    /// first, whichever ring woke it. A bulk record is enriched only once it
+    /// is [`BULK_HOLD_NS`] old at the start of a critical drain: the fork and
+    /// exec records of its process were reserved before it, and a record
+    /// reserved on another CPU that is still being written blocks the
+    /// critical ring's consumer, so holding the bulk record for longer than
+    /// any program runs means its process is always in the table first.
+    /// Bulk records are taken at most [`BULK_DRAIN_LIMIT`] at a time.
     async fn run(
         mut self,
         mut critical: AsyncFd<RingBuf<MapData>>,
         mut bulk: AsyncFd<RingBuf<MapData>>,
     ) {
         let mut batch = Vec::with_capacity(256);
+        let mut held: VecDeque<KernelEvent> = VecDeque::new();
         let mut bulk_pending = false;
         loop {
             if !bulk_pending {
+                let matures_in = held.front().map(|event| {
+                    let ripe_at = event.boot_ns().saturating_add(BULK_HOLD_NS);
+                    Duration::from_nanos(ripe_at.saturating_sub(crate::clock::boot_now_ns()))
+                });
                 // Readiness is cleared before draining: a record committed
                 // after the drain wakes the ring again.
                 let woken = tokio::select! {
                     biased;
                     guard = critical.readable_mut() => guard.map(|mut g| g.clear_ready()),
                     guard = bulk.readable_mut() => guard.map(|mut g| g.clear_ready()),
+                    () = sleep_or_never(matures_in) => Ok(()),
                 };
                 if let Err(err) = woken {
                     warn!(error = %err, "ring buffer poll failed; sensors stopped");
@@ -471,14 +488,28 @@ impl Reader {
                 }
             }
             let clock = BootClock::sample();
+            let drained_at = crate::clock::boot_now_ns();
             self.drain(
                 critical.get_mut(),
                 "critical",
                 usize::MAX,
-                clock,
-                &mut batch,
+                &mut |reader, event| {
+                    batch.push(reader.enrich(event, clock));
+                },
             );
-            bulk_pending = self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, clock, &mut batch);
+            bulk_pending = self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, &mut |_, event| {
+                held.push_back(event);
+            });
+            let ripe_before = drained_at.saturating_sub(BULK_HOLD_NS);
+            while held
+                .front()
+                .is_some_and(|event| event.boot_ns() <= ripe_before)
+            {
+                if let Some(event) = held.pop_front() {
+                    batch.push(self.enrich(event, clock));
+                }
+            }
+            batch.append(&mut self.gaps);
             for event in batch.drain(..) {
                 if self.out.send(event).await.is_err() {
                     return;
@@ -487,15 +518,15 @@ impl Reader {
         }
     }
 
-    /// Takes up to `limit` records of `ring` into `batch`; true when the
-    /// limit stopped it (more records wait).
+    /// Decodes up to `limit` records of `ring` and hands each to `take`;
+    /// true when the limit stopped it (more records wait). Undecodable
+    /// records become one gap record.
     fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
         stream: &'static str,
         limit: usize,
-        clock: BootClock,
-        batch: &mut Vec<Event>,
+        take: &mut dyn FnMut(&mut Self, KernelEvent),
     ) -> bool {
         let mut taken = 0;
         let mut decode_errors = 0u64;
@@ -505,11 +536,10 @@ impl Reader {
             };
             taken += 1;
             AgentMetrics::add(&self.metrics.kernel_records, 1);
-            match decode(&record) {
-                Ok(event) => {
-                    drop(record);
-                    batch.push(self.enrich(event, clock));
-                }
+            let decoded = decode(&record);
+            drop(record);
+            match decoded {
+                Ok(event) => take(self, event),
                 Err(err) => {
                     decode_errors += 1;
                     warn!(error = %err, stream, "discarding undecodable kernel record");
@@ -518,15 +548,16 @@ impl Reader {
         }
         if decode_errors > 0 {
             AgentMetrics::add(&self.metrics.decode_errors, decode_errors);
-            let now = clock.to_unix_ns(crate::clock::boot_now_ns());
-            batch.push(gap_event(
+            let now = crate::clock::unix_now_ns();
+            let gap = gap_event(
                 self.sequencer.next(),
                 stream,
                 "decode_error",
                 decode_errors,
                 now,
                 now,
-            ));
+            );
+            self.gaps.push(gap);
         }
         taken == limit
     }
@@ -683,6 +714,14 @@ impl Reader {
                 .collect(),
             kind: Some(kind),
         }
+    }
+}
+
+/// Sleeps for `duration`, or forever without one.
+async fn sleep_or_never(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
     }
 }
 
