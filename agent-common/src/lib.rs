@@ -59,6 +59,7 @@ pub enum EventKind {
     Tcp = 4,
     File = 5,
     Creds = 6,
+    Dns = 7,
 }
 
 impl EventKind {
@@ -70,6 +71,7 @@ impl EventKind {
             4 => Some(Self::Tcp),
             5 => Some(Self::File),
             6 => Some(Self::Creds),
+            7 => Some(Self::Dns),
             _ => None,
         }
     }
@@ -343,6 +345,46 @@ pub struct FileEvent {
 /// A path did not fit in [`PATH_CAPACITY`] bytes and was cut.
 pub const FLAG_PATH_TRUNCATED: u32 = 1 << 9;
 
+/// Name of the fentry program on `commit_creds`, the credential sensor's
+/// preferred hook.
+pub const COMMIT_CREDS_PROGRAM: &str = "fentry_commit_creds";
+
+/// Name of the cgroup socket-buffer egress program that copies DNS queries.
+pub const DNS_EGRESS_PROGRAM: &str = "dns_egress";
+
+/// DNS message bytes copied per query: a whole classic DNS message over UDP
+/// (RFC 1035 limits those to 512 bytes), so the question is always there.
+/// A power of two: the kernel program bounds the copy with a mask.
+pub const DNS_PAYLOAD_CAPACITY: usize = 512;
+
+/// A UDP datagram to port 53 leaving the guarded cgroup, as the kernel saw
+/// it: addresses and the start of the DNS message. User space parses the
+/// question.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsEvent {
+    pub header: EventHeader,
+    /// Process that sent it, when the datagram left in its context (0 when
+    /// unknown, e.g. queued and sent later by the kernel).
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// 4 or 6.
+    pub ip_version: u32,
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// Addresses in network byte order; IPv4 uses the first 4 bytes.
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    /// Length of the whole DNS message (UDP payload).
+    pub message_len: u32,
+    /// Valid bytes of `payload`.
+    pub payload_len: u32,
+    pub payload: [u8; DNS_PAYLOAD_CAPACITY],
+}
+
 /// Which member of the setuid family changed credentials.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +395,9 @@ pub enum CredSyscall {
     Setregid = 4,
     Setresuid = 5,
     Setresgid = 6,
+    /// The kernel committed new credentials (`commit_creds`): any cause,
+    /// the setuid family, a set-user-id program's exec, capset.
+    CommitCreds = 7,
 }
 
 impl CredSyscall {
@@ -364,6 +409,7 @@ impl CredSyscall {
             4 => Some(Self::Setregid),
             5 => Some(Self::Setresuid),
             6 => Some(Self::Setresgid),
+            7 => Some(Self::CommitCreds),
             _ => None,
         }
     }
@@ -411,6 +457,8 @@ pub struct KernelOffsets {
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
     pub task_cred: u32,
+    pub cred_uid: u32,
+    pub cred_gid: u32,
     pub cred_euid: u32,
     pub cred_egid: u32,
     pub task_exit_code: u32,
@@ -450,12 +498,15 @@ const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 10 * 4 + 2 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
 const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
-const _: () = assert!(size_of::<KernelOffsets>() == 21 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 23 * 4);
 const _: () = assert!(size_of::<SocketOwner>() == 32);
 const _: () = assert!(size_of::<CredIds>() == 16);
 const _: () = assert!(size_of::<CredEvent>() == 16 + 8 + 2 * 16 + 8);
 const _: () = assert!(size_of::<WatchPrefix>() == 8 + PREFIX_CAPACITY);
 const _: () = assert!(size_of::<FileEvent>() == 16 + 4 * 4 + 8 + 4 * 4 + 2 * PATH_CAPACITY);
+const _: () = assert!(
+    size_of::<DnsEvent>() == 16 + 4 * 4 + 8 + 4 + 2 * 2 + 2 * 16 + 2 * 4 + DNS_PAYLOAD_CAPACITY
+);
 const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
 const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());

@@ -1,15 +1,21 @@
-//! Credential changes: the setuid family of system calls. On entry the
-//! caller's real and effective ids are kept by pid_tgid; on a successful exit
-//! they are compared with the new ones and a change is an event.
+//! Credential changes, by one of two hooks; the agent attaches the first
+//! that loads:
+//! - fentry on `commit_creds(new)`, where every change of a task's
+//!   credentials passes (setuid family, exec of a set-user-id program,
+//!   capset): the ids before are the current task's, the ids after are
+//!   `new`'s. Needs BTF-typed programs (fentry), refused by some kernels.
+//! - the setuid family's `sys_enter_*`/`sys_exit_*` tracepoints: on entry the
+//!   caller's real and effective ids are kept by pid_tgid; on a successful
+//!   exit they are compared with the new ones and a change is an event.
 
 use agent_common::{CredEvent, CredIds, CredSyscall, DropReason, EventHeader, EventKind};
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fentry, tracepoint},
+    programs::{FEntryContext, TracePointContext},
 };
 
 use crate::{
@@ -40,6 +46,37 @@ fn current_ids() -> CredIds {
     }
 }
 
+/// Real and effective ids of a `struct cred`.
+#[inline(always)]
+fn ids_of(cred: *const u8) -> Option<CredIds> {
+    let o = kernel_offsets();
+    if o.valid == 0 || cred.is_null() {
+        return None;
+    }
+    // SAFETY (all four): probe reads tolerate any address.
+    let read = |offset: u32| {
+        unsafe { bpf_probe_read_kernel(cred.add(offset as usize) as *const u32) }.ok()
+    };
+    Some(CredIds {
+        uid: read(o.cred_uid)?,
+        euid: read(o.cred_euid)?,
+        gid: read(o.cred_gid)?,
+        egid: read(o.cred_egid)?,
+    })
+}
+
+#[fentry(function = "commit_creds")]
+pub fn fentry_commit_creds(ctx: FEntryContext) -> u32 {
+    let new: *const u8 = ctx.arg(0);
+    if let Some(new) = ids_of(new) {
+        let old = current_ids();
+        if new != old {
+            emit(CredSyscall::CommitCreds, old, new);
+        }
+    }
+    0
+}
+
 #[inline(always)]
 fn on_enter() -> u32 {
     let ids = current_ids();
@@ -62,9 +99,14 @@ fn on_exit(ctx: &TracePointContext, syscall: CredSyscall) -> u32 {
         return 0;
     }
     let new = current_ids();
-    if new == old {
-        return 0;
+    if new != old {
+        emit(syscall, old, new);
     }
+    0
+}
+
+#[inline(always)]
+fn emit(syscall: CredSyscall, old: CredIds, new: CredIds) {
     let event = CredEvent {
         header: EventHeader {
             kind: EventKind::Creds as u32,
@@ -72,7 +114,7 @@ fn on_exit(ctx: &TracePointContext, syscall: CredSyscall) -> u32 {
             // SAFETY: helper without arguments.
             boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         },
-        pid: (pid_tgid >> 32) as u32,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         syscall: syscall as u32,
         old,
         new,
@@ -82,7 +124,6 @@ fn on_exit(ctx: &TracePointContext, syscall: CredSyscall) -> u32 {
     if CRITICAL_EVENTS.output::<CredEvent>(&event, 0).is_err() {
         count_drop(DropReason::CriticalRingFull);
     }
-    0
 }
 
 macro_rules! cred_hooks {

@@ -11,16 +11,13 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{
-            bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_boot_ns,
-            bpf_probe_read_user_str,
-        },
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_probe_read_user_str},
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::maps::{count_drop, BULK_EVENTS, BULK_SAMPLING, FILE_SCRATCH, FILE_WATCH};
+use crate::maps::{bulk_sampled_out, count_drop, BULK_EVENTS, FILE_SCRATCH, FILE_WATCH};
 
 /// Syscall arguments start at offset 16 of the record, 8 bytes each.
 const fn arg(n: usize) -> usize {
@@ -226,10 +223,7 @@ fn try_handle(ctx: &TracePointContext, action: FileAction, args: Args) -> Result
         return Ok(0);
     }
     // Under the agent's self-budget, keep 1 in N (counted, reported as gaps).
-    let keep_one_in = BULK_SAMPLING.get(0).copied().unwrap_or(0);
-    // SAFETY: helper without arguments.
-    if keep_one_in > 1 && unsafe { bpf_get_prandom_u32() } % keep_one_in != 0 {
-        count_drop(DropReason::BulkSampled);
+    if bulk_sampled_out() {
         return Ok(0);
     }
 

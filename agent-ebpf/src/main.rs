@@ -5,6 +5,7 @@
 #![no_main]
 
 mod creds;
+mod dns;
 mod exec;
 mod file;
 mod lifecycle;

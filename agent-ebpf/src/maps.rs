@@ -5,6 +5,7 @@ use agent_common::{
     CRITICAL_RING_BYTES, DROP_REASONS, FILE_WATCH_CAPACITY,
 };
 use aya_ebpf::{
+    helpers::generated::bpf_get_prandom_u32,
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -26,6 +27,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     mm_arg_start: 0,
     mm_arg_end: 0,
     task_cred: 0,
+    cred_uid: 0,
+    cred_gid: 0,
     cred_euid: 0,
     cred_egid: 0,
     task_exit_code: 0,
@@ -46,6 +49,19 @@ pub fn kernel_offsets() -> KernelOffsets {
     // SAFETY: a global in .rodata; volatile so that the compiler does not fold
     // the zero initialiser into the code.
     unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// True when the agent's self-budget samples bulk events and this one is
+/// not kept; the loss is counted (and reported as a gap record).
+#[inline(always)]
+pub fn bulk_sampled_out() -> bool {
+    let keep_one_in = BULK_SAMPLING.get(0).copied().unwrap_or(0);
+    // SAFETY: helper without arguments.
+    if keep_one_in > 1 && unsafe { bpf_get_prandom_u32() } % keep_one_in != 0 {
+        count_drop(DropReason::BulkSampled);
+        return true;
+    }
+    false
 }
 
 #[inline(always)]

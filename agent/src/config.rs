@@ -25,6 +25,11 @@ pub struct AgentConfig {
     pub org_id: String,
     /// Where the agent keeps its device id (and later keys, spool, policy).
     pub state_dir: PathBuf,
+    /// The cgroup v2 directory the agent guards: its DNS queries are read
+    /// and (with policy) its connections decided. Unset: the root of the
+    /// cgroup v2 hierarchy, i.e. the whole machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guarded_cgroup: Option<PathBuf>,
     pub uplink: UplinkConfig,
     pub sensors: SensorConfig,
     pub budget: crate::budget::BudgetConfig,
@@ -127,6 +132,7 @@ impl Default for AgentConfig {
             collector_url: "http://127.0.0.1:50051".to_owned(),
             org_id: "local".to_owned(),
             state_dir: PathBuf::from("/var/lib/zt-agent"),
+            guarded_cgroup: None,
             uplink: UplinkConfig::default(),
             sensors: SensorConfig::default(),
             budget: crate::budget::BudgetConfig::default(),

@@ -6,11 +6,11 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    CredEvent, CredIds, CredSyscall, EventHeader, EventKind, ExecEvent, ExitEvent, FileAction,
-    FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY, FILENAME_CAPACITY,
-    FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED,
-    FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN,
-    FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
+    CredEvent, CredIds, CredSyscall, DnsEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FileAction, FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY, DNS_PAYLOAD_CAPACITY,
+    FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN,
+    FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PATH_TRUNCATED,
+    FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
 };
 
 /// A process execution as the kernel saw it.
@@ -133,6 +133,7 @@ pub fn cred_syscall_name(syscall: CredSyscall) -> &'static str {
         CredSyscall::Setregid => "setregid",
         CredSyscall::Setresuid => "setresuid",
         CredSyscall::Setresgid => "setresgid",
+        CredSyscall::CommitCreds => "commit_creds",
     }
 }
 
@@ -148,6 +149,23 @@ pub fn file_action_name(action: FileAction) -> &'static str {
 }
 
 /// Every event kind the kernel can send.
+/// A UDP datagram to port 53 that left the guarded cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsDatagram {
+    pub boot_ns: u64,
+    /// `None` when it left outside any process's context.
+    pub pid: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub source: std::net::SocketAddr,
+    pub server: std::net::SocketAddr,
+    /// Length of the whole DNS message.
+    pub message_len: u32,
+    /// Its first bytes, as copied by the kernel.
+    pub message: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ProcessExec),
@@ -156,6 +174,7 @@ pub enum KernelEvent {
     Tcp(TcpConnection),
     File(FileActivity),
     Creds(CredentialChange),
+    Dns(DnsDatagram),
 }
 
 impl KernelEvent {
@@ -168,6 +187,7 @@ impl KernelEvent {
             Self::Tcp(e) => e.boot_ns,
             Self::File(e) => e.boot_ns,
             Self::Creds(e) => e.boot_ns,
+            Self::Dns(e) => e.boot_ns,
         }
     }
 }
@@ -190,6 +210,8 @@ pub enum DecodeError {
     UnknownFileAction(u32),
     #[error("unknown tcp action {0}")]
     UnknownTcpAction(u32),
+    #[error("unknown IP version {0}")]
+    UnknownIpVersion(u32),
     #[error("unknown address family {0}")]
     UnknownFamily(u16),
     #[error("{field} length {len} exceeds its capacity {capacity}")]
@@ -215,6 +237,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::Tcp => decode_tcp(record).map(KernelEvent::Tcp),
         EventKind::File => decode_file(record).map(KernelEvent::File),
         EventKind::Creds => decode_creds(record).map(KernelEvent::Creds),
+        EventKind::Dns => decode_dns(record).map(KernelEvent::Dns),
     }
 }
 
@@ -250,6 +273,31 @@ fn decode_file(record: &[u8]) -> Result<FileActivity, DecodeError> {
         open_flags: raw.open_flags,
         mode: raw.mode,
         path_truncated: raw.header.flags & FLAG_PATH_TRUNCATED != 0,
+    })
+}
+
+fn decode_dns(record: &[u8]) -> Result<DnsDatagram, DecodeError> {
+    let raw: DnsEvent = read_record(record, EventKind::Dns)?;
+    let address = |bytes: [u8; 16]| -> Result<IpAddr, DecodeError> {
+        match raw.ip_version {
+            4 => Ok(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            6 => Ok(IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical()),
+            other => Err(DecodeError::UnknownIpVersion(other)),
+        }
+    };
+    let payload_len = checked_len("payload", raw.payload_len, DNS_PAYLOAD_CAPACITY)?;
+    Ok(DnsDatagram {
+        boot_ns: raw.header.boot_ns,
+        pid: (raw.pid != 0).then_some(raw.pid),
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        source: (address(raw.source)?, raw.source_port).into(),
+        server: (address(raw.destination)?, raw.destination_port).into(),
+        message_len: raw.message_len,
+        message: raw.payload[..payload_len].to_vec(),
     })
 }
 
@@ -622,6 +670,64 @@ pub(crate) mod tests {
             KernelEvent::Tcp(tcp) => tcp,
             other => panic!("not tcp: {other:?}"),
         }
+    }
+
+    fn dns_event(ip_version: u32, payload_len: u32) -> DnsEvent {
+        // SAFETY: all-zero is a valid DnsEvent.
+        let mut raw: DnsEvent = unsafe { std::mem::zeroed() };
+        raw.header = EventHeader {
+            kind: EventKind::Dns as u32,
+            flags: 0,
+            boot_ns: 9,
+        };
+        raw.pid = 31;
+        raw.uid = 1000;
+        raw.cgroup_id = 8;
+        raw.ip_version = ip_version;
+        raw.source_port = 40001;
+        raw.destination_port = 53;
+        raw.message_len = 40;
+        raw.payload_len = payload_len;
+        raw.payload[..3].copy_from_slice(b"abc");
+        raw
+    }
+
+    #[test]
+    fn decodes_dns_datagrams_of_both_ip_versions() {
+        let mut raw = dns_event(4, 3);
+        raw.source[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.destination[..4].copy_from_slice(&[127, 0, 0, 53]);
+        let KernelEvent::Dns(v4) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not dns")
+        };
+        assert_eq!(v4.pid, Some(31));
+        assert_eq!(v4.source, "127.0.0.1:40001".parse().unwrap());
+        assert_eq!(v4.server, "127.0.0.53:53".parse().unwrap());
+        assert_eq!((v4.message_len, v4.message.as_slice()), (40, &b"abc"[..]));
+
+        let mut raw = dns_event(6, 3);
+        raw.pid = 0;
+        raw.destination = "2001:db8::35".parse::<Ipv6Addr>().unwrap().octets();
+        let KernelEvent::Dns(v6) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not dns")
+        };
+        assert_eq!(v6.pid, None, "pid 0 means no owning process");
+        assert_eq!(v6.server, "[2001:db8::35]:53".parse().unwrap());
+    }
+
+    #[test]
+    fn rejects_dns_records_with_impossible_fields() {
+        assert_eq!(
+            decode(&bytes_of(&dns_event(5, 3))),
+            Err(DecodeError::UnknownIpVersion(5))
+        );
+        assert!(matches!(
+            decode(&bytes_of(&dns_event(4, 4096))),
+            Err(DecodeError::LengthOutOfRange {
+                field: "payload",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -33,10 +33,39 @@ pub struct ExeHasher {
     pub files_hashed: u64,
 }
 
+/// What [`ExeHasher::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// This version of the file was hashed before.
+    Cached(String),
+    /// A version not hashed yet: [`ExeHasher::hash_new`] reads it.
+    New(NewFile),
+    /// Neither the process image nor the path can be read, or it is not a
+    /// regular file of hashable size.
+    Unreadable,
+}
+
+/// An open file whose version is not in the cache.
+#[derive(Debug)]
+pub struct NewFile {
+    file: File,
+    version: FileVersion,
+}
+
 impl ExeHasher {
     /// Lowercase hex SHA-256 of what `pid` executes, or of `filename` when
     /// the process is gone; `None` when neither can be read.
     pub fn hash(&mut self, pid: u32, filename: &str) -> Option<String> {
+        match self.lookup(pid, filename) {
+            Lookup::Cached(hash) => Some(hash),
+            Lookup::New(file) => self.hash_new(file),
+            Lookup::Unreadable => None,
+        }
+    }
+
+    /// The cache's answer for what `pid` executes: a `stat`, no reading.
+    /// Only [`Lookup::New`] needs the (slow) [`ExeHasher::hash_new`].
+    pub fn lookup(&self, pid: u32, filename: &str) -> Lookup {
         let file = File::open(format!("/proc/{pid}/exe"))
             .or_else(|_| {
                 if filename.starts_with('/') {
@@ -45,14 +74,12 @@ impl ExeHasher {
                     Err(io::Error::from(io::ErrorKind::NotFound))
                 }
             })
-            .ok()?;
-        self.hash_file(file).ok().flatten()
-    }
-
-    fn hash_file(&mut self, mut file: File) -> io::Result<Option<String>> {
-        let meta = file.metadata()?;
+            .ok();
+        let Some(meta) = file.as_ref().and_then(|file| file.metadata().ok()) else {
+            return Lookup::Unreadable;
+        };
         if !meta.is_file() || meta.len() > MAX_HASHED_BYTES {
-            return Ok(None);
+            return Lookup::Unreadable;
         }
         let version = FileVersion {
             dev: meta.dev(),
@@ -60,9 +87,21 @@ impl ExeHasher {
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             size: meta.len(),
         };
-        if let Some(hash) = self.cache.get(&version) {
-            return Ok(Some(hash.clone()));
+        match (self.cache.get(&version), file) {
+            (Some(hash), _) => Lookup::Cached(hash.clone()),
+            (None, Some(file)) => Lookup::New(NewFile { file, version }),
+            (None, None) => Lookup::Unreadable,
         }
+    }
+
+    /// Reads and hashes a file [`ExeHasher::lookup`] did not know, and
+    /// caches the result.
+    pub fn hash_new(&mut self, new: NewFile) -> Option<String> {
+        let NewFile { mut file, version } = new;
+        self.read_hash(&mut file, version).ok()
+    }
+
+    fn read_hash(&mut self, file: &mut File, version: FileVersion) -> io::Result<String> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -78,7 +117,7 @@ impl ExeHasher {
             self.cache.clear();
         }
         self.cache.insert(version, hash.clone());
-        Ok(Some(hash))
+        Ok(hash)
     }
 }
 

@@ -72,6 +72,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         task_group_leader: task_off("group_leader")?,
         mm_arg_start: byte_offset(btf, &mm, "mm_struct", "arg_start")?,
         mm_arg_end: byte_offset(btf, &mm, "mm_struct", "arg_end")?,
+        cred_uid: byte_offset(btf, &cred, "cred", "uid")?,
+        cred_gid: byte_offset(btf, &cred, "cred", "gid")?,
         cred_euid: byte_offset(btf, &cred, "cred", "euid")?,
         cred_egid: byte_offset(btf, &cred, "cred", "egid")?,
         signal_live: byte_offset(btf, &signal, "signal_struct", "live")?,
@@ -202,6 +204,8 @@ mod tests {
             offsets.cred_euid + 4,
             "egid follows euid in struct cred"
         );
+        assert_eq!(offsets.cred_gid, offsets.cred_uid + 4, "gid follows uid");
+        assert!(offsets.cred_euid > offsets.cred_gid);
         assert!(offsets.task_cred > 0 && offsets.task_signal > 0 && offsets.task_group_leader > 0);
         assert_ne!(offsets.optional & OPT_LOGINUID, 0, "this kernel has audit");
         assert_ne!(offsets.optional & OPT_TCP_BYTES, 0);

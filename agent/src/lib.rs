@@ -5,6 +5,7 @@ pub mod budget;
 pub mod cgroups;
 pub mod clock;
 pub mod config;
+pub mod dns;
 pub mod event;
 pub mod exe_hash;
 pub mod file_watch;
@@ -52,15 +53,21 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
     // Events are numbered 1, 2, ... within this run (identity.boot_id).
     let sequencer = Sequencer::default();
+    let guarded_cgroup = match &config.guarded_cgroup {
+        Some(path) => path.clone(),
+        None => sysfs::cgroup2_mount().context("finding the cgroup v2 hierarchy to guard")?,
+    };
+    info!(cgroup = %guarded_cgroup.display(), "guarding cgroup");
     let sensors = KernelSensors::start(
         &config.sensors,
+        &guarded_cgroup,
         &config.budget,
         tx,
         metrics.clone(),
         sequencer.clone(),
     )
     .context("starting kernel sensors")?;
-    let active: Vec<&str> = sensors.active().iter().map(|hook| hook.sensor).collect();
+    let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
 
     let uplink = Uplink::new(

@@ -2,7 +2,7 @@
 //! Sans-IO: the uplink task drives it; tests drive it directly.
 //!
 //! Events wait in two pending queues, critical (process, network, gap
-//! records) and bulk (file activity); a batch takes critical events first, so
+//! records) and bulk (file activity, DNS queries); a batch takes critical events first, so
 //! a flood of file events never delays an exec. Batches stay `in_flight`
 //! until the collector acknowledges them (after storing them). When the
 //! connection breaks, in-flight events go back to the front of their queues,
@@ -18,7 +18,7 @@ use proto::telemetry::{event::Kind, Event};
 
 /// Whether an event may wait behind others and go first when space runs out.
 pub fn is_bulk(event: &Event) -> bool {
-    matches!(event.kind, Some(Kind::File(_)))
+    matches!(event.kind, Some(Kind::File(_) | Kind::Dns(_)))
 }
 
 /// Gap records report losses: they are never dropped themselves.

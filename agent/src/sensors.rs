@@ -15,17 +15,18 @@ use std::{
 
 use agent_common::{
     DropReason, KernelOffsets, SocketOwner, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
-    CRITICAL_EVENTS_MAP, DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM,
-    FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP, TCP_STATE_PROGRAM,
+    COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP, DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS,
+    EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL,
+    TCP_LISTENERS_MAP, TCP_STATE_PROGRAM,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, Program, TracePoint},
     Ebpf, EbpfLoader,
 };
 use proto::telemetry::{
-    event::Kind, Ancestor as WireAncestor, CredentialChange as WireCreds, Event,
-    FileActivity as WireFile, Gap, ProcessExec as WireExec, ProcessExit as WireExit,
+    event::Kind, Ancestor as WireAncestor, CredentialChange as WireCreds, DnsQuery as WireDns,
+    Event, FileActivity as WireFile, Gap, ProcessExec as WireExec, ProcessExit as WireExit,
     ProcessFork as WireFork, TcpConnection as WireTcp,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
@@ -35,7 +36,7 @@ use crate::{
     clock::BootClock,
     config::SensorConfig,
     event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
-    exe_hash::ExeHasher,
+    exe_hash::{ExeHasher, Lookup},
     file_watch,
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
@@ -49,92 +50,188 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// A sensor and the hook it uses on this kernel. Which hook serves which
-/// sensor is data, so that better hooks (LSM, fentry) can be preferred where
-/// the kernel allows them.
+/// How a kernel program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SensorHook {
-    pub sensor: &'static str,
+pub enum Hook {
+    /// A static tracepoint: `category/name` in tracefs.
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    /// fentry on a kernel function (BTF-typed; needs a kernel that allows
+    /// tracing programs).
+    Fentry { function: &'static str },
+    /// `cgroup_skb/egress` on the guarded cgroup.
+    CgroupSkbEgress,
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tracepoint { category, name } => write!(f, "tracepoint {category}/{name}"),
+            Self::Fentry { function } => write!(f, "fentry {function}"),
+            Self::CgroupSkbEgress => f.write_str("cgroup_skb/egress"),
+        }
+    }
+}
+
+/// One kernel program of a sensor and where it attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramHook {
     pub program: &'static str,
-    pub category: &'static str,
-    pub tracepoint: &'static str,
+    pub hook: Hook,
+    /// The sensor works without it (e.g. a system call that this
+    /// architecture does not have).
+    pub optional: bool,
 }
 
-/// The sensors feeding the critical ring buffer, in attach order.
-pub const CRITICAL_SENSORS: &[SensorHook] = &[
-    SensorHook {
+/// One way to implement a sensor: programs that attach together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HookChoice {
+    /// How the choice is reported ("fentry commit_creds").
+    pub name: &'static str,
+    pub programs: &'static [ProgramHook],
+}
+
+/// A sensor and the ways to implement it, best first. At start the agent
+/// takes the first choice whose required programs all load and attach on
+/// this kernel; which hooks serve which sensor is data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SensorPlan {
+    pub sensor: &'static str,
+    pub choices: &'static [HookChoice],
+}
+
+/// A sensor as it runs: the choice that attached, and why better ones did
+/// not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveSensor {
+    pub sensor: &'static str,
+    pub hook: &'static str,
+    /// Programs of the choice that attached (optional ones may be missing).
+    pub programs: usize,
+    /// Better choices that failed on this kernel, with the reason.
+    pub passed_over: Vec<(&'static str, String)>,
+}
+
+const fn tracepoint(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+) -> ProgramHook {
+    ProgramHook {
+        program,
+        hook: Hook::Tracepoint { category, name },
+        optional: false,
+    }
+}
+
+const fn syscall(name: &'static str, optional: bool) -> ProgramHook {
+    ProgramHook {
+        program: name,
+        hook: Hook::Tracepoint {
+            category: "syscalls",
+            name,
+        },
+        optional,
+    }
+}
+
+/// Every sensor of the agent. Critical events (process lifecycle, TCP,
+/// credentials) go to the critical ring; file and DNS to the bulk ring.
+pub const SENSOR_PLANS: &[SensorPlan] = &[
+    SensorPlan {
         sensor: "exec",
-        program: EXEC_PROGRAM,
-        category: "sched",
-        tracepoint: "sched_process_exec",
+        choices: &[HookChoice {
+            name: "tracepoint sched/sched_process_exec",
+            programs: &[tracepoint(EXEC_PROGRAM, "sched", "sched_process_exec")],
+        }],
     },
-    SensorHook {
+    SensorPlan {
         sensor: "fork",
-        program: FORK_PROGRAM,
-        category: "task",
-        tracepoint: "task_newtask",
+        choices: &[HookChoice {
+            name: "tracepoint task/task_newtask",
+            programs: &[tracepoint(FORK_PROGRAM, "task", "task_newtask")],
+        }],
     },
-    SensorHook {
+    SensorPlan {
         sensor: "exit",
-        program: EXIT_PROGRAM,
-        category: "sched",
-        tracepoint: "sched_process_exit",
+        choices: &[HookChoice {
+            name: "tracepoint sched/sched_process_exit",
+            programs: &[tracepoint(EXIT_PROGRAM, "sched", "sched_process_exit")],
+        }],
     },
-    SensorHook {
+    SensorPlan {
         sensor: "tcp",
-        program: TCP_STATE_PROGRAM,
-        category: "sock",
-        tracepoint: "inet_sock_set_state",
+        choices: &[HookChoice {
+            name: "tracepoint sock/inet_sock_set_state",
+            programs: &[tracepoint(TCP_STATE_PROGRAM, "sock", "inet_sock_set_state")],
+        }],
+    },
+    SensorPlan {
+        sensor: "creds",
+        choices: &[
+            HookChoice {
+                name: "fentry commit_creds",
+                programs: &[ProgramHook {
+                    program: COMMIT_CREDS_PROGRAM,
+                    hook: Hook::Fentry {
+                        function: "commit_creds",
+                    },
+                    optional: false,
+                }],
+            },
+            HookChoice {
+                name: "tracepoints syscalls/sys_{enter,exit}_set{uid,gid,reuid,regid,resuid,resgid}",
+                programs: &[
+                    syscall("sys_enter_setuid", false),
+                    syscall("sys_exit_setuid", false),
+                    syscall("sys_enter_setgid", false),
+                    syscall("sys_exit_setgid", false),
+                    syscall("sys_enter_setreuid", false),
+                    syscall("sys_exit_setreuid", false),
+                    syscall("sys_enter_setregid", false),
+                    syscall("sys_exit_setregid", false),
+                    syscall("sys_enter_setresuid", false),
+                    syscall("sys_exit_setresuid", false),
+                    syscall("sys_enter_setresgid", false),
+                    syscall("sys_exit_setresgid", false),
+                ],
+            },
+        ],
+    },
+    SensorPlan {
+        sensor: "file",
+        // open, creat, unlink, rename and chmod are not system calls on
+        // every architecture (arm64 has only the *at forms).
+        choices: &[HookChoice {
+            name: "tracepoints syscalls/sys_enter_{openat,open,creat,unlinkat,unlink,renameat2,renameat,rename,fchmodat,chmod}",
+            programs: &[
+                syscall("sys_enter_openat", false),
+                syscall("sys_enter_open", true),
+                syscall("sys_enter_creat", true),
+                syscall("sys_enter_unlinkat", false),
+                syscall("sys_enter_unlink", true),
+                syscall("sys_enter_renameat2", false),
+                syscall("sys_enter_renameat", true),
+                syscall("sys_enter_rename", true),
+                syscall("sys_enter_fchmodat", false),
+                syscall("sys_enter_chmod", true),
+            ],
+        }],
+    },
+    SensorPlan {
+        sensor: "dns",
+        choices: &[HookChoice {
+            name: "cgroup_skb/egress",
+            programs: &[ProgramHook {
+                program: DNS_EGRESS_PROGRAM,
+                hook: Hook::CgroupSkbEgress,
+                optional: false,
+            }],
+        }],
     },
 ];
-
-/// The file sensor: one program per system call it watches.
-pub const FILE_SENSORS: &[SensorHook] = &[
-    file_hook("sys_enter_openat"),
-    file_hook("sys_enter_open"),
-    file_hook("sys_enter_creat"),
-    file_hook("sys_enter_unlinkat"),
-    file_hook("sys_enter_unlink"),
-    file_hook("sys_enter_renameat2"),
-    file_hook("sys_enter_renameat"),
-    file_hook("sys_enter_rename"),
-    file_hook("sys_enter_fchmodat"),
-    file_hook("sys_enter_chmod"),
-];
-
-/// The credential sensor: entry and exit of each setuid-family call.
-pub const CRED_SENSORS: &[SensorHook] = &[
-    cred_hook("sys_enter_setuid"),
-    cred_hook("sys_exit_setuid"),
-    cred_hook("sys_enter_setgid"),
-    cred_hook("sys_exit_setgid"),
-    cred_hook("sys_enter_setreuid"),
-    cred_hook("sys_exit_setreuid"),
-    cred_hook("sys_enter_setregid"),
-    cred_hook("sys_exit_setregid"),
-    cred_hook("sys_enter_setresuid"),
-    cred_hook("sys_exit_setresuid"),
-    cred_hook("sys_enter_setresgid"),
-    cred_hook("sys_exit_setresgid"),
-];
-
-const fn cred_hook(tracepoint: &'static str) -> SensorHook {
-    SensorHook {
-        sensor: "creds",
-        program: tracepoint,
-        category: "syscalls",
-        tracepoint,
-    }
-}
-
-const fn file_hook(tracepoint: &'static str) -> SensorHook {
-    SensorHook {
-        sensor: "file",
-        program: tracepoint,
-        category: "syscalls",
-        tracepoint,
-    }
-}
 
 /// Records taken from the bulk ring per wake-up before the critical ring is
 /// looked at again.
@@ -167,6 +264,13 @@ pub enum SensorError {
     },
     #[error("cannot poll ring buffer: {0}")]
     Poll(std::io::Error),
+    #[error("no kernel BTF for BTF-typed programs")]
+    NoBtf,
+    #[error("cannot open the guarded cgroup {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("no sensor could be attached")]
     NoneActive,
 }
@@ -186,7 +290,7 @@ impl Sequencer {
 /// maps; the reader tasks end with it.
 pub struct KernelSensors {
     _ebpf: Ebpf,
-    active: Vec<SensorHook>,
+    active: Vec<ActiveSensor>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -202,6 +306,7 @@ impl KernelSensors {
     /// Loads and attaches the sensors and starts delivering events to `out`.
     pub fn start(
         config: &SensorConfig,
+        guarded_cgroup: &Path,
         budget: &crate::budget::BudgetConfig,
         out: mpsc::Sender<Event>,
         metrics: Arc<AgentMetrics>,
@@ -224,57 +329,42 @@ impl KernelSensors {
         fill_watch_list(&mut ebpf, config)?;
         seed_listeners(&mut ebpf);
 
+        // BTF for fentry/LSM programs; without it those choices fail and
+        // the next one is taken.
+        let btf = aya::Btf::from_sys_fs()
+            .map_err(|err| warn!(error = %err, "no kernel BTF: fentry hooks unavailable"))
+            .ok();
+        let targets = AttachTargets {
+            btf: btf.as_ref(),
+            guarded_cgroup,
+        };
         let mut active = Vec::new();
-        for hook in CRITICAL_SENSORS {
-            if hook.sensor == "fork" && offsets.tp_newtask_clone_flags == 0 {
+        for plan in SENSOR_PLANS {
+            if plan.sensor == "fork" && offsets.tp_newtask_clone_flags == 0 {
                 warn!(
-                    sensor = hook.sensor,
+                    sensor = plan.sensor,
                     "not attached: task_newtask record layout unknown"
                 );
                 continue;
             }
-            match attach(&mut ebpf, hook) {
-                Ok(()) => {
-                    info!(sensor = hook.sensor, hook = %format!("tracepoint {}/{}", hook.category, hook.tracepoint), "sensor active");
-                    active.push(*hook);
+            match attach_sensor(&mut ebpf, plan, &targets) {
+                Ok(sensor) => {
+                    if sensor.passed_over.is_empty() {
+                        info!(
+                            sensor = sensor.sensor,
+                            hook = sensor.hook,
+                            programs = sensor.programs,
+                            "sensor active"
+                        );
+                    } else {
+                        info!(sensor = sensor.sensor, hook = sensor.hook, programs = sensor.programs, passed_over = ?sensor.passed_over, "sensor active on a fallback hook");
+                    }
+                    active.push(sensor);
                 }
-                Err(err) => warn!(sensor = hook.sensor, error = %err, "sensor not attached"),
+                Err(failures) => {
+                    warn!(sensor = plan.sensor, failures = ?failures, "sensor not attached")
+                }
             }
-        }
-        // The file sensor is one sensor over several system calls: it is
-        // active when every one of them attached.
-        let mut file_hooks = 0;
-        for hook in FILE_SENSORS {
-            match attach(&mut ebpf, hook) {
-                Ok(()) => file_hooks += 1,
-                Err(err) => {
-                    warn!(sensor = hook.sensor, tracepoint = hook.tracepoint, error = %err, "file hook not attached")
-                }
-            }
-        }
-        // Credentials: active only when every entry/exit pair attached.
-        let cred_hooks = CRED_SENSORS
-            .iter()
-            .filter(|hook| match attach(&mut ebpf, hook) {
-                Ok(()) => true,
-                Err(err) => {
-                    warn!(tracepoint = hook.tracepoint, error = %err, "credential hook not attached");
-                    false
-                }
-            })
-            .count();
-        if cred_hooks == CRED_SENSORS.len() {
-            info!(
-                sensor = "creds",
-                hook =
-                    "tracepoints syscalls/sys_{enter,exit}_set{uid,gid,reuid,regid,resuid,resgid}",
-                "sensor active"
-            );
-            active.push(CRED_SENSORS[0]);
-        }
-        if file_hooks > 0 {
-            info!(sensor = "file", hooks = file_hooks, of = FILE_SENSORS.len(), hook = "tracepoints syscalls/sys_enter_{open,openat,creat,unlink,unlinkat,rename,renameat,renameat2,chmod,fchmodat}", "sensor active");
-            active.push(FILE_SENSORS[0]);
         }
         if active.is_empty() {
             return Err(SensorError::NoneActive);
@@ -330,7 +420,7 @@ impl KernelSensors {
     }
 
     /// The sensors attached on this kernel, and through which hook.
-    pub fn active(&self) -> &[SensorHook] {
+    pub fn active(&self) -> &[ActiveSensor] {
         &self.active
     }
 }
@@ -415,26 +505,116 @@ fn fill_watch_list(ebpf: &mut Ebpf, config: &SensorConfig) -> Result<(), SensorE
     Ok(())
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &SensorHook) -> Result<(), SensorError> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(hook.program)
-        .ok_or(SensorError::Missing(hook.program))?
-        .try_into()
-        .map_err(|source| SensorError::Program {
-            program: hook.program,
-            source,
-        })?;
-    program.load().map_err(|source| SensorError::Program {
-        program: hook.program,
+/// What hooks attach to besides the kernel itself.
+struct AttachTargets<'a> {
+    btf: Option<&'a aya::Btf>,
+    guarded_cgroup: &'a Path,
+}
+
+/// Attaches the first choice of `plan` whose required programs all attach;
+/// the failures of every choice when none does.
+fn attach_sensor(
+    ebpf: &mut Ebpf,
+    plan: &SensorPlan,
+    targets: &AttachTargets<'_>,
+) -> Result<ActiveSensor, Vec<(&'static str, String)>> {
+    let mut passed_over = Vec::new();
+    for choice in plan.choices {
+        let mut attached = Vec::new();
+        let mut failure = None;
+        for program in choice.programs {
+            match attach_program(ebpf, program, targets) {
+                Ok(()) => attached.push(program),
+                Err(err) if program.optional => {
+                    tracing::debug!(sensor = plan.sensor, program = program.program, error = %err, "optional program not attached");
+                }
+                Err(err) => {
+                    failure = Some(format!("{}: {err}", program.program));
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => {
+                return Ok(ActiveSensor {
+                    sensor: plan.sensor,
+                    hook: choice.name,
+                    programs: attached.len(),
+                    passed_over,
+                })
+            }
+            Some(reason) => {
+                for program in attached {
+                    unload(ebpf, program);
+                }
+                passed_over.push((choice.name, reason));
+            }
+        }
+    }
+    Err(passed_over)
+}
+
+fn attach_program(
+    ebpf: &mut Ebpf,
+    hook: &ProgramHook,
+    targets: &AttachTargets<'_>,
+) -> Result<(), SensorError> {
+    let name = hook.program;
+    let program_error = |source| SensorError::Program {
+        program: name,
         source,
-    })?;
-    program
-        .attach(hook.category, hook.tracepoint)
-        .map_err(|source| SensorError::Program {
-            program: hook.program,
-            source,
-        })?;
+    };
+    let program = ebpf.program_mut(name).ok_or(SensorError::Missing(name))?;
+    match hook.hook {
+        Hook::Tracepoint { category, name } => {
+            let program: &mut TracePoint = program.try_into().map_err(program_error)?;
+            program.load().map_err(program_error)?;
+            program.attach(category, name).map_err(program_error)?;
+        }
+        Hook::Fentry { function } => {
+            let btf = targets.btf.ok_or(SensorError::NoBtf)?;
+            let program: &mut FEntry = program.try_into().map_err(program_error)?;
+            program.load(function, btf).map_err(program_error)?;
+            program.attach().map_err(program_error)?;
+        }
+        Hook::CgroupSkbEgress => {
+            let cgroup = std::fs::File::open(targets.guarded_cgroup).map_err(|source| {
+                SensorError::Cgroup {
+                    path: targets.guarded_cgroup.to_owned(),
+                    source,
+                }
+            })?;
+            let program: &mut CgroupSkb = program.try_into().map_err(program_error)?;
+            program.load().map_err(program_error)?;
+            program
+                // A BPF link: always beside other programs on the cgroup,
+                // and the kernel takes no attach flags for links (mode
+                // `Single` is 0).
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Egress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(program_error)?;
+        }
+    }
     Ok(())
+}
+
+/// Detaches and unloads a program of a choice that did not attach whole.
+fn unload(ebpf: &mut Ebpf, hook: &ProgramHook) {
+    let Some(program) = ebpf.program_mut(hook.program) else {
+        return;
+    };
+    let result = match program {
+        Program::TracePoint(p) => p.unload(),
+        Program::FEntry(p) => p.unload(),
+        Program::CgroupSkb(p) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(err) = result {
+        warn!(program = hook.program, error = %err, "cannot unload program");
+    }
 }
 
 /// Drains the critical ring buffer: decode, keep the process table, enrich.
@@ -571,16 +751,20 @@ impl Reader {
             KernelEvent::Exec(e) => {
                 self.table.on_exec(&e);
                 let ancestry = self.table.ancestry(e.pid);
-                let exe_sha256 =
-                    blocking(|| self.hasher.hash(e.pid, &e.filename)).unwrap_or_default();
-                let user_name = self.users.name(e.uid).unwrap_or_default().to_owned();
-                let cgroup_path = self
-                    .cgroups
-                    .as_mut()
-                    .and_then(|cgroups| cgroups.path_of(e.cgroup_id, e.pid))
-                    .unwrap_or_default()
-                    .to_owned();
-                let container_id = crate::cgroups::container_id(&cgroup_path).unwrap_or_default();
+                // Only a binary not seen before is read, off the runtime's
+                // worker; the usual case is one stat.
+                let exe_sha256 = match self.hasher.lookup(e.pid, &e.filename) {
+                    Lookup::Cached(hash) => hash,
+                    Lookup::New(file) => {
+                        blocking(|| self.hasher.hash_new(file)).unwrap_or_default()
+                    }
+                    Lookup::Unreadable => String::new(),
+                };
+                let Owner {
+                    user_name,
+                    cgroup_path,
+                    container_id,
+                } = self.owner(e.uid, e.cgroup_id, e.pid);
                 let kind = Kind::Exec(WireExec {
                     pid: e.pid,
                     tid: e.tid,
@@ -647,6 +831,7 @@ impl Reader {
                     None => (Vec::new(), String::new()),
                 };
                 let (bytes_sent, bytes_received) = t.bytes.unwrap_or((0, 0));
+                let owner = self.owner(t.uid, t.cgroup_id, pid);
                 let kind = Kind::Tcp(WireTcp {
                     action: tcp_action_name(t.action).to_owned(),
                     pid,
@@ -664,6 +849,9 @@ impl Reader {
                     bytes_received,
                     bytes_unknown: t.action == agent_common::TcpAction::Closed && t.bytes.is_none(),
                     exe,
+                    user_name: owner.user_name,
+                    cgroup_path: owner.cgroup_path,
+                    container_id: owner.container_id,
                 });
                 (ancestry, kind)
             }
@@ -689,6 +877,7 @@ impl Reader {
             KernelEvent::File(f) => {
                 let ancestry = self.table.ancestry(f.pid);
                 let exe = self.table.exe_of(f.pid);
+                let owner = self.owner(f.uid, f.cgroup_id, f.pid);
                 let kind = Kind::File(WireFile {
                     action: file_action_name(f.action).to_owned(),
                     pid: f.pid,
@@ -701,6 +890,47 @@ impl Reader {
                     mode: f.mode,
                     path_truncated: f.path_truncated,
                     exe,
+                    user_name: owner.user_name,
+                    cgroup_path: owner.cgroup_path,
+                    container_id: owner.container_id,
+                });
+                (ancestry, kind)
+            }
+            KernelEvent::Dns(d) => {
+                let pid = d.pid.unwrap_or(0);
+                let (ancestry, exe) = match d.pid {
+                    Some(pid) => (self.table.ancestry(pid), self.table.exe_of(pid)),
+                    None => (Vec::new(), String::new()),
+                };
+                let owner = self.owner(d.uid, d.cgroup_id, pid);
+                let (question, parse_error) = match crate::dns::parse_query(&d.message) {
+                    Ok(question) => (Some(question), String::new()),
+                    Err(err) => (None, err.to_string()),
+                };
+                let kind = Kind::Dns(WireDns {
+                    pid,
+                    owner_unknown: d.pid.is_none(),
+                    uid: d.uid,
+                    gid: d.gid,
+                    cgroup_id: d.cgroup_id,
+                    ip_version: if d.server.is_ipv4() { 4 } else { 6 },
+                    source_addr: d.source.ip().to_string(),
+                    source_port: u32::from(d.source.port()),
+                    server_addr: d.server.ip().to_string(),
+                    server_port: u32::from(d.server.port()),
+                    transaction_id: question.as_ref().map_or(0, |q| u32::from(q.transaction_id)),
+                    question_count: question.as_ref().map_or(0, |q| u32::from(q.question_count)),
+                    query_type: question
+                        .as_ref()
+                        .map(|q| q.query_type.clone())
+                        .unwrap_or_default(),
+                    query_name: question.map(|q| q.name).unwrap_or_default(),
+                    message_len: d.message_len,
+                    parse_error,
+                    exe,
+                    user_name: owner.user_name,
+                    cgroup_path: owner.cgroup_path,
+                    container_id: owner.container_id,
                 });
                 (ancestry, kind)
             }
@@ -713,6 +943,33 @@ impl Reader {
                 .map(|a| wire_ancestor(a, &to_unix))
                 .collect(),
             kind: Some(kind),
+        }
+    }
+}
+
+/// Who owns an event's process beyond its ids.
+struct Owner {
+    user_name: String,
+    cgroup_path: String,
+    container_id: String,
+}
+
+impl Reader {
+    /// User name of `uid`, path and container id of cgroup `cgroup_id`
+    /// (`pid` is a member, used when the id is new to the resolver).
+    fn owner(&mut self, uid: u32, cgroup_id: u64, pid: u32) -> Owner {
+        let user_name = self.users.name(uid).unwrap_or_default().to_owned();
+        let cgroup_path = self
+            .cgroups
+            .as_mut()
+            .and_then(|cgroups| cgroups.path_of(cgroup_id, pid))
+            .unwrap_or_default()
+            .to_owned();
+        let container_id = crate::cgroups::container_id(&cgroup_path).unwrap_or_default();
+        Owner {
+            user_name,
+            cgroup_path,
+            container_id,
         }
     }
 }
@@ -817,5 +1074,125 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
         // Kernels since 5.11 account BPF memory to the cgroup; harmless there.
         tracing::debug!("could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_object() -> Ebpf {
+        raise_memlock_limit();
+        EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .expect("the agent's eBPF object loads (root)")
+    }
+
+    #[test]
+    fn every_planned_program_is_in_the_object() {
+        let ebpf = load_object();
+        for plan in SENSOR_PLANS {
+            assert!(!plan.choices.is_empty(), "{} has no hook", plan.sensor);
+            for choice in plan.choices {
+                assert!(
+                    choice.programs.iter().any(|p| !p.optional),
+                    "{}: {} needs a required program",
+                    plan.sensor,
+                    choice.name
+                );
+                for program in choice.programs {
+                    assert!(
+                        ebpf.program(program.program).is_some(),
+                        "{}: program {} is not in the object",
+                        plan.sensor,
+                        program.program
+                    );
+                }
+            }
+        }
+    }
+
+    /// A choice that cannot attach is passed over, with its reason, for the
+    /// next one; its programs that did attach are detached again.
+    #[test]
+    fn falls_back_to_the_next_choice_and_says_why() {
+        let mut ebpf = load_object();
+        const PLAN: SensorPlan = SensorPlan {
+            sensor: "exec",
+            choices: &[
+                HookChoice {
+                    name: "a tracepoint this kernel does not have",
+                    programs: &[
+                        ProgramHook {
+                            program: EXEC_PROGRAM,
+                            hook: Hook::Tracepoint {
+                                category: "sched",
+                                name: "sched_process_exec",
+                            },
+                            optional: false,
+                        },
+                        ProgramHook {
+                            program: EXIT_PROGRAM,
+                            hook: Hook::Tracepoint {
+                                category: "sched",
+                                name: "zt_no_such_tracepoint",
+                            },
+                            optional: false,
+                        },
+                    ],
+                },
+                HookChoice {
+                    name: "the real one",
+                    programs: &[ProgramHook {
+                        program: EXEC_PROGRAM,
+                        hook: Hook::Tracepoint {
+                            category: "sched",
+                            name: "sched_process_exec",
+                        },
+                        optional: false,
+                    }],
+                },
+            ],
+        };
+        let targets = AttachTargets {
+            btf: None,
+            guarded_cgroup: Path::new("/nonexistent"),
+        };
+        let active = attach_sensor(&mut ebpf, &PLAN, &targets).expect("second choice attaches");
+        assert_eq!(active.hook, "the real one");
+        assert_eq!(active.programs, 1);
+        assert_eq!(active.passed_over.len(), 1);
+        let (passed, reason) = &active.passed_over[0];
+        assert_eq!(*passed, "a tracepoint this kernel does not have");
+        assert!(reason.contains(EXIT_PROGRAM), "{reason}");
+    }
+
+    #[test]
+    fn a_sensor_with_no_working_choice_reports_every_failure() {
+        let mut ebpf = load_object();
+        let targets = AttachTargets {
+            btf: None,
+            guarded_cgroup: Path::new("/nonexistent/cgroup"),
+        };
+        let dns = SENSOR_PLANS
+            .iter()
+            .find(|plan| plan.sensor == "dns")
+            .expect("dns sensor");
+        let failures = attach_sensor(&mut ebpf, dns, &targets).expect_err("no such cgroup");
+        assert_eq!(failures.len(), dns.choices.len());
+        assert!(
+            failures[0].1.contains("/nonexistent/cgroup"),
+            "{failures:?}"
+        );
+
+        let creds = SENSOR_PLANS
+            .iter()
+            .find(|plan| plan.sensor == "creds")
+            .expect("creds sensor");
+        // Without BTF the fentry choice cannot load; the tracepoints can.
+        let active = attach_sensor(&mut ebpf, creds, &targets).expect("tracepoints attach");
+        assert_eq!(active.passed_over.len(), 1);
+        assert!(active.passed_over[0].1.contains("BTF"), "{active:?}");
+        assert_eq!(active.programs, 12);
     }
 }

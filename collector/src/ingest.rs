@@ -101,17 +101,20 @@ impl TelemetryService {
             process_events,
             network_events,
             file_events,
+            dns_events,
             gaps,
         } = rows;
-        let (process_events, network_events, file_events, gaps) = tokio::join!(
+        let (process_events, network_events, file_events, dns_events, gaps) = tokio::join!(
             self.writers.process_events.write(process_events),
             self.writers.network_events.write(network_events),
             self.writers.file_events.write(file_events),
+            self.writers.dns_events.write(dns_events),
             self.writers.gaps.write(gaps)
         );
         process_events
             .and(network_events)
             .and(file_events)
+            .and(dns_events)
             .and(gaps)
             .map_err(|source| IngestError::NotStored {
                 batch_seq: batch.batch_seq,

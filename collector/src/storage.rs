@@ -1,5 +1,6 @@
 //! ClickHouse storage: the client, schema migrations and the row types of the
-//! event tables (`process_events`, `gaps`, `network_events`, `file_events`).
+//! event tables (`process_events`, `gaps`, `network_events`, `file_events`,
+//! `dns_events`).
 //!
 //! Talks to ClickHouse over HTTP (RowBinary) with the `clickhouse` crate.
 //! The schema runs unchanged on ClickHouse 18.16 and current releases.
@@ -19,8 +20,8 @@ use crate::config::{is_identifier, ClickHouseConfig};
 pub use self::{
     migrations::{Column, Migration, MigrationReport, Step, MIGRATIONS},
     rows::{
-        FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, TableRow, CRED_SYSCALLS,
-        DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
+        DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, TableRow,
+        CRED_SYSCALLS, DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
         EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD,
         FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID,
         TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED,

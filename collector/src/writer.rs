@@ -27,7 +27,8 @@ use tracing::{debug, error, warn};
 use crate::{
     metrics::Metrics,
     storage::{
-        FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError, TableRow,
+        DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError,
+        TableRow,
     },
 };
 
@@ -142,6 +143,7 @@ pub struct TableWriters {
     pub process_events: WriterHandle<ProcessEventRow>,
     pub network_events: WriterHandle<NetworkEventRow>,
     pub file_events: WriterHandle<FileEventRow>,
+    pub dns_events: WriterHandle<DnsEventRow>,
     pub gaps: WriterHandle<GapRow>,
 }
 
@@ -151,6 +153,7 @@ pub struct TableWriterTasks {
     process_events: WriterTask,
     network_events: WriterTask,
     file_events: WriterTask,
+    dns_events: WriterTask,
     gaps: WriterTask,
 }
 
@@ -158,13 +161,14 @@ impl TableWriterTasks {
     /// Shuts every writer down at once (see [`WriterTask::shutdown`]); true
     /// when all of them flushed within `grace`.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        let (process_events, network_events, file_events, gaps) = tokio::join!(
+        let (process_events, network_events, file_events, dns_events, gaps) = tokio::join!(
             self.process_events.shutdown(grace),
             self.network_events.shutdown(grace),
             self.file_events.shutdown(grace),
+            self.dns_events.shutdown(grace),
             self.gaps.shutdown(grace)
         );
-        process_events && network_events && file_events && gaps
+        process_events && network_events && file_events && dns_events && gaps
     }
 }
 
@@ -177,18 +181,21 @@ pub fn spawn_tables(
     let (process_events, process_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (network_events, network_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (file_events, file_events_task) = spawn(storage.clone(), limits, metrics.clone());
+    let (dns_events, dns_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (gaps, gaps_task) = spawn(storage.clone(), limits, metrics);
     (
         TableWriters {
             process_events,
             network_events,
             file_events,
+            dns_events,
             gaps,
         },
         TableWriterTasks {
             process_events: process_events_task,
             network_events: network_events_task,
             file_events: file_events_task,
+            dns_events: dns_events_task,
             gaps: gaps_task,
         },
     )

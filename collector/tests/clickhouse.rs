@@ -1,7 +1,7 @@
 //! The collector against a real ClickHouse (a private server per test, see
 //! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrades of older
 //! databases), the gRPC ingest path end to end for every event kind (process
-//! events, TCP connections, file activity, gaps), start-up failure, and a
+//! events, TCP connections, file activity, DNS queries, gaps), start-up failure, and a
 //! ClickHouse outage while agents send.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
         event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck,
-        CredentialChange, Event, EventBatch, FileActivity, Gap, ProcessExec, ProcessExit,
+        CredentialChange, DnsQuery, Event, EventBatch, FileActivity, Gap, ProcessExec, ProcessExit,
         ProcessFork, TcpConnection,
     },
 };
@@ -20,7 +20,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig},
-    storage::{FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, MIGRATIONS},
+    storage::{
+        DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, TableRow,
+        MIGRATIONS,
+    },
     CollectorConfig,
 };
 use zt_e2e::clickhouse::{fresh_database_name, ClickHouseServer};
@@ -193,6 +196,17 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         "org_id, hostname, time, pid, seq",
     )
     .await;
+    assert_eq!(
+        table_columns(&server, &database, "dns_events").await,
+        sorted(DNS_EVENTS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "dns_events",
+        "org_id, hostname, time, pid, seq",
+    )
+    .await;
 
     // The steps themselves are idempotent: with the bookkeeping lost, every
     // migration runs again over the existing schema, and changes nothing.
@@ -215,7 +229,14 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         table_columns(&server, &database, "file_events").await,
         sorted(FILE_EVENTS_COLUMNS)
     );
+    assert_eq!(
+        table_columns(&server, &database, "dns_events").await,
+        sorted(DNS_EVENTS_COLUMNS)
+    );
 }
+
+/// Every migration's version: what a rerun finds recorded.
+const ALL_VERSIONS: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -287,7 +308,7 @@ const GAPS_COLUMNS: &[(&str, &str)] = &[
     ("ingested_at", "DateTime"),
 ];
 
-/// Columns of `zt.network_events` (migration 4), with their types.
+/// Columns of `zt.network_events` (migrations 4 and 9), with their types.
 const NETWORK_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("org_id", "String"),
     ("time", "DateTime"),
@@ -319,9 +340,13 @@ const NETWORK_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("ancestor_start_ns", "Array(UInt64)"),
     ("agent_version", "String"),
     ("ingested_at", "DateTime"),
+    // Migration 9.
+    ("user_name", "String"),
+    ("cgroup_path", "String"),
+    ("container_id", "String"),
 ];
 
-/// Columns of `zt.file_events` (migration 5), with their types.
+/// Columns of `zt.file_events` (migrations 5 and 9), with their types.
 const FILE_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("org_id", "String"),
     ("time", "DateTime"),
@@ -341,6 +366,47 @@ const FILE_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("open_flags", "UInt32"),
     ("mode", "UInt32"),
     ("path_truncated", "UInt8"),
+    ("ancestor_pids", "Array(UInt32)"),
+    ("ancestor_exes", "Array(String)"),
+    ("ancestor_argv0", "Array(String)"),
+    ("ancestor_start_ns", "Array(UInt64)"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+    // Migration 9.
+    ("user_name", "String"),
+    ("cgroup_path", "String"),
+    ("container_id", "String"),
+];
+
+/// Columns of `zt.dns_events` (migration 10), with their types.
+const DNS_EVENTS_COLUMNS: &[(&str, &str)] = &[
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("pid", "UInt32"),
+    ("owner_unknown", "UInt8"),
+    ("uid", "UInt32"),
+    ("gid", "UInt32"),
+    ("cgroup_id", "UInt64"),
+    ("exe", "String"),
+    ("user_name", "String"),
+    ("cgroup_path", "String"),
+    ("container_id", "String"),
+    ("ip_version", "UInt8"),
+    ("source_addr", "String"),
+    ("source_port", "UInt16"),
+    ("server_addr", "String"),
+    ("server_port", "UInt16"),
+    ("transaction_id", "UInt16"),
+    ("query_name", "String"),
+    ("query_type", "String"),
+    ("question_count", "UInt16"),
+    ("message_len", "UInt32"),
+    ("parse_error", "String"),
     ("ancestor_pids", "Array(UInt32)"),
     ("ancestor_exes", "Array(String)"),
     ("ancestor_argv0", "Array(String)"),
@@ -446,7 +512,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -519,7 +585,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     // And a rerun changes nothing.
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 #[tokio::test]
@@ -544,7 +610,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7, 8]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -587,7 +653,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 #[tokio::test]
@@ -615,13 +681,13 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
     assert_eq!((old.rejected, old.rows.len()), (0, 3));
     insert_process_rows_before_v6(&server, &database, &old.rows.process_events).await;
     storage.insert(&old.rows.gaps).await.unwrap();
-    storage.insert(&old.rows.network_events).await.unwrap();
+    insert_before_v9(&server, &database, &old.rows.network_events).await;
     assert!(table_columns(&server, &database, "file_events")
         .await
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -668,7 +734,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 /// Migration 6's columns of `process_events`.
@@ -798,6 +864,56 @@ async fn insert_old_process_rows(
         .unwrap_or_else(|e| panic!("{e}\n{sql}"));
 }
 
+/// Migration 9's columns of `network_events` and `file_events`.
+const OWNER_V9: [&str; 3] = ["user_name", "cgroup_path", "container_id"];
+
+/// Inserts `rows` into their table (`R::TABLE`) in a database older than
+/// migration 9, whose `network_events` or `file_events` lacks [`OWNER_V9`]:
+/// through a staging database at the current schema, copying the columns
+/// the old table has. The rows must have those columns at their default, ''.
+async fn insert_before_v9<R: TableRow>(server: &ClickHouseServer, database: &str, rows: &[R]) {
+    let staging = format!("{database}_staging");
+    let storage = Storage::new(&config_for(server, &staging).clickhouse).expect("staging storage");
+    storage
+        .migrate()
+        .await
+        .expect("migrate the staging database");
+    storage
+        .insert(rows)
+        .await
+        .expect("insert into the staging database");
+    let table = R::TABLE;
+    let client = server.client();
+    let with_owner: u64 = client
+        .query(&format!(
+            "SELECT count() FROM {staging}.{table} \
+             WHERE user_name != '' OR cgroup_path != '' OR container_id != ''"
+        ))
+        .fetch_one()
+        .await
+        .expect("count staged rows with an owner");
+    assert_eq!(with_owner, 0, "rows of {table} with owner columns set");
+    let columns: Vec<&str> = R::COLUMN_NAMES
+        .iter()
+        .copied()
+        .filter(|c| !OWNER_V9.contains(c))
+        .collect();
+    let columns = columns.join(", ");
+    let sql = format!(
+        "INSERT INTO {database}.{table} ({columns}) SELECT {columns} FROM {staging}.{table}"
+    );
+    client
+        .query(&sql)
+        .execute()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+    client
+        .query(&format!("DROP DATABASE {staging}"))
+        .execute()
+        .await
+        .expect("drop the staging database");
+}
+
 /// SHA-256 of a `/usr/bin/ls`, as an agent sends it.
 const LS_SHA256: &str = "cb30d69b24245bf2ecdc9e7f53bbad19159999970b6d82c0c00c7d32d9e37aa4";
 
@@ -851,8 +967,8 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
     assert_eq!((old.rejected, old.rows.process_events.len()), (0, 3));
     insert_process_rows_before_v6(&server, &database, &old.rows.process_events).await;
     storage.insert(&old.rows.gaps).await.unwrap();
-    storage.insert(&old.rows.network_events).await.unwrap();
-    storage.insert(&old.rows.file_events).await.unwrap();
+    insert_before_v9(&server, &database, &old.rows.network_events).await;
+    insert_before_v9(&server, &database, &old.rows.file_events).await;
     let before = table_columns(&server, &database, "process_events").await;
     assert!(before
         .iter()
@@ -865,7 +981,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -938,7 +1054,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 /// Pid `pid` (`/usr/bin/sudo`, uid/gid 1000/100) becoming root with
@@ -1009,7 +1125,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1065,7 +1181,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 /// A docker container's id, and the cgroup of a process in it.
@@ -1133,7 +1249,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8]);
+    assert_eq!(report.applied, vec![8, 9, 10]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1180,7 +1296,215 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
 
     let rerun = storage.migrate().await.unwrap();
     assert!(rerun.applied.is_empty());
-    assert_eq!(rerun.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
+}
+
+/// `/usr/bin/curl` (pid `pid`, alice, in the container [`CONTAINER_ID`])
+/// asking 192.0.2.53 for the A records of `name` over IPv4.
+fn dns_kind(name: &str, pid: u32) -> Kind {
+    Kind::Dns(DnsQuery {
+        pid,
+        owner_unknown: false,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        ip_version: 4,
+        source_addr: "192.0.2.10".into(),
+        source_port: 40_123,
+        server_addr: "192.0.2.53".into(),
+        server_port: 53,
+        transaction_id: 0xbeef,
+        query_name: name.into(),
+        query_type: "A".into(),
+        question_count: 1,
+        message_len: 40,
+        parse_error: String::new(),
+        exe: "/usr/bin/curl".into(),
+        user_name: "alice".into(),
+        cgroup_path: CONTAINER_CGROUP.into(),
+        container_id: CONTAINER_ID.into(),
+    })
+}
+
+/// A datagram to port 53 too short for a DNS header, from `python3` (pid
+/// `pid`), as the agent reports it: no question, the reason why.
+fn malformed_dns_kind(pid: u32) -> Kind {
+    let Kind::Dns(mut dns) = dns_kind("", pid) else {
+        unreachable!()
+    };
+    dns.query_type.clear();
+    dns.transaction_id = 0;
+    dns.question_count = 0;
+    dns.message_len = 2;
+    dns.parse_error = "message is shorter than a DNS header".into();
+    dns.exe = "/usr/bin/python3".into();
+    Kind::Dns(dns)
+}
+
+/// A TCP or file event's `kind` with its process named as alice's in the
+/// container [`CONTAINER_ID`].
+fn owned_in_container(mut kind: Kind) -> Kind {
+    let (user_name, cgroup_path, container_id) = match &mut kind {
+        Kind::Tcp(t) => (&mut t.user_name, &mut t.cgroup_path, &mut t.container_id),
+        Kind::File(f) => (&mut f.user_name, &mut f.cgroup_path, &mut f.container_id),
+        other => panic!("no owner columns: {other:?}"),
+    };
+    *user_name = "alice".into();
+    *cgroup_path = CONTAINER_CGROUP.into();
+    *container_id = CONTAINER_ID.into();
+    kind
+}
+
+async fn stored_dns_events(server: &ClickHouseServer, database: &str) -> Vec<DnsEventRow> {
+    server
+        .client()
+        .with_database(database)
+        .query("SELECT ?fields FROM dns_events ORDER BY seq")
+        .fetch_all::<DnsEventRow>()
+        .await
+        .expect("select dns_events")
+}
+
+#[tokio::test]
+async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_its_rows() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade8");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 8 left it, with rows in every
+    // table: an exec in a container, a gap, a connection and file activity.
+    assert_eq!(
+        storage.migrate_to(8).await.unwrap().applied,
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
+    );
+    let mut events = vec![
+        exec_in(1, 4300, CONTAINER_CGROUP, CONTAINER_ID),
+        at(2, gap_kind(5, T0_NS)),
+        at(3, tcp_kind("connected", 6, 4300)),
+    ];
+    events.extend(file_events_from(4)); // seq 4..=8
+    let old = zt_collector::ingest::convert_batch(Some(&identity()), &events, 1_750_000_100);
+    assert_eq!((old.rejected, old.rows.len()), (0, 8));
+    storage.insert(&old.rows.process_events).await.unwrap();
+    storage.insert(&old.rows.gaps).await.unwrap();
+    insert_before_v9(&server, &database, &old.rows.network_events).await;
+    insert_before_v9(&server, &database, &old.rows.file_events).await;
+    for table in ["network_events", "file_events"] {
+        let before = table_columns(&server, &database, table).await;
+        assert!(
+            before
+                .iter()
+                .all(|(name, _)| !OWNER_V9.contains(&name.as_str())),
+            "{table}"
+        );
+    }
+    assert!(table_columns(&server, &database, "dns_events")
+        .await
+        .is_empty());
+    // As if a collector had died half-way through migration 9: one column
+    // of one table added.
+    client
+        .query("ALTER TABLE network_events ADD COLUMN user_name String")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![9, 10]);
+    assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    for (table, columns) in [
+        ("process_events", PROCESS_EVENTS_COLUMNS),
+        ("gaps", GAPS_COLUMNS),
+        ("network_events", NETWORK_EVENTS_COLUMNS),
+        ("file_events", FILE_EVENTS_COLUMNS),
+        ("dns_events", DNS_EVENTS_COLUMNS),
+    ] {
+        assert_eq!(
+            table_columns(&server, &database, table).await,
+            sorted(columns),
+            "{table}"
+        );
+    }
+    for table in ["network_events", "file_events", "dns_events"] {
+        assert_keys(
+            &server,
+            &database,
+            table,
+            "org_id, hostname, time, pid, seq",
+        )
+        .await;
+    }
+
+    // The old rows keep every value and read '' in the new columns.
+    assert_eq!(
+        stored_rows(&server, &database).await,
+        old.rows.process_events
+    );
+    assert_eq!(stored_gaps(&server, &database).await, old.rows.gaps);
+    assert_eq!(
+        stored_network_events(&server, &database).await,
+        old.rows.network_events
+    );
+    assert_eq!(
+        stored_file_events(&server, &database).await,
+        old.rows.file_events
+    );
+    for (table, rows) in [("network_events", 1), ("file_events", 5)] {
+        let blank: u64 = client
+            .query(&format!(
+                "SELECT count() FROM {table} \
+                 WHERE user_name = '' AND cgroup_path = '' AND container_id = ''"
+            ))
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!(blank, rows, "{table}");
+    }
+
+    // Connections and file activity with their owner, and DNS queries, go in
+    // beside them.
+    let new = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[
+            at(20, owned_in_container(tcp_kind("connected", 4, 4400))),
+            at(
+                21,
+                owned_in_container(file_kind("open_write", 4400, "/etc/cron.d/x")),
+            ),
+            at(22, dns_kind("files.example.org", 4400)),
+            at(23, malformed_dns_kind(4401)),
+        ],
+        1_750_000_200,
+    );
+    assert_eq!((new.rejected, new.rows.len()), (0, 4));
+    storage.insert(&new.rows.network_events).await.unwrap();
+    storage.insert(&new.rows.file_events).await.unwrap();
+    storage.insert(&new.rows.dns_events).await.unwrap();
+    let network = stored_network_events(&server, &database).await;
+    assert_eq!(network.len(), 2);
+    assert_eq!(network[1], new.rows.network_events[0]);
+    assert_eq!(
+        (
+            network[1].user_name.as_str(),
+            network[1].cgroup_path.as_str(),
+            network[1].container_id.as_str()
+        ),
+        ("alice", CONTAINER_CGROUP, CONTAINER_ID)
+    );
+    let files = stored_file_events(&server, &database).await;
+    assert_eq!(files.len(), 6);
+    assert_eq!(files[5], new.rows.file_events[0]);
+    assert_eq!(files[5].container_id, CONTAINER_ID);
+    assert_eq!(
+        stored_dns_events(&server, &database).await,
+        new.rows.dns_events
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
 }
 
 /// File activity of pid `pid` (`/usr/bin/vim`, uid 1000) on `path`.
@@ -1499,7 +1823,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         gap(5, 40, T0_NS),
         gap(6, 0, T0_NS), // lost nothing: refused
         exit_kind_at(7, 4303, None, Some(9), false),
-        at(8, tcp_kind("connected", 4, 4300)),
+        at(8, owned_in_container(tcp_kind("connected", 4, 4300))),
     ];
     events.extend(file_events_from(9)); // seq 9..=13
                                         // A rename without its new path, and an action that does not exist.
@@ -1510,6 +1834,11 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
     // A process becoming root, and a change by a syscall that is not one.
     events.push(at(18, creds_kind("setresuid", 4304)));
     events.push(at(19, creds_kind("setfsuid", 4304)));
+    // A DNS query, a datagram to port 53 that is not one, and a query
+    // without a name that does not say why.
+    events.push(at(20, dns_kind("files.example.org", 4300)));
+    events.push(at(21, malformed_dns_kind(4305)));
+    events.push(at(22, dns_kind("", 4300)));
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -1518,7 +1847,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
-    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 13, 5));
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 15, 6));
     assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
 
     // Acked means stored, each row in its table.
@@ -1717,6 +2046,14 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
             .collect::<Vec<_>>(),
         vec![(8, "connected", "outbound")]
     );
+    assert_eq!(
+        (
+            network[0].user_name.as_str(),
+            network[0].cgroup_path.as_str(),
+            network[0].container_id.as_str()
+        ),
+        ("alice", CONTAINER_CGROUP, CONTAINER_ID)
+    );
 
     // File activity, every value as sent.
     let files = stored_file_events(&server, &database).await;
@@ -1751,6 +2088,9 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
         agent_version: "0.1.0-test".into(),
         ingested_at,
+        user_name: String::new(),
+        cgroup_path: String::new(),
+        container_id: String::new(),
     };
     assert_eq!(
         files,
@@ -1779,6 +2119,59 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         ]
     );
 
+    // DNS queries, every value as sent; the malformed one with its reason.
+    let dns = |seq: u64, pid: u32| DnsEventRow {
+        org_id: "pref-test".into(),
+        time: u32::try_from((T0_NS + seq * 1_000_000) / 1_000_000_000).unwrap(),
+        time_ns: T0_NS + seq * 1_000_000,
+        device_id: "device-7".into(),
+        hostname: "pc-007".into(),
+        boot_id: "0b5e2f4c-boot".into(),
+        seq,
+        pid,
+        owner_unknown: 0,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exe: "/usr/bin/curl".into(),
+        user_name: "alice".into(),
+        cgroup_path: CONTAINER_CGROUP.into(),
+        container_id: CONTAINER_ID.into(),
+        ip_version: 4,
+        source_addr: "192.0.2.10".into(),
+        source_port: 40_123,
+        server_addr: "192.0.2.53".into(),
+        server_port: 53,
+        transaction_id: 0xbeef,
+        query_name: "files.example.org".into(),
+        query_type: "A".into(),
+        question_count: 1,
+        message_len: 40,
+        parse_error: String::new(),
+        ancestor_pids: vec![4200, 1],
+        ancestor_exes: vec!["/usr/bin/bash".into(), "/usr/lib/systemd/systemd".into()],
+        ancestor_argv0: vec!["-bash".into(), "/sbin/init".into()],
+        ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
+        agent_version: "0.1.0-test".into(),
+        ingested_at,
+    };
+    assert_eq!(
+        stored_dns_events(&server, &database).await,
+        vec![
+            dns(20, 4300),
+            DnsEventRow {
+                exe: "/usr/bin/python3".into(),
+                transaction_id: 0,
+                query_name: String::new(),
+                query_type: String::new(),
+                question_count: 0,
+                message_len: 2,
+                parse_error: "message is shorter than a DNS header".into(),
+                ..dns(21, 4305)
+            },
+        ]
+    );
+
     // A batch of gaps only is stored and acked too.
     agent
         .send(EventBatch {
@@ -1795,8 +2188,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         .await
         .unwrap();
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.events_stored, 14, "rows of every table");
-    assert_eq!(status.events_rejected, 5);
+    assert_eq!(status.events_stored, 16, "rows of every table");
+    assert_eq!(status.events_rejected, 6);
 
     drop(agent);
     collector.shutdown().await.unwrap();
@@ -1999,6 +2392,9 @@ async fn tcp_events_of_a_mixed_batch_land_in_network_events_exactly() {
         ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
         agent_version: "0.1.0-test".into(),
         ingested_at,
+        user_name: String::new(),
+        cgroup_path: String::new(),
+        container_id: String::new(),
     };
     let closed_row = |seq, ip| NetworkEventRow {
         duration_ns: 2_500_000_000,
@@ -2269,6 +2665,24 @@ async fn the_documented_queries_run() {
         .await
         .unwrap();
 
+    // And DNS queries just now, one for the name the examples look for
+    // (sent to a server that is not one of the examples' resolvers), one a
+    // datagram to port 53 that is not DNS: the DNS queries must find them.
+    let mut lookup = at(15, dns_kind("files.example.org", 4900));
+    lookup.time_unix_ns = now_ns - 5_000_000_000;
+    let mut malformed = at(16, malformed_dns_kind(4901));
+    malformed.time_unix_ns = now_ns - 4_000_000_000;
+    let converted = zt_collector::ingest::convert_batch(
+        Some(&examples_agent),
+        &[lookup, malformed],
+        1_750_000_100,
+    );
+    assert_eq!(
+        (converted.rejected, converted.rows.dns_events.len()),
+        (0, 2)
+    );
+    storage.insert(&converted.rows.dns_events).await.unwrap();
+
     let doc = include_str!("../../docs/schema.md");
     let queries: Vec<&str> = doc
         .split("```sql\n")
@@ -2284,6 +2698,7 @@ async fn the_documented_queries_run() {
     let mut hash_queries = 0;
     let mut cred_queries = 0;
     let mut container_queries = 0;
+    let mut dns_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -2298,11 +2713,13 @@ async fn the_documented_queries_run() {
         let is_hash_query = query.contains("exe_sha256");
         let is_cred_query = query.contains("'cred_change'");
         let is_container_query = query.contains("container_id != ''");
+        let is_dns_query = query.contains("FROM zt.dns_events");
         file_queries += u32::from(is_file_query);
+        dns_queries += u32::from(is_dns_query);
         hash_queries += u32::from(is_hash_query);
         cred_queries += u32::from(is_cred_query);
         container_queries += u32::from(is_container_query);
-        if is_file_query || is_hash_query || is_cred_query || is_container_query {
+        if is_file_query || is_hash_query || is_cred_query || is_container_query || is_dns_query {
             let found: u64 = client
                 .query(&format!("SELECT count() FROM ({sql})"))
                 .fetch_one()
@@ -2318,6 +2735,7 @@ async fn the_documented_queries_run() {
         container_queries >= 1,
         "{container_queries} container queries found"
     );
+    assert!(dns_queries >= 2, "{dns_queries} DNS queries found");
     let doc_hash = format!("exe_sha256 = '{DOCS_HASH_V1}'");
     assert!(
         doc.contains(&doc_hash),

@@ -22,6 +22,9 @@ pub const TEST_ORG: &str = "org-e2e";
 
 pub struct Stack {
     pub clickhouse: ClickHouseServer,
+    /// The cgroup the stack's agents guard (cgroup hooks attach here, never
+    /// to the root cgroup).
+    pub guarded: TestCgroup,
     pub database: String,
     pub dir: tempfile::TempDir,
     pub collector_port: u16,
@@ -31,6 +34,7 @@ impl Stack {
     pub async fn new(name: &str) -> Result<Self> {
         Ok(Self {
             clickhouse: ClickHouseServer::start().await?,
+            guarded: TestCgroup::create(&format!("guard-{name}"))?,
             database: fresh_database_name(name),
             dir: tempfile::tempdir()?,
             collector_port: free_port()?,
@@ -68,6 +72,10 @@ impl Stack {
             // activity: a whole core of budget keeps sampling out of tests
             // that do not test it (they set their own).
             ("ZT_AGENT_BUDGET__CPU_PERCENT", "100".to_owned()),
+            (
+                "ZT_AGENT_GUARDED_CGROUP",
+                self.guarded.path().display().to_string(),
+            ),
         ];
         envs.extend(env.iter().cloned());
         let mut agent = Process::spawn(

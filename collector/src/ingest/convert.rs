@@ -8,21 +8,26 @@
 //! `process_events` rows too, `event_type = 'cred_change'`;
 //! `tcp` events become `network_events` rows (with the owner's ancestry);
 //! `file` events become `file_events` rows (with the process's ancestry);
+//! `dns` events become `dns_events` rows (with the sender's ancestry);
 //! `gap` events become `gaps` rows.
+//!
+//! Exec, TCP, file and DNS events name who the process is beyond its ids
+//! (`user_name`, `cgroup_path`, `container_id`); those three are checked the
+//! same way on every kind ([`check_owner`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use proto::telemetry::{
-    event::Kind, AgentIdentity, Ancestor, CredentialChange, Event, FileActivity, Gap, ProcessExec,
-    ProcessExit, ProcessFork, TcpConnection,
+    event::Kind, AgentIdentity, Ancestor, CredentialChange, DnsQuery, Event, FileActivity, Gap,
+    ProcessExec, ProcessExit, ProcessFork, TcpConnection,
 };
 
 use crate::storage::{
-    FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, CRED_SYSCALLS, DIRECTION_INBOUND,
-    DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, EVENT_TYPE_CRED_CHANGE,
-    EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE,
-    FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED,
-    TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN,
+    DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, CRED_SYSCALLS,
+    DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
+    EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD,
+    FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID,
+    TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN,
 };
 
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
@@ -30,9 +35,10 @@ const REASON_EXCERPT_CHARS: usize = 64;
 
 /// Length of `process_events.exe_sha256` when known: a SHA-256 in hex.
 const EXE_SHA256_HEX_LEN: usize = 64;
-/// Longest `process_events.user_name` stored, in bytes.
+/// Longest `user_name` stored (every table that has one), in bytes.
 const MAX_USER_NAME_BYTES: usize = 256;
-/// Longest `process_events.cgroup_path` stored, in bytes (`PATH_MAX`).
+/// Longest `cgroup_path` stored (every table that has one), in bytes
+/// (`PATH_MAX`).
 const MAX_CGROUP_PATH_BYTES: usize = 4096;
 
 /// Why an event was refused. Refused events are counted and reported in the
@@ -58,22 +64,34 @@ pub enum RejectReason {
         /// The refused text, cut to 64 characters.
         exe_sha256: String,
     },
-    #[error("exec event seq {seq} has a user_name of {bytes} bytes, beyond 256")]
-    ExecUserNameTooLong { seq: u64, bytes: usize },
+    /// An exec, tcp, file or dns event (`kind`) whose `user_name` is too
+    /// long.
+    #[error("{kind} event seq {seq} has a user_name of {bytes} bytes, beyond 256")]
+    UserNameTooLong {
+        seq: u64,
+        kind: &'static str,
+        bytes: usize,
+    },
     #[error(
-        "exec event seq {seq} has container_id {container_id:?}, \
+        "{kind} event seq {seq} has container_id {container_id:?}, \
          not empty or 64 lowercase hex characters"
     )]
-    ExecBadContainerId {
+    BadContainerId {
         seq: u64,
+        kind: &'static str,
         /// The refused text, cut to 64 characters.
         container_id: String,
     },
-    #[error("exec event seq {seq} has a cgroup_path of {bytes} bytes, beyond 4096")]
-    ExecCgroupPathTooLong { seq: u64, bytes: usize },
-    #[error("exec event seq {seq} has cgroup_path {cgroup_path:?}, not starting with '/'")]
-    ExecCgroupPathNotAbsolute {
+    #[error("{kind} event seq {seq} has a cgroup_path of {bytes} bytes, beyond 4096")]
+    CgroupPathTooLong {
         seq: u64,
+        kind: &'static str,
+        bytes: usize,
+    },
+    #[error("{kind} event seq {seq} has cgroup_path {cgroup_path:?}, not starting with '/'")]
+    CgroupPathNotAbsolute {
+        seq: u64,
+        kind: &'static str,
         /// The refused text, cut to 64 characters.
         cgroup_path: String,
     },
@@ -128,6 +146,27 @@ pub enum RejectReason {
     FileRenameWithoutTarget { seq: u64 },
     #[error("file event seq {seq} is a {action} with a target path")]
     FileTargetOnNonRename { seq: u64, action: &'static str },
+    #[error("dns event seq {seq} has ip version {ip_version}, not 4 or 6")]
+    DnsIpVersion { seq: u64, ip_version: u32 },
+    #[error("dns event seq {seq} has {field} {addr:?}, not an IPv{ip_version} address")]
+    DnsBadAddress {
+        seq: u64,
+        field: &'static str,
+        ip_version: u8,
+        /// The refused text, cut to 64 characters.
+        addr: String,
+    },
+    /// A port, the transaction id or the question count beyond 16 bits.
+    #[error("dns event seq {seq} has {field} {value}, beyond 65535")]
+    DnsFieldOutOfRange {
+        seq: u64,
+        field: &'static str,
+        value: u32,
+    },
+    /// A query whose question was read (no `parse_error`) without its name
+    /// or type.
+    #[error("dns event seq {seq} has an empty {field} and no parse_error")]
+    DnsEmptyQuestion { seq: u64, field: &'static str },
 }
 
 /// The sender of a batch, checked once per batch.
@@ -182,6 +221,8 @@ pub enum EventRow {
     NetworkEvent(NetworkEventRow),
     /// `file`: a row of `file_events`.
     FileEvent(FileEventRow),
+    /// `dns`: a row of `dns_events`.
+    DnsEvent(DnsEventRow),
     /// `gap`: a row of `gaps`.
     Gap(GapRow),
 }
@@ -205,6 +246,7 @@ impl TryFrom<Received<'_>> for EventRow {
             Kind::Creds(creds) => EventRow::ProcessEvent(cred_change_row(&header, creds)?),
             Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
             Kind::File(file) => EventRow::FileEvent(file_row(&header, file)?),
+            Kind::Dns(dns) => EventRow::DnsEvent(dns_row(&header, dns)?),
             Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
         })
     }
@@ -288,10 +330,53 @@ impl Header<'_> {
     }
 }
 
-/// Refuses an `exe_sha256` or a `container_id` that is neither empty
-/// (unknown) nor 64 lowercase hex characters, a `user_name` longer than
-/// [`MAX_USER_NAME_BYTES`], and a non-empty `cgroup_path` longer than
-/// [`MAX_CGROUP_PATH_BYTES`] or not starting with `/`.
+/// Who a process is beyond its ids, as exec, TCP, file and DNS events name
+/// it: `''` in any of them means unknown.
+struct Owner<'a> {
+    user_name: &'a str,
+    cgroup_path: &'a str,
+    container_id: &'a str,
+}
+
+/// Refuses a `user_name` longer than [`MAX_USER_NAME_BYTES`], a
+/// `container_id` that is neither empty (unknown, or not in a container) nor
+/// 64 lowercase hex characters, and a non-empty `cgroup_path` longer than
+/// [`MAX_CGROUP_PATH_BYTES`] or not starting with `/`. `kind` names the
+/// event kind in the reason.
+fn check_owner(seq: u64, kind: &'static str, owner: &Owner<'_>) -> Result<(), RejectReason> {
+    if owner.user_name.len() > MAX_USER_NAME_BYTES {
+        return Err(RejectReason::UserNameTooLong {
+            seq,
+            kind,
+            bytes: owner.user_name.len(),
+        });
+    }
+    if !is_sha256_hex_or_empty(owner.container_id) {
+        return Err(RejectReason::BadContainerId {
+            seq,
+            kind,
+            container_id: excerpt(owner.container_id),
+        });
+    }
+    if owner.cgroup_path.len() > MAX_CGROUP_PATH_BYTES {
+        return Err(RejectReason::CgroupPathTooLong {
+            seq,
+            kind,
+            bytes: owner.cgroup_path.len(),
+        });
+    }
+    if !owner.cgroup_path.is_empty() && !owner.cgroup_path.starts_with('/') {
+        return Err(RejectReason::CgroupPathNotAbsolute {
+            seq,
+            kind,
+            cgroup_path: excerpt(owner.cgroup_path),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses an `exe_sha256` that is neither empty (unknown) nor 64 lowercase
+/// hex characters, and an owner that [`check_owner`] refuses.
 fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, RejectReason> {
     let seq = header.received.event.seq;
     if !is_sha256_hex_or_empty(&exec.exe_sha256) {
@@ -300,30 +385,15 @@ fn exec_row(header: &Header<'_>, exec: &ProcessExec) -> Result<ProcessEventRow, 
             exe_sha256: excerpt(&exec.exe_sha256),
         });
     }
-    if exec.user_name.len() > MAX_USER_NAME_BYTES {
-        return Err(RejectReason::ExecUserNameTooLong {
-            seq,
-            bytes: exec.user_name.len(),
-        });
-    }
-    if !is_sha256_hex_or_empty(&exec.container_id) {
-        return Err(RejectReason::ExecBadContainerId {
-            seq,
-            container_id: excerpt(&exec.container_id),
-        });
-    }
-    if exec.cgroup_path.len() > MAX_CGROUP_PATH_BYTES {
-        return Err(RejectReason::ExecCgroupPathTooLong {
-            seq,
-            bytes: exec.cgroup_path.len(),
-        });
-    }
-    if !exec.cgroup_path.is_empty() && !exec.cgroup_path.starts_with('/') {
-        return Err(RejectReason::ExecCgroupPathNotAbsolute {
-            seq,
-            cgroup_path: excerpt(&exec.cgroup_path),
-        });
-    }
+    check_owner(
+        seq,
+        "exec",
+        &Owner {
+            user_name: &exec.user_name,
+            cgroup_path: &exec.cgroup_path,
+            container_id: &exec.container_id,
+        },
+    )?;
     Ok(ProcessEventRow {
         pid: exec.pid,
         tid: exec.tid,
@@ -518,9 +588,10 @@ const TCP_ACTIONS: [(&str, &str); 6] = [
 ];
 
 /// Refuses an action outside the six, an IP version other than 4 or 6, a
-/// port beyond 65535, and an address that is not one of the stated version.
-/// Addresses are stored as the canonical text of the parsed address (dotted
-/// IPv4, RFC 5952 IPv6), which is what agents send.
+/// port beyond 65535, an address that is not one of the stated version, and
+/// an owner that [`check_owner`] refuses. Addresses are stored as the
+/// canonical text of the parsed address (dotted IPv4, RFC 5952 IPv6), which
+/// is what agents send.
 fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, RejectReason> {
     let Received {
         sender,
@@ -561,6 +632,19 @@ fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, 
     let port = |field: &'static str, port: u32| -> Result<u16, RejectReason> {
         u16::try_from(port).map_err(|_| RejectReason::TcpPortOutOfRange { seq, field, port })
     };
+    let local_addr = address("local_addr", &tcp.local_addr)?;
+    let local_port = port("local_port", tcp.local_port)?;
+    let remote_addr = address("remote_addr", &tcp.remote_addr)?;
+    let remote_port = port("remote_port", tcp.remote_port)?;
+    check_owner(
+        seq,
+        "tcp",
+        &Owner {
+            user_name: &tcp.user_name,
+            cgroup_path: &tcp.cgroup_path,
+            container_id: &tcp.container_id,
+        },
+    )?;
     let ancestry = Ancestry::of(&event.ancestors);
     Ok(NetworkEventRow {
         org_id: sender.org_id.to_owned(),
@@ -579,10 +663,10 @@ fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, 
         cgroup_id: tcp.cgroup_id,
         exe: tcp.exe.clone(),
         ip_version,
-        local_addr: address("local_addr", &tcp.local_addr)?,
-        local_port: port("local_port", tcp.local_port)?,
-        remote_addr: address("remote_addr", &tcp.remote_addr)?,
-        remote_port: port("remote_port", tcp.remote_port)?,
+        local_addr,
+        local_port,
+        remote_addr,
+        remote_port,
         duration_ns: tcp.duration_ns,
         bytes_sent: tcp.bytes_sent,
         bytes_received: tcp.bytes_received,
@@ -593,6 +677,9 @@ fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, 
         ancestor_start_ns: ancestry.start_ns,
         agent_version: sender.agent_version.to_owned(),
         ingested_at,
+        user_name: tcp.user_name.clone(),
+        cgroup_path: tcp.cgroup_path.clone(),
+        container_id: tcp.container_id.clone(),
     })
 }
 
@@ -606,8 +693,8 @@ const FILE_ACTIONS: [&str; 5] = [
 ];
 
 /// Refuses an action outside the five, an empty path, a rename without a
-/// target path and a target path on anything but a rename. The other fields
-/// are stored as sent.
+/// target path, a target path on anything but a rename, and an owner that
+/// [`check_owner`] refuses. The other fields are stored as sent.
 fn file_row(header: &Header<'_>, file: &FileActivity) -> Result<FileEventRow, RejectReason> {
     let Received {
         sender,
@@ -630,6 +717,15 @@ fn file_row(header: &Header<'_>, file: &FileActivity) -> Result<FileEventRow, Re
         (false, false) => return Err(RejectReason::FileTargetOnNonRename { seq, action }),
         _ => {}
     }
+    check_owner(
+        seq,
+        "file",
+        &Owner {
+            user_name: &file.user_name,
+            cgroup_path: &file.cgroup_path,
+            container_id: &file.container_id,
+        },
+    )?;
     let ancestry = Ancestry::of(&event.ancestors);
     Ok(FileEventRow {
         org_id: sender.org_id.to_owned(),
@@ -656,6 +752,118 @@ fn file_row(header: &Header<'_>, file: &FileActivity) -> Result<FileEventRow, Re
         ancestor_start_ns: ancestry.start_ns,
         agent_version: sender.agent_version.to_owned(),
         ingested_at,
+        user_name: file.user_name.clone(),
+        cgroup_path: file.cgroup_path.clone(),
+        container_id: file.container_id.clone(),
+    })
+}
+
+/// Refuses an IP version other than 4 or 6, an address that is not one of
+/// the stated version, a port, transaction id or question count beyond
+/// 65535, an owner that [`check_owner`] refuses, and a query whose question
+/// was read (`parse_error` empty) but has no name or no type.
+///
+/// A query whose question could not be read (`parse_error` set: too short
+/// for a header, a response, no question, a malformed name) is stored, with
+/// `query_name` and `query_type` as sent (`''` from current agents): the
+/// attempt to send something to a DNS port is itself worth keeping
+/// (tunnelling, malformed-packet tools). The root's name is `.`, never
+/// `''`. Addresses are stored as the canonical text of the parsed address,
+/// as on `network_events`; names and types as sent (agents lower-case
+/// names).
+fn dns_row(header: &Header<'_>, dns: &DnsQuery) -> Result<DnsEventRow, RejectReason> {
+    let Received {
+        sender,
+        event,
+        ingested_at,
+    } = header.received;
+    let seq = event.seq;
+    let ip_version = match dns.ip_version {
+        4 => 4,
+        6 => 6,
+        other => {
+            return Err(RejectReason::DnsIpVersion {
+                seq,
+                ip_version: other,
+            })
+        }
+    };
+    let address = |field: &'static str, text: &str| -> Result<String, RejectReason> {
+        let parsed = if ip_version == 4 {
+            text.parse::<Ipv4Addr>().map(|a| a.to_string())
+        } else {
+            text.parse::<Ipv6Addr>().map(|a| a.to_string())
+        };
+        parsed.map_err(|_| RejectReason::DnsBadAddress {
+            seq,
+            field,
+            ip_version,
+            addr: excerpt(text),
+        })
+    };
+    let u16_field = |field: &'static str, value: u32| -> Result<u16, RejectReason> {
+        u16::try_from(value).map_err(|_| RejectReason::DnsFieldOutOfRange { seq, field, value })
+    };
+    let source_addr = address("source_addr", &dns.source_addr)?;
+    let source_port = u16_field("source_port", dns.source_port)?;
+    let server_addr = address("server_addr", &dns.server_addr)?;
+    let server_port = u16_field("server_port", dns.server_port)?;
+    let transaction_id = u16_field("transaction_id", dns.transaction_id)?;
+    let question_count = u16_field("question_count", dns.question_count)?;
+    if dns.parse_error.is_empty() {
+        for (field, value) in [
+            ("query_name", &dns.query_name),
+            ("query_type", &dns.query_type),
+        ] {
+            if value.is_empty() {
+                return Err(RejectReason::DnsEmptyQuestion { seq, field });
+            }
+        }
+    }
+    check_owner(
+        seq,
+        "dns",
+        &Owner {
+            user_name: &dns.user_name,
+            cgroup_path: &dns.cgroup_path,
+            container_id: &dns.container_id,
+        },
+    )?;
+    let ancestry = Ancestry::of(&event.ancestors);
+    Ok(DnsEventRow {
+        org_id: sender.org_id.to_owned(),
+        time: header.time,
+        time_ns: event.time_unix_ns,
+        device_id: sender.device_id.to_owned(),
+        hostname: sender.hostname.to_owned(),
+        boot_id: sender.boot_id.to_owned(),
+        seq,
+        pid: dns.pid,
+        owner_unknown: u8::from(dns.owner_unknown),
+        uid: dns.uid,
+        gid: dns.gid,
+        cgroup_id: dns.cgroup_id,
+        exe: dns.exe.clone(),
+        user_name: dns.user_name.clone(),
+        cgroup_path: dns.cgroup_path.clone(),
+        container_id: dns.container_id.clone(),
+        ip_version,
+        source_addr,
+        source_port,
+        server_addr,
+        server_port,
+        transaction_id,
+        query_name: dns.query_name.clone(),
+        query_type: dns.query_type.clone(),
+        question_count,
+        message_len: dns.message_len,
+        parse_error: dns.parse_error.clone(),
+        ancestor_pids: ancestry.pids,
+        ancestor_exes: ancestry.exes,
+        ancestor_argv0: ancestry.argv0,
+        ancestor_start_ns: ancestry.start_ns,
+        agent_version: sender.agent_version.to_owned(),
+        ingested_at,
     })
 }
 
@@ -674,6 +882,7 @@ pub struct TableRows {
     pub process_events: Vec<ProcessEventRow>,
     pub network_events: Vec<NetworkEventRow>,
     pub file_events: Vec<FileEventRow>,
+    pub dns_events: Vec<DnsEventRow>,
     pub gaps: Vec<GapRow>,
 }
 
@@ -683,6 +892,7 @@ impl TableRows {
         self.process_events.len()
             + self.network_events.len()
             + self.file_events.len()
+            + self.dns_events.len()
             + self.gaps.len()
     }
 
@@ -695,6 +905,7 @@ impl TableRows {
             EventRow::ProcessEvent(row) => self.process_events.push(row),
             EventRow::NetworkEvent(row) => self.network_events.push(row),
             EventRow::FileEvent(row) => self.file_events.push(row),
+            EventRow::DnsEvent(row) => self.dns_events.push(row),
             EventRow::Gap(row) => self.gaps.push(row),
         }
     }
@@ -726,20 +937,22 @@ pub fn convert_batch(
             }
         }
     };
-    // Nearly every event is a process, TCP or file event; gaps are rare.
-    let (mut tcp, mut file) = (0, 0);
+    // Nearly every event is a process, TCP, file or DNS event; gaps are rare.
+    let (mut tcp, mut file, mut dns) = (0, 0, 0);
     for event in events {
         match event.kind {
             Some(Kind::Tcp(_)) => tcp += 1,
             Some(Kind::File(_)) => file += 1,
+            Some(Kind::Dns(_)) => dns += 1,
             _ => {}
         }
     }
     let mut out = Converted {
         rows: TableRows {
-            process_events: Vec::with_capacity(events.len() - tcp - file),
+            process_events: Vec::with_capacity(events.len() - tcp - file - dns),
             network_events: Vec::with_capacity(tcp),
             file_events: Vec::with_capacity(file),
+            dns_events: Vec::with_capacity(dns),
             gaps: Vec::new(),
         },
         ..Default::default()
@@ -1065,7 +1278,11 @@ mod tests {
         let name = "u".repeat(257);
         assert_eq!(
             convert(&exec_as(5, LS_SHA256, &name)),
-            Err(RejectReason::ExecUserNameTooLong { seq: 5, bytes: 257 })
+            Err(RejectReason::UserNameTooLong {
+                seq: 5,
+                kind: "exec",
+                bytes: 257
+            })
         );
         let name = "é".repeat(129); // 129 characters, 258 bytes
         let reason = convert(&exec_as(5, "", &name)).unwrap_err();
@@ -1133,8 +1350,9 @@ mod tests {
 
     #[test]
     fn a_malformed_container_id_is_refused() {
-        let bad = |text: &str| RejectReason::ExecBadContainerId {
+        let bad = |text: &str| RejectReason::BadContainerId {
             seq: 6,
+            kind: "exec",
             container_id: text.into(),
         };
         let upper = CONTAINER_ID.to_ascii_uppercase();
@@ -1167,8 +1385,9 @@ mod tests {
         let path = format!("/{}", "c".repeat(4096));
         assert_eq!(
             convert(&exec_in(7, &path, "")),
-            Err(RejectReason::ExecCgroupPathTooLong {
+            Err(RejectReason::CgroupPathTooLong {
                 seq: 7,
+                kind: "exec",
                 bytes: 4097
             })
         );
@@ -1186,8 +1405,9 @@ mod tests {
         for path in ["system.slice", " /system.slice", "./x", "\\x"] {
             assert_eq!(
                 convert(&exec_in(8, path, "")),
-                Err(RejectReason::ExecCgroupPathNotAbsolute {
+                Err(RejectReason::CgroupPathNotAbsolute {
                     seq: 8,
+                    kind: "exec",
                     cgroup_path: path.into(),
                 }),
                 "{path}"
@@ -1472,6 +1692,9 @@ mod tests {
             event(9, T, file_kind("open_write")),
             event(10, T, file_kind("truncate")),
             event(11, T, rename("/etc/cron.d/.tmp", "/etc/cron.d/job")),
+            event(12, T, dns_v4("example.org", "A")),
+            event(13, T, with_dns(dns_v4("", "A"), |d| d.source_port = 70_000)),
+            event(14, T, dns_v6("example.org", "AAAA")),
         ];
         let converted = convert_batch(Some(&identity()), &events, NOW);
         let kinds: Vec<(u64, &str)> = converted
@@ -1497,8 +1720,15 @@ mod tests {
             .map(|r| (r.seq, r.action.as_str()))
             .collect();
         assert_eq!(files, vec![(9, "open_write"), (11, "rename")]);
-        assert_eq!(converted.rows.len(), 8);
-        assert_eq!(converted.rejected, 3);
+        let dns: Vec<(u64, &str)> = converted
+            .rows
+            .dns_events
+            .iter()
+            .map(|r| (r.seq, r.query_type.as_str()))
+            .collect();
+        assert_eq!(dns, vec![(12, "A"), (14, "AAAA")]);
+        assert_eq!(converted.rows.len(), 10);
+        assert_eq!(converted.rejected, 4);
         assert_eq!(
             converted.first_reason,
             Some(RejectReason::GapNothingLost { seq: 5 })
@@ -1541,6 +1771,7 @@ mod tests {
             gap("critical", "ring_full", 1, 0, 0),
             tcp_v4("listen"),
             file_kind("unlink"),
+            dns_v4("example.org", "A"),
         ] {
             assert_eq!(
                 convert(&event(9, 0, kind.clone())),
@@ -1587,7 +1818,11 @@ mod tests {
         assert_eq!(convert_batch(None, &[], 0), Converted::default());
     }
 
-    /// An outbound IPv4 connection of `curl` (the fields every action has).
+    /// The login session's cgroup of the TCP, file and DNS fixtures' process.
+    const SESSION_CGROUP: &str = "/user.slice/user-1000.slice/session-3.scope";
+
+    /// An outbound IPv4 connection of `curl` by alice (the fields every
+    /// action has).
     fn tcp_v4(action: &str) -> Kind {
         Kind::Tcp(TcpConnection {
             action: action.into(),
@@ -1602,6 +1837,8 @@ mod tests {
             remote_addr: "198.51.100.7".into(),
             remote_port: 443,
             exe: "/usr/bin/curl".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
             ..Default::default()
         })
     }
@@ -1664,6 +1901,9 @@ mod tests {
             ancestor_start_ns: Vec::new(),
             agent_version: "0.1.0".into(),
             ingested_at: NOW,
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
         }
     }
 
@@ -1914,6 +2154,8 @@ mod tests {
             cgroup_id: 88,
             path: "/etc/crontab".into(),
             exe: "/usr/bin/vim".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
             ..Default::default()
         })
     }
@@ -1966,6 +2208,9 @@ mod tests {
             ancestor_start_ns: Vec::new(),
             agent_version: "0.1.0".into(),
             ingested_at: NOW,
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
         }
     }
 
@@ -2285,5 +2530,527 @@ mod tests {
             converted.first_reason,
             Some(RejectReason::CredUnknownSyscall { seq: 2, .. })
         ));
+    }
+    #[test]
+    fn tcp_and_file_rows_carry_the_owners_user_cgroup_and_container() {
+        let path = format!("/system.slice/docker-{CONTAINER_ID}.scope");
+        let tcp = with_tcp(tcp_v4("connected"), |t| {
+            t.user_name = "www-data".into();
+            t.cgroup_path = path.clone();
+            t.container_id = CONTAINER_ID.into();
+        });
+        assert_eq!(
+            network_row(&event(1, T, tcp)),
+            NetworkEventRow {
+                user_name: "www-data".into(),
+                cgroup_path: path.clone(),
+                container_id: CONTAINER_ID.into(),
+                ..network_base(1, "connected", "outbound")
+            }
+        );
+        let file = with_file(file_kind("unlink"), |f| {
+            f.user_name = "root".into();
+            f.cgroup_path = path.clone();
+            f.container_id = CONTAINER_ID.into();
+        });
+        assert_eq!(
+            file_row_of(&event(2, T, file)),
+            FileEventRow {
+                user_name: "root".into(),
+                cgroup_path: path.clone(),
+                container_id: CONTAINER_ID.into(),
+                ..file_base(2, "unlink")
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_owner_is_stored_empty_on_tcp_and_file_rows() {
+        // As an agent older than the fields sends them, or one that could
+        // not tell (a socket that predates the agent).
+        let tcp = with_tcp(tcp_v4("closed"), |t| {
+            t.owner_unknown = true;
+            t.user_name.clear();
+            t.cgroup_path.clear();
+        });
+        let row = network_row(&event(1, T, tcp));
+        assert_eq!(
+            (
+                row.user_name.as_str(),
+                row.cgroup_path.as_str(),
+                row.container_id.as_str()
+            ),
+            ("", "", "")
+        );
+        let file = with_file(file_kind("chmod"), |f| {
+            f.user_name.clear();
+            f.cgroup_path.clear();
+        });
+        let row = file_row_of(&event(2, T, file));
+        assert_eq!(
+            (
+                row.user_name.as_str(),
+                row.cgroup_path.as_str(),
+                row.container_id.as_str()
+            ),
+            ("", "", "")
+        );
+    }
+
+    /// Every kind that names its process's owner refuses a malformed one the
+    /// same way, naming the kind.
+    #[test]
+    fn a_malformed_owner_is_refused_on_every_kind() {
+        type Change = fn(&mut String, &mut String, &mut String);
+        let owner_of = |kind: &str, change: Change| -> Kind {
+            match kind {
+                "exec" => {
+                    let mut exec = exec_event(1, T).kind.unwrap();
+                    if let Kind::Exec(e) = &mut exec {
+                        change(&mut e.user_name, &mut e.cgroup_path, &mut e.container_id);
+                    }
+                    exec
+                }
+                "tcp" => with_tcp(tcp_v4("connected"), |t| {
+                    change(&mut t.user_name, &mut t.cgroup_path, &mut t.container_id)
+                }),
+                "file" => with_file(file_kind("open_write"), |f| {
+                    change(&mut f.user_name, &mut f.cgroup_path, &mut f.container_id)
+                }),
+                _ => with_dns(dns_v4("example.org", "A"), |d| {
+                    change(&mut d.user_name, &mut d.cgroup_path, &mut d.container_id)
+                }),
+            }
+        };
+        for kind in ["exec", "tcp", "file", "dns"] {
+            let k = kind;
+            let cases: [(Change, RejectReason); 5] = [
+                (
+                    |u, _, _| *u = "u".repeat(257),
+                    RejectReason::UserNameTooLong {
+                        seq: 9,
+                        kind: k,
+                        bytes: 257,
+                    },
+                ),
+                (
+                    |_, _, c| *c = CONTAINER_ID[..12].into(),
+                    RejectReason::BadContainerId {
+                        seq: 9,
+                        kind: k,
+                        container_id: CONTAINER_ID[..12].into(),
+                    },
+                ),
+                (
+                    |_, _, c| *c = CONTAINER_ID.to_ascii_uppercase(),
+                    RejectReason::BadContainerId {
+                        seq: 9,
+                        kind: k,
+                        container_id: CONTAINER_ID.to_ascii_uppercase(),
+                    },
+                ),
+                (
+                    |_, p, _| *p = format!("/{}", "c".repeat(4096)),
+                    RejectReason::CgroupPathTooLong {
+                        seq: 9,
+                        kind: k,
+                        bytes: 4097,
+                    },
+                ),
+                (
+                    |_, p, _| *p = "system.slice".into(),
+                    RejectReason::CgroupPathNotAbsolute {
+                        seq: 9,
+                        kind: k,
+                        cgroup_path: "system.slice".into(),
+                    },
+                ),
+            ];
+            for (change, reason) in cases {
+                assert_eq!(
+                    convert(&event(9, T, owner_of(kind, change))),
+                    Err(reason),
+                    "{kind}"
+                );
+            }
+            // The limits themselves are fine.
+            let longest: Change = |u, p, c| {
+                *u = "u".repeat(256);
+                *p = format!("/{}", "c".repeat(4095));
+                *c = CONTAINER_ID.into();
+            };
+            assert!(
+                convert(&event(9, T, owner_of(kind, longest))).is_ok(),
+                "{kind}"
+            );
+        }
+        assert_eq!(
+            RejectReason::BadContainerId {
+                seq: 3,
+                kind: "dns",
+                container_id: "abc".into(),
+            }
+            .to_string(),
+            "dns event seq 3 has container_id \"abc\", \
+             not empty or 64 lowercase hex characters"
+        );
+        assert_eq!(
+            RejectReason::CgroupPathNotAbsolute {
+                seq: 4,
+                kind: "tcp",
+                cgroup_path: "x".into(),
+            }
+            .to_string(),
+            "tcp event seq 4 has cgroup_path \"x\", not starting with '/'"
+        );
+    }
+
+    /// `/usr/bin/curl` (pid 4300, alice) asking 192.0.2.53 for `name` of
+    /// `query_type` over IPv4: a query whose question was read.
+    fn dns_v4(name: &str, query_type: &str) -> Kind {
+        Kind::Dns(DnsQuery {
+            pid: 4300,
+            owner_unknown: false,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            ip_version: 4,
+            source_addr: "192.0.2.10".into(),
+            source_port: 40_123,
+            server_addr: "192.0.2.53".into(),
+            server_port: 53,
+            transaction_id: 0xbeef,
+            query_name: name.into(),
+            query_type: query_type.into(),
+            question_count: 1,
+            message_len: 40,
+            parse_error: String::new(),
+            exe: "/usr/bin/curl".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
+        })
+    }
+
+    /// The same over IPv6, to 2001:db8::53.
+    fn dns_v6(name: &str, query_type: &str) -> Kind {
+        with_dns(dns_v4(name, query_type), |d| {
+            d.ip_version = 6;
+            d.source_addr = "2001:db8::10".into();
+            d.server_addr = "2001:db8::53".into();
+        })
+    }
+
+    fn with_dns(mut kind: Kind, change: impl FnOnce(&mut DnsQuery)) -> Kind {
+        if let Kind::Dns(dns) = &mut kind {
+            change(dns);
+        }
+        kind
+    }
+
+    fn dns_row_of(event: &Event) -> DnsEventRow {
+        match convert(event) {
+            Ok(EventRow::DnsEvent(row)) => row,
+            other => panic!("not a dns event row: {other:?}"),
+        }
+    }
+
+    /// The row of [`dns_v4`] from [`identity`].
+    fn dns_base(seq: u64, name: &str, query_type: &str) -> DnsEventRow {
+        DnsEventRow {
+            org_id: "pref".into(),
+            time: 1_700_000_000,
+            time_ns: T,
+            device_id: "dev-1".into(),
+            hostname: "pc-001".into(),
+            boot_id: "b-1".into(),
+            seq,
+            pid: 4300,
+            owner_unknown: 0,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            exe: "/usr/bin/curl".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
+            ip_version: 4,
+            source_addr: "192.0.2.10".into(),
+            source_port: 40_123,
+            server_addr: "192.0.2.53".into(),
+            server_port: 53,
+            transaction_id: 0xbeef,
+            query_name: name.into(),
+            query_type: query_type.into(),
+            question_count: 1,
+            message_len: 40,
+            parse_error: String::new(),
+            ancestor_pids: Vec::new(),
+            ancestor_exes: Vec::new(),
+            ancestor_argv0: Vec::new(),
+            ancestor_start_ns: Vec::new(),
+            agent_version: "0.1.0".into(),
+            ingested_at: NOW,
+        }
+    }
+
+    #[test]
+    fn a_dns_query_becomes_a_dns_row_with_every_field() {
+        let converted = convert_batch(
+            Some(&identity()),
+            &[event(1, T, dns_v4("files.example.org", "A"))],
+            NOW,
+        );
+        assert_eq!((converted.rejected, converted.first_reason), (0, None));
+        assert!(converted.rows.process_events.is_empty() && converted.rows.gaps.is_empty());
+        assert!(converted.rows.network_events.is_empty());
+        assert!(converted.rows.file_events.is_empty());
+        assert_eq!(
+            converted.rows.dns_events,
+            vec![dns_base(1, "files.example.org", "A")]
+        );
+
+        let v6 = dns_row_of(&event(2, T, dns_v6("files.example.org", "AAAA")));
+        assert_eq!(
+            v6,
+            DnsEventRow {
+                ip_version: 6,
+                source_addr: "2001:db8::10".into(),
+                server_addr: "2001:db8::53".into(),
+                ..dns_base(2, "files.example.org", "AAAA")
+            }
+        );
+    }
+
+    #[test]
+    fn dns_rows_carry_the_senders_container_and_ancestry() {
+        let path = format!("/system.slice/docker-{CONTAINER_ID}.scope");
+        let kind = with_dns(dns_v4("c2.example.net", "TXT"), |d| {
+            d.cgroup_path = path.clone();
+            d.container_id = CONTAINER_ID.into();
+            d.user_name = "root".into();
+        });
+        let e = Event {
+            ancestors: vec![
+                Ancestor {
+                    pid: 4200,
+                    exe: "/usr/bin/bash".into(),
+                    argv0: "-bash".into(),
+                    start_unix_ns: T - 1,
+                },
+                Ancestor {
+                    pid: 1,
+                    exe: "/usr/lib/systemd/systemd".into(),
+                    argv0: "/sbin/init".into(),
+                    start_unix_ns: 0,
+                },
+            ],
+            ..event(3, T, kind)
+        };
+        assert_eq!(
+            dns_row_of(&e),
+            DnsEventRow {
+                user_name: "root".into(),
+                cgroup_path: path,
+                container_id: CONTAINER_ID.into(),
+                ancestor_pids: vec![4200, 1],
+                ancestor_exes: vec!["/usr/bin/bash".into(), "/usr/lib/systemd/systemd".into()],
+                ancestor_argv0: vec!["-bash".into(), "/sbin/init".into()],
+                ancestor_start_ns: vec![T - 1, 0],
+                ..dns_base(3, "c2.example.net", "TXT")
+            }
+        );
+    }
+
+    #[test]
+    fn a_query_whose_question_could_not_be_read_is_stored_with_the_reason() {
+        // As the agent sends a datagram too short for a DNS header: no name,
+        // no type, id and count 0.
+        let kind = with_dns(dns_v4("", ""), |d| {
+            d.transaction_id = 0;
+            d.question_count = 0;
+            d.message_len = 2;
+            d.parse_error = "message is shorter than a DNS header".into();
+        });
+        assert_eq!(
+            dns_row_of(&event(4, T, kind)),
+            DnsEventRow {
+                transaction_id: 0,
+                question_count: 0,
+                message_len: 2,
+                parse_error: "message is shorter than a DNS header".into(),
+                ..dns_base(4, "", "")
+            }
+        );
+        // A name kept beside a parse error is stored as sent.
+        let kind = with_dns(dns_v4("x.example", ""), |d| {
+            d.parse_error = "malformed question: type".into();
+        });
+        assert_eq!(dns_row_of(&event(5, T, kind)).query_name, "x.example");
+    }
+
+    #[test]
+    fn unusual_but_valid_dns_queries_are_stored() {
+        // The root (".", never ""), an unnamed type, the 16-bit limits,
+        // port 0, and a sender the kernel could not attribute.
+        let kind = with_dns(dns_v6(".", "TYPE65280"), |d| {
+            d.pid = 0;
+            d.owner_unknown = true;
+            d.exe.clear();
+            d.user_name.clear();
+            d.cgroup_path.clear();
+            d.source_addr = "0:0:0:0:0:0:0:1".into();
+            d.source_port = 0;
+            d.server_addr = "2001:0DB8:0000:0000:0000:0000:0000:0053".into();
+            d.server_port = 65_535;
+            d.transaction_id = 65_535;
+            d.question_count = 65_535;
+            d.message_len = u32::MAX;
+        });
+        let row = dns_row_of(&event(6, T, kind));
+        assert_eq!(
+            (row.query_name.as_str(), row.query_type.as_str()),
+            (".", "TYPE65280")
+        );
+        assert_eq!((row.pid, row.owner_unknown, row.exe.as_str()), (0, 1, ""));
+        // Addresses in canonical text, as on network_events.
+        assert_eq!(
+            (row.source_addr.as_str(), row.server_addr.as_str()),
+            ("::1", "2001:db8::53")
+        );
+        assert_eq!(
+            (
+                row.source_port,
+                row.server_port,
+                row.transaction_id,
+                row.question_count
+            ),
+            (0, u16::MAX, u16::MAX, u16::MAX)
+        );
+        assert_eq!(row.message_len, u32::MAX);
+    }
+
+    #[test]
+    fn malformed_dns_events_are_refused() {
+        let bad_address = |field, ip_version, addr: &str| RejectReason::DnsBadAddress {
+            seq: 7,
+            field,
+            ip_version,
+            addr: addr.into(),
+        };
+        let out_of_range = |field, value| RejectReason::DnsFieldOutOfRange {
+            seq: 7,
+            field,
+            value,
+        };
+        let a = || dns_v4("example.org", "A");
+        let cases = [
+            (
+                with_dns(a(), |d| d.ip_version = 0),
+                RejectReason::DnsIpVersion {
+                    seq: 7,
+                    ip_version: 0,
+                },
+            ),
+            (
+                with_dns(a(), |d| d.ip_version = 5),
+                RejectReason::DnsIpVersion {
+                    seq: 7,
+                    ip_version: 5,
+                },
+            ),
+            // An IPv6 address in an IPv4 event, and the other way round.
+            (
+                with_dns(a(), |d| d.source_addr = "::1".into()),
+                bad_address("source_addr", 4, "::1"),
+            ),
+            (
+                with_dns(dns_v6("example.org", "A"), |d| {
+                    d.server_addr = "192.0.2.53".into()
+                }),
+                bad_address("server_addr", 6, "192.0.2.53"),
+            ),
+            (
+                with_dns(a(), |d| d.server_addr.clear()),
+                bad_address("server_addr", 4, ""),
+            ),
+            (
+                with_dns(a(), |d| d.server_addr = "192.0.2.53:53".into()),
+                bad_address("server_addr", 4, "192.0.2.53:53"),
+            ),
+            (
+                with_dns(a(), |d| d.source_addr = "dns.example".into()),
+                bad_address("source_addr", 4, "dns.example"),
+            ),
+            (
+                with_dns(a(), |d| d.source_port = 65_536),
+                out_of_range("source_port", 65_536),
+            ),
+            (
+                with_dns(a(), |d| d.server_port = u32::MAX),
+                out_of_range("server_port", u32::MAX),
+            ),
+            (
+                with_dns(a(), |d| d.transaction_id = 65_536),
+                out_of_range("transaction_id", 65_536),
+            ),
+            (
+                with_dns(a(), |d| d.question_count = 70_000),
+                out_of_range("question_count", 70_000),
+            ),
+            // A question that was read has a name and a type.
+            (
+                dns_v4("", "A"),
+                RejectReason::DnsEmptyQuestion {
+                    seq: 7,
+                    field: "query_name",
+                },
+            ),
+            (
+                dns_v4("example.org", ""),
+                RejectReason::DnsEmptyQuestion {
+                    seq: 7,
+                    field: "query_type",
+                },
+            ),
+        ];
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(7, T, kind)), Err(reason));
+        }
+        assert_eq!(
+            out_of_range("transaction_id", 65_536).to_string(),
+            "dns event seq 7 has transaction_id 65536, beyond 65535"
+        );
+        assert_eq!(
+            bad_address("server_addr", 6, "192.0.2.53").to_string(),
+            "dns event seq 7 has server_addr \"192.0.2.53\", not an IPv6 address"
+        );
+        assert_eq!(
+            RejectReason::DnsEmptyQuestion {
+                seq: 7,
+                field: "query_name"
+            }
+            .to_string(),
+            "dns event seq 7 has an empty query_name and no parse_error"
+        );
+        assert_eq!(
+            RejectReason::DnsIpVersion {
+                seq: 7,
+                ip_version: 5
+            }
+            .to_string(),
+            "dns event seq 7 has ip version 5, not 4 or 6"
+        );
+        // A long refused address is quoted cut.
+        let kind = with_dns(a(), |d| d.server_addr = "x".repeat(500));
+        assert_eq!(
+            convert(&event(8, T, kind)),
+            Err(RejectReason::DnsBadAddress {
+                seq: 8,
+                field: "server_addr",
+                ip_version: 4,
+                addr: format!("{}…", "x".repeat(64)),
+            })
+        );
     }
 }

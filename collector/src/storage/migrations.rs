@@ -237,6 +237,56 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, pid, seq)";
 
+/// Columns of migration 9 on `network_events` and `file_events`: who the
+/// process is beyond its ids, as on exec rows (migrations 6 and 8): its user
+/// name, cgroup v2 path and container id (`''` when unknown).
+pub const OWNER_V9_COLUMNS: &[Column] = &[
+    column("user_name", "String"),
+    column("cgroup_path", "String"),
+    column("container_id", "String"),
+];
+
+const CREATE_DNS_EVENTS: &str = "
+CREATE TABLE IF NOT EXISTS dns_events
+(
+    org_id            String,
+    time              DateTime,
+    time_ns           UInt64,
+    device_id         String,
+    hostname          String,
+    boot_id           String,
+    seq               UInt64,
+    pid               UInt32,
+    owner_unknown     UInt8,
+    uid               UInt32,
+    gid               UInt32,
+    cgroup_id         UInt64,
+    exe               String,
+    user_name         String,
+    cgroup_path       String,
+    container_id      String,
+    ip_version        UInt8,
+    source_addr       String,
+    source_port       UInt16,
+    server_addr       String,
+    server_port       UInt16,
+    transaction_id    UInt16,
+    query_name        String,
+    query_type        String,
+    question_count    UInt16,
+    message_len       UInt32,
+    parse_error       String,
+    ancestor_pids     Array(UInt32),
+    ancestor_exes     Array(String),
+    ancestor_argv0    Array(String),
+    ancestor_start_ns Array(UInt64),
+    agent_version     String,
+    ingested_at       DateTime
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, hostname, time, pid, seq)";
+
 /// Every migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -290,6 +340,25 @@ pub const MIGRATIONS: &[Migration] = &[
             table: "process_events",
             columns: PROCESS_EVENTS_V8_COLUMNS,
         }],
+    },
+    Migration {
+        version: 9,
+        name: "network_and_file_owners",
+        steps: &[
+            Step::AddColumns {
+                table: "network_events",
+                columns: OWNER_V9_COLUMNS,
+            },
+            Step::AddColumns {
+                table: "file_events",
+                columns: OWNER_V9_COLUMNS,
+            },
+        ],
+    },
+    Migration {
+        version: 10,
+        name: "dns_events",
+        steps: &[Step::Execute(CREATE_DNS_EVENTS)],
     },
 ];
 
@@ -434,7 +503,7 @@ mod tests {
     use clickhouse::Row;
 
     use super::*;
-    use crate::storage::{FileEventRow, GapRow, NetworkEventRow, ProcessEventRow};
+    use crate::storage::{DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow};
 
     #[test]
     fn versions_are_strictly_increasing_and_named() {
@@ -523,14 +592,94 @@ mod tests {
             .collect();
         assert_eq!(ProcessEventRow::COLUMN_NAMES, process_events.as_slice());
         assert_eq!(GapRow::COLUMN_NAMES, column_list(CREATE_GAPS).as_slice());
+        let v9 = || OWNER_V9_COLUMNS.iter().map(|c| c.name);
+        let network_events: Vec<&str> = column_list(CREATE_NETWORK_EVENTS)
+            .into_iter()
+            .chain(v9())
+            .collect();
+        assert_eq!(NetworkEventRow::COLUMN_NAMES, network_events.as_slice());
+        let file_events: Vec<&str> = column_list(CREATE_FILE_EVENTS)
+            .into_iter()
+            .chain(v9())
+            .collect();
+        assert_eq!(FileEventRow::COLUMN_NAMES, file_events.as_slice());
         assert_eq!(
-            NetworkEventRow::COLUMN_NAMES,
-            column_list(CREATE_NETWORK_EVENTS).as_slice()
+            DnsEventRow::COLUMN_NAMES,
+            column_list(CREATE_DNS_EVENTS).as_slice()
         );
-        assert_eq!(
-            FileEventRow::COLUMN_NAMES,
-            column_list(CREATE_FILE_EVENTS).as_slice()
-        );
+    }
+
+    /// The owner columns migration 9 adds to `network_events` and
+    /// `file_events` are named and typed as on `process_events` (migrations
+    /// 6 and 8) and in `dns_events`, so one query shape fits every table.
+    #[test]
+    fn owner_columns_match_across_tables() {
+        let on_process_events: Vec<Column> = PROCESS_EVENTS_V6_COLUMNS
+            .iter()
+            .chain(PROCESS_EVENTS_V8_COLUMNS)
+            .filter(|c| c.name != "exe_sha256")
+            .copied()
+            .collect();
+        assert_eq!(on_process_events, OWNER_V9_COLUMNS);
+        let dns = column_types(CREATE_DNS_EVENTS);
+        for c in OWNER_V9_COLUMNS {
+            assert!(
+                dns.contains(&(c.name, c.definition)),
+                "dns_events lacks {} {}",
+                c.name,
+                c.definition
+            );
+        }
+        let v9 = MIGRATIONS.iter().find(|m| m.version == 9).unwrap();
+        let tables: Vec<&str> = v9
+            .steps
+            .iter()
+            .map(|step| match *step {
+                Step::AddColumns { table, columns } => {
+                    assert_eq!(columns, OWNER_V9_COLUMNS);
+                    table
+                }
+                Step::Execute(sql) => panic!("migration 9 only adds columns: {sql}"),
+            })
+            .collect();
+        assert_eq!(tables, ["network_events", "file_events"]);
+    }
+
+    /// `dns_events` spells every column it shares with `file_events` or
+    /// `network_events` the same way, with the same type, so analysts can
+    /// join and union them.
+    #[test]
+    fn dns_events_shares_column_types_with_its_siblings() {
+        let dns = column_types(CREATE_DNS_EVENTS);
+        let mut shared = 0;
+        for sibling in [CREATE_FILE_EVENTS, CREATE_NETWORK_EVENTS] {
+            for (name, ty) in column_types(sibling) {
+                if let Some((_, dns_ty)) = dns.iter().find(|(n, _)| *n == name) {
+                    assert_eq!(*dns_ty, ty, "{name}");
+                    shared += 1;
+                }
+            }
+        }
+        assert!(shared >= 2 * 17, "{shared} shared columns");
+        // Identity first and ingest last, as in every event table.
+        let names: Vec<&str> = dns.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names[..7], column_list(CREATE_FILE_EVENTS)[..7]);
+        assert_eq!(names[names.len() - 6..], {
+            let file = column_list(CREATE_FILE_EVENTS);
+            file[file.len() - 6..].to_vec()
+        });
+    }
+
+    /// `(name, type)` of a `CREATE TABLE` laid out one column per line.
+    fn column_types(create: &str) -> Vec<(&str, &str)> {
+        let body = &create[create.find('(').unwrap() + 1..create.find("\n)").unwrap()];
+        body.lines()
+            .filter_map(|line| {
+                let line = line.trim().trim_end_matches(',');
+                line.split_once(char::is_whitespace)
+                    .map(|(n, t)| (n, t.trim()))
+            })
+            .collect()
     }
 
     /// Column names of a `CREATE TABLE` laid out one column per line.

@@ -207,6 +207,16 @@ pub struct NetworkEventRow {
     pub ancestor_start_ns: Vec<u64>,
     pub agent_version: String,
     pub ingested_at: u32,
+    // Migration 9.
+    /// The owner's user name on the endpoint; `''` when unknown (and when
+    /// `owner_unknown`).
+    pub user_name: String,
+    /// The owner's cgroup v2 path from the hierarchy's root, starting with
+    /// `/`; `''` when unknown.
+    pub cgroup_path: String,
+    /// The owner's container id (64 lowercase hex characters) when its cgroup
+    /// is a container's; `''` otherwise and when unknown.
+    pub container_id: String,
 }
 
 impl TableRow for NetworkEventRow {
@@ -259,8 +269,80 @@ pub struct FileEventRow {
     pub ancestor_start_ns: Vec<u64>,
     pub agent_version: String,
     pub ingested_at: u32,
+    // Migration 9.
+    /// The process's user name on the endpoint; `''` when unknown.
+    pub user_name: String,
+    /// The process's cgroup v2 path from the hierarchy's root, starting with
+    /// `/`; `''` when unknown.
+    pub cgroup_path: String,
+    /// The process's container id (64 lowercase hex characters) when its
+    /// cgroup is a container's; `''` otherwise and when unknown.
+    pub container_id: String,
 }
 
 impl TableRow for FileEventRow {
     const TABLE: &'static str = "file_events";
+}
+
+/// One row of `dns_events`: a process sent a DNS query (a UDP datagram to
+/// port 53), with the first question read from it, or why it could not be
+/// read (`parse_error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct DnsEventRow {
+    pub org_id: String,
+    /// Event wall time, seconds since the Unix epoch (`DateTime`).
+    pub time: u32,
+    pub time_ns: u64,
+    pub device_id: String,
+    pub hostname: String,
+    pub boot_id: String,
+    pub seq: u64,
+    /// The sending process; 0 with `owner_unknown` = 1.
+    pub pid: u32,
+    /// 1 when the kernel sent the datagram outside any process's context.
+    pub owner_unknown: u8,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// The sender's program.
+    pub exe: String,
+    /// The sender's user name on the endpoint; `''` when unknown.
+    pub user_name: String,
+    /// The sender's cgroup v2 path, starting with `/`; `''` when unknown.
+    pub cgroup_path: String,
+    /// The sender's container id (64 lowercase hex); `''` outside one.
+    pub container_id: String,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// This host's end, as text: dotted IPv4 or RFC 5952 IPv6.
+    pub source_addr: String,
+    pub source_port: u16,
+    /// The DNS server the query went to, as text.
+    pub server_addr: String,
+    pub server_port: u16,
+    /// The DNS message's id (0 when the message could not be read).
+    pub transaction_id: u16,
+    /// The first question's name: lower case, presentation form without the
+    /// final dot (`.` for the root); `''` only when `parse_error` is set.
+    pub query_name: String,
+    /// The first question's type mnemonic (`A`, `AAAA`, `TYPE65`); `''`
+    /// only when `parse_error` is set.
+    pub query_type: String,
+    /// Questions the message announces (0 when it could not be read).
+    pub question_count: u16,
+    /// Length of the whole DNS message, bytes.
+    pub message_len: u32,
+    /// Why the question could not be read; `''` when it was.
+    pub parse_error: String,
+    /// The sender's ancestors, parent first: four parallel arrays.
+    pub ancestor_pids: Vec<u32>,
+    pub ancestor_exes: Vec<String>,
+    pub ancestor_argv0: Vec<String>,
+    pub ancestor_start_ns: Vec<u64>,
+    pub agent_version: String,
+    pub ingested_at: u32,
+}
+
+impl TableRow for DnsEventRow {
+    const TABLE: &'static str = "dns_events";
 }
