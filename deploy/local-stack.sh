@@ -72,20 +72,40 @@ up() {
   for b in zt-collector zt-agent ztctl; do
     [ -x "$bin/$b" ] || die "$bin/$b missing: build with 'cargo build --release --bins' (make up does)"
   done
-  mkdir -p "$state/logs" "$state/agent"
+  mkdir -p "$state/logs" "$state/agent" "$state/collector"
   "$root/deploy/clickhouse/run.sh" start "$state/clickhouse"
-  start_daemon collector "collector listening" \
-    "$bin/zt-collector" --config "$root/deploy/local/collector.toml" --listen "$collector_addr"
+  local collector=("$bin/zt-collector" --config "$root/deploy/local/collector.toml" --state-dir "$state/collector")
+  start_daemon collector "collector listening" "${collector[@]}" --listen "$collector_addr"
+
+  # Enroll this host once, as an installer would: a one-time token from
+  # the collector's CA, then `zt-agent enroll` (the key stays in .zt/agent).
+  if [ ! -f "$state/agent/identity/device.pem" ]; then
+    log "enrolling this host into organisation 'local'"
+    local token
+    token=$("${collector[@]}" token create --org local --device "$(hostname -s | tr 'A-Z' 'a-z' | tr -c 'a-z0-9._\n-' '-')" --ttl 10m)
+    "$bin/zt-agent" --config "$root/deploy/local/agent.toml" --state-dir "$state/agent" \
+      enroll --collector "https://$collector_addr" --token "$token"
+  fi
   start_daemon agent "telemetry stream open" \
     "$bin/zt-agent" --config "$root/deploy/local/agent.toml" --state-dir "$state/agent"
 
-  mkdir -p "$(dirname "$ztctl_config")"
-  printf '# written by make up\ncollector_url = "http://%s"\n' "$collector_addr" >"$ztctl_config"
+  # ztctl's credential: an admin of 'local', reissued on every `up` so it
+  # always matches this stack's CA.
+  local ztctl_dir
+  ztctl_dir=$(dirname "$ztctl_config")
+  mkdir -p "$ztctl_dir"
+  "${collector[@]}" credential create --org local --user admin --out "$ztctl_dir" >/dev/null
+  cat >"$ztctl_config" <<TOML
+# written by make up
+collector_url = "https://$collector_addr"
+credential = "$ztctl_dir/credential.pem"
+ca_bundle = "$ztctl_dir/ca.pem"
+TOML
 
   cat <<MSG
 
 The stack is up.
-  collector (gRPC)   http://$collector_addr
+  collector (gRPC)   https://$collector_addr (mutual TLS; CA in $state/collector/ca)
   ClickHouse (HTTP)  http://127.0.0.1:8123, database zt
   logs               $state/logs/
   SOC console        not yet: it arrives with the console issue; use ztctl and SQL meanwhile

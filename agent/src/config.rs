@@ -19,11 +19,13 @@ pub const ENV_PREFIX: &str = "ZT_AGENT_";
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// gRPC endpoint of the collector.
-    pub collector_url: String,
-    /// Organisation (tenant) this device belongs to.
-    pub org_id: String,
-    /// Where the agent keeps its device id (and later keys, spool, policy).
+    /// The collector, `https://host:port`. Unset: where the device enrolled.
+    /// The organisation and device id come from the certificate enrollment
+    /// gave, not from configuration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector_url: Option<String>,
+    /// Where the agent keeps its identity (key, certificate, trust bundle;
+    /// later spool and policy).
     pub state_dir: PathBuf,
     /// The cgroup v2 directory the agent guards: its DNS queries are read
     /// and (with policy) its connections decided. Unset: the root of the
@@ -129,8 +131,7 @@ pub enum LogFormat {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            collector_url: "http://127.0.0.1:50051".to_owned(),
-            org_id: "local".to_owned(),
+            collector_url: None,
             state_dir: PathBuf::from("/var/lib/zt-agent"),
             guarded_cgroup: None,
             uplink: UplinkConfig::default(),
@@ -166,8 +167,6 @@ impl UplinkConfig {
 pub struct FlagOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collector_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub org_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,16 +264,9 @@ impl AgentConfig {
                 )));
             }
         }
-        if self.org_id.is_empty() {
-            return Err(ConfigError::Value("org_id must not be empty".into()));
-        }
-        if !(self.collector_url.starts_with("http://")
-            || self.collector_url.starts_with("https://"))
-        {
-            return Err(ConfigError::Value(format!(
-                "collector_url {:?} must start with http:// or https://",
-                self.collector_url
-            )));
+        if let Some(url) = &self.collector_url {
+            zt_grpc_tls::parse_url(url)
+                .map_err(|e| ConfigError::Value(format!("collector_url: {e}")))?;
         }
         Ok(())
     }
@@ -292,7 +284,7 @@ mod tests {
         figment::Jail::expect_with(|_| {
             let config = build(layers(None), &FlagOverrides::default()).unwrap();
             assert_eq!(config, AgentConfig::default());
-            assert_eq!(config.collector_url, "http://127.0.0.1:50051");
+            assert_eq!(config.collector_url, None, "the enrolled one");
             Ok(())
         });
     }
@@ -303,21 +295,23 @@ mod tests {
             jail.create_file(
                 "agent.toml",
                 r#"
-                collector_url = "http://10.0.0.1:50051"
-                org_id = "file-org"
+                collector_url = "https://10.0.0.1:50051"
+                state_dir = "/tmp/file-state"
                 [uplink]
                 batch_max_events = 64
                 "#,
             )?;
-            jail.set_env("ZT_AGENT_ORG_ID", "env-org");
+            jail.set_env("ZT_AGENT_COLLECTOR_URL", "https://collector.example:50051");
             jail.set_env("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "50");
             let flags = FlagOverrides {
                 state_dir: Some("/tmp/flag-state".into()),
                 ..Default::default()
             };
             let config = build(layers(Some(Path::new("agent.toml"))), &flags).unwrap();
-            assert_eq!(config.collector_url, "http://10.0.0.1:50051");
-            assert_eq!(config.org_id, "env-org");
+            assert_eq!(
+                config.collector_url.as_deref(),
+                Some("https://collector.example:50051")
+            );
             assert_eq!(config.uplink.batch_max_events, 64);
             assert_eq!(config.uplink.batch_max_delay_ms, 50);
             assert_eq!(config.state_dir, PathBuf::from("/tmp/flag-state"));
@@ -343,6 +337,15 @@ mod tests {
             )
             .unwrap_err();
             assert!(err.to_string().contains("batch_max_events"), "{err}");
+
+            // Telemetry goes over mutual TLS only.
+            jail.create_file("plain.toml", "collector_url = \"http://c:1\"\n")?;
+            let err = build(
+                layers(Some(Path::new("plain.toml"))),
+                &FlagOverrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("https"), "{err}");
             Ok(())
         });
     }

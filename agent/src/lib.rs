@@ -6,6 +6,7 @@ pub mod cgroups;
 pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod enrollment;
 pub mod event;
 pub mod exe_hash;
 pub mod file_watch;
@@ -45,10 +46,22 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let identity =
-        identity::load(&config.org_id, &config.state_dir).context("loading agent identity")?;
-    info!(org = %identity.org_id, device = %identity.device_id, host = %identity.hostname, "agent identity");
+    let device = enrollment::DeviceIdentity::load(&config.state_dir)?;
+    let collector_url = config
+        .collector_url
+        .clone()
+        .or_else(|| device.collector_url.clone())
+        .context("no collector URL: set collector_url or enroll with --collector")?;
+    let identity = identity::for_device(&device.id);
+    info!(id = %device.id, host = %identity.hostname, boot_id = %identity.boot_id, collector = %collector_url, "agent identity");
     let metrics = Arc::new(AgentMetrics::default());
+    let device = Arc::new(std::sync::RwLock::new(device));
+    let renewal = tokio::spawn(enrollment::keep_renewed(
+        collector_url.clone(),
+        device.clone(),
+        config.state_dir.clone(),
+        metrics.renewal.clone(),
+    ));
 
     let (tx, rx) = mpsc::channel(SENSOR_CHANNEL_CAPACITY);
     // Events are numbered 1, 2, ... within this run (identity.boot_id).
@@ -71,8 +84,9 @@ pub async fn run(
     info!(sensors = ?active, "sensors active");
 
     let uplink = Uplink::new(
-        config.collector_url.clone(),
+        collector_url,
         identity,
+        device,
         config.uplink.clone(),
         metrics.clone(),
         sequencer,
@@ -88,6 +102,7 @@ pub async fn run(
         }
     }
     stats.abort();
+    renewal.abort();
     // Detaches every program; the reader ends and closes the channel.
     drop(sensors);
     if tokio::time::timeout(STOP_TIMEOUT, uplink_task)

@@ -16,17 +16,32 @@ struct Cli {
     /// TOML configuration file (default: /etc/zt/agent.toml when present).
     #[arg(long, env = "ZT_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Collector gRPC endpoint, e.g. http://127.0.0.1:50051.
+    /// Collector, https://host:port (default: where the device enrolled).
     #[arg(long)]
     collector: Option<String>,
-    /// Organisation (tenant) of this device.
-    #[arg(long)]
-    org: Option<String>,
-    /// State directory (device id; later keys, spool and policy).
+    /// State directory: identity (key, certificate), later spool and policy.
     #[arg(long)]
     state_dir: Option<PathBuf>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Without a command: run the agent.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enrolls this device once: makes its key (it never leaves the host),
+    /// gets a certificate with a one-time token, stores both in the state
+    /// directory.
+    Enroll {
+        /// The collector, https://host:port.
+        #[arg(long)]
+        collector: String,
+        /// The token `zt-collector token create` printed (`<token>.<CA pin>`).
+        #[arg(long, env = "ZT_AGENT_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 #[tokio::main]
@@ -34,12 +49,27 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let flags = FlagOverrides {
         collector_url: cli.collector,
-        org_id: cli.org,
         state_dir: cli.state_dir,
         log_format: cli.log_format,
     };
     let config = config::load(cli.config.as_deref(), &flags).context("loading configuration")?;
     init_tracing(config.log_format);
+    if let Some(Command::Enroll { collector, token }) = cli.command {
+        let identity = zt_agent::enrollment::enroll(&collector, &token, &config.state_dir)
+            .await
+            .with_context(|| format!("enrolling at {collector}"))?;
+        println!(
+            "enrolled as {}; certificate valid until {} (unix)",
+            identity.id,
+            identity
+                .validity
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        );
+        return Ok(());
+    }
     tracing::info!(config = ?config, "effective configuration");
     zt_agent::run(config, shutdown_signal()).await
 }

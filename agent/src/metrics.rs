@@ -21,6 +21,8 @@ pub struct AgentMetrics {
     pub batches_sent: AtomicU64,
     /// Connection attempts to the collector that failed or broke.
     pub uplink_failures: AtomicU64,
+    /// Certificate expiry and renewal outcomes.
+    pub renewal: std::sync::Arc<crate::enrollment::RenewalMetrics>,
 }
 
 impl AgentMetrics {

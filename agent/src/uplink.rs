@@ -12,11 +12,11 @@ use tokio::{
     time::{sleep_until, Instant},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::{
     config::UplinkConfig,
+    enrollment::SharedIdentity,
     metrics::AgentMetrics,
     outbox::Outbox,
     sensors::{gap_event, Sequencer},
@@ -29,11 +29,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
-    #[error("invalid collector url {url:?}: {source}")]
-    Url {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    #[error("{0}")]
+    Url(#[from] zt_grpc_tls::TlsTransportError),
+    #[error("device identity: {0}")]
+    Identity(#[from] zt_identity::Error),
     #[error("cannot connect to collector: {0}")]
     Connect(#[source] tonic::transport::Error),
     #[error("collector refused the telemetry stream: {0}")]
@@ -47,6 +46,8 @@ pub enum UplinkError {
 pub struct Uplink {
     url: String,
     identity: AgentIdentity,
+    /// The device certificate each connection presents (renewed meanwhile).
+    device: SharedIdentity,
     config: UplinkConfig,
     metrics: Arc<AgentMetrics>,
     outbox: Outbox,
@@ -66,6 +67,7 @@ impl Uplink {
     pub fn new(
         url: String,
         identity: AgentIdentity,
+        device: SharedIdentity,
         config: UplinkConfig,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
@@ -74,6 +76,7 @@ impl Uplink {
         Self {
             url,
             identity,
+            device,
             config,
             metrics,
             outbox,
@@ -159,18 +162,21 @@ impl Uplink {
         backoff: &mut Backoff,
         source_open: &mut bool,
     ) -> Result<SessionEnd, UplinkError> {
-        let endpoint = Endpoint::from_shared(self.url.clone())
-            .map_err(|source| UplinkError::Url {
-                url: self.url.clone(),
-                source,
-            })?
+        // Each connection presents the certificate current at that moment.
+        let tls = self
+            .device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .client_tls()?;
+        let (endpoint, connector) = zt_grpc_tls::endpoint(&self.url, tls)?;
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
 
         // Connect while still accepting events.
-        let connect = endpoint.connect();
+        let connect = zt_grpc_tls::connect(endpoint, connector);
         tokio::pin!(connect);
         let channel = loop {
             tokio::select! {
@@ -356,7 +362,7 @@ mod tests {
     async fn unreachable_collector_never_blocks_the_producer() {
         // A port nothing listens on.
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", closed.local_addr().unwrap());
+        let url = format!("https://{}", closed.local_addr().unwrap());
         drop(closed);
         let metrics = Arc::new(AgentMetrics::default());
         let config = UplinkConfig {
@@ -367,7 +373,15 @@ mod tests {
             ..UplinkConfig::default()
         };
         let identity = AgentIdentity::default();
-        let uplink = Uplink::new(url, identity, config, metrics.clone(), Sequencer::default());
+        let device = Arc::new(std::sync::RwLock::new(crate::enrollment::test_identity()));
+        let uplink = Uplink::new(
+            url,
+            identity,
+            device,
+            config,
+            metrics.clone(),
+            Sequencer::default(),
+        );
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(uplink.run(rx));
         for seq in 0..300 {

@@ -57,6 +57,7 @@ pub struct CollectorConfig {
     pub listen: SocketAddr,
     pub clickhouse: ClickHouseConfig,
     pub batch: BatchConfig,
+    pub identity: IdentityConfig,
     pub log_format: LogFormat,
 }
 
@@ -66,6 +67,7 @@ impl Default for CollectorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             clickhouse: ClickHouseConfig::default(),
             batch: BatchConfig::default(),
+            identity: IdentityConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -142,6 +144,38 @@ impl Default for BatchConfig {
     }
 }
 
+/// The control plane's identity: the trust domain's CA, enrollment and the
+/// collector's own TLS certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// The trust domain (`spiffe://<trust_domain>/...`); fixed once the CA
+    /// exists.
+    #[serde(deserialize_with = "lenient_string")]
+    pub trust_domain: String,
+    /// Holds the CA (`ca/`, key mode 0600), the enrollment tokens and the
+    /// device registry.
+    pub state_dir: PathBuf,
+    /// Lifetime of device certificates; agents renew at about half of it.
+    pub certificate_ttl_secs: u64,
+    /// DNS names and IP addresses agents use to reach the collector: its
+    /// TLS certificate carries them.
+    pub server_names: Vec<String>,
+    pub server_addresses: Vec<std::net::IpAddr>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            trust_domain: "zt.local".to_owned(),
+            state_dir: PathBuf::from("/var/lib/zt-collector"),
+            certificate_ttl_secs: 24 * 3600,
+            server_names: vec!["localhost".to_owned()],
+            server_addresses: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+        }
+    }
+}
+
 /// Command-line flags; each one set overrides every other source.
 #[derive(Debug, Clone, Default, clap::Parser)]
 #[command(
@@ -168,6 +202,87 @@ pub struct CliArgs {
     /// Log format [default: plain]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Control-plane state: CA, tokens, devices [default: /var/lib/zt-collector]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Without a command: serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Administration on the collector host, against its state directory.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// One-time enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Credentials of the people who use `ztctl`.
+    #[command(subcommand)]
+    Credential(CredentialCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CredentialCommand {
+    /// Issues a key and certificate for a user of an organisation and writes
+    /// `credential.pem` (mode 0600) and `ca.pem` into a directory, where
+    /// `ztctl` reads them (`~/.config/zt` by default).
+    Create {
+        /// Organisation of the user.
+        #[arg(long)]
+        org: String,
+        /// The user's name.
+        #[arg(long)]
+        user: String,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the certificate (at most 30d) [default: 30d]
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Creates a token that enrolls one device into an organisation; prints
+    /// it with the CA pin (`<token>.<pin>`), as `zt-agent enroll` takes it.
+    Create {
+        /// Organisation the device joins.
+        #[arg(long)]
+        org: String,
+        /// The device's name, its id in the organisation.
+        #[arg(long)]
+        device: String,
+        /// How long the token is valid: 90s, 30m, 1h, 7d [default: 1h]
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// Print JSON instead of the token alone.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `90s`, `30m`, `1h`, `7d`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (s, m, h, d)")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// The raw configuration sources, as read from the outside world.
@@ -237,6 +352,11 @@ impl ConfigSources {
             ),
             ("--database", "clickhouse.database", flags.database.clone()),
             (
+                "--state-dir",
+                "identity.state_dir",
+                flags.state_dir.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
                 "--log-format",
                 "log_format",
                 flags.log_format.map(|f| match f {
@@ -284,6 +404,30 @@ impl CollectorConfig {
                     "{:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)",
                     ch.database
                 ),
+            });
+        }
+        if let Err(err) = zt_identity::TrustDomain::new(&self.identity.trust_domain) {
+            return Err(ConfigError::Value {
+                field: "identity.trust_domain",
+                reason: err.to_string(),
+            });
+        }
+        let ttl = std::time::Duration::from_secs(self.identity.certificate_ttl_secs);
+        if ttl < zt_identity::ca::MIN_LEAF_TTL || ttl > zt_identity::ca::MAX_LEAF_TTL {
+            return Err(ConfigError::Value {
+                field: "identity.certificate_ttl_secs",
+                reason: format!(
+                    "{} s is outside {}..={} s",
+                    ttl.as_secs(),
+                    zt_identity::ca::MIN_LEAF_TTL.as_secs(),
+                    zt_identity::ca::MAX_LEAF_TTL.as_secs()
+                ),
+            });
+        }
+        if self.identity.server_names.is_empty() && self.identity.server_addresses.is_empty() {
+            return Err(ConfigError::Value {
+                field: "identity.server_names",
+                reason: "the collector's certificate needs at least one name or address".to_owned(),
             });
         }
         if self.batch.max_rows == 0 {
@@ -467,9 +611,12 @@ mod tests {
                 clickhouse_url: Some("http://flag:1".to_owned()),
                 database: Some("flagdb".to_owned()),
                 log_format: Some(LogFormat::Json),
+                state_dir: Some("/srv/zt".into()),
+                command: None,
             },
         };
         let config = sources.build().unwrap();
+        assert_eq!(config.identity.state_dir, PathBuf::from("/srv/zt"));
         assert_eq!(config.listen.to_string(), "127.0.0.1:3");
         assert_eq!(config.clickhouse.url, "http://flag:1");
         assert_eq!(config.clickhouse.database, "flagdb");
@@ -538,5 +685,37 @@ mod tests {
         let text = format!("{config:?}");
         assert!(!text.contains("s3cret"));
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        let secs = |text| parse_duration(text).map(|d| d.as_secs());
+        assert_eq!(secs("90"), Ok(90));
+        assert_eq!(secs("90s"), Ok(90));
+        assert_eq!(secs("30m"), Ok(1800));
+        assert_eq!(secs("1h"), Ok(3600));
+        assert_eq!(secs("7d"), Ok(604_800));
+        for bad in ["", "h", "1w", "-1h", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn identity_settings_are_checked() {
+        let build = |toml: &str| {
+            ConfigSources {
+                file: file(toml),
+                ..Default::default()
+            }
+            .build()
+        };
+        let err = build("[identity]\ntrust_domain = \"Not A Domain\"\n").unwrap_err();
+        assert!(err.to_string().contains("identity.trust_domain"), "{err}");
+        let err = build("[identity]\ncertificate_ttl_secs = 10\n").unwrap_err();
+        assert!(err.to_string().contains("certificate_ttl_secs"), "{err}");
+        let err = build("[identity]\nserver_names = []\nserver_addresses = []\n").unwrap_err();
+        assert!(err.to_string().contains("server_names"), "{err}");
+        let ok = build("[identity]\ntrust_domain = \"pref.example\"\nserver_names = [\"collector.pref.example\"]\n").unwrap();
+        assert_eq!(ok.identity.trust_domain, "pref.example");
     }
 }

@@ -45,8 +45,9 @@ impl ControlService {
 impl Control for ControlService {
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
+        crate::enrollment::caller_identity(&request)?;
         Ok(Response::new(self.status_reply().await))
     }
 }

@@ -1,6 +1,10 @@
 //! Telemetry ingest: the `zt.telemetry.v1.Telemetry` gRPC service.
 //!
-//! Each agent holds one `Stream`. For every `EventBatch` the service converts
+//! Each agent holds one `Stream`, over mutual TLS: the device is the one its
+//! client certificate names (`spiffe://<td>/org/<org>/device/<device>`), and
+//! the organisation, device id and host name stored with its events come
+//! from the certificate and the device registry, whatever the batches claim.
+//! For every `EventBatch` the service converts
 //! the events ([`convert`]), splits the valid rows by table, hands each table's
 //! rows to its batch writer (all tables at once), waits until ClickHouse has
 //! stored every one of them, and only then answers with a `BatchAck` (stored
@@ -26,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
+    control_plane::ControlPlane,
     metrics::{ConnectedAgent, Metrics},
     writer::{TableWriters, WriteError},
 };
@@ -58,6 +63,41 @@ pub struct TelemetryService {
     writers: TableWriters,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    plane: Arc<ControlPlane>,
+}
+
+/// Who sends a stream, by its certificate and the device registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedAgent {
+    pub org_id: String,
+    pub device_id: String,
+    /// As registered at enrollment; empty when the registry has no record.
+    pub hostname: String,
+}
+
+impl AuthenticatedAgent {
+    /// Replaces the batch's claimed organisation, device and host with the
+    /// authenticated ones (boot id and agent version stay as sent).
+    pub fn stamp(&self, batch: &mut EventBatch, peer: &str) {
+        let agent = batch.agent.get_or_insert_with(Default::default);
+        if (!agent.org_id.is_empty() && agent.org_id != self.org_id)
+            || (!agent.device_id.is_empty() && agent.device_id != self.device_id)
+        {
+            warn!(
+                %peer,
+                claimed_org = %agent.org_id,
+                claimed_device = %agent.device_id,
+                org = %self.org_id,
+                device = %self.device_id,
+                "batch claims another identity than its certificate; stored under the certificate's"
+            );
+        }
+        agent.org_id.clone_from(&self.org_id);
+        agent.device_id.clone_from(&self.device_id);
+        if !self.hostname.is_empty() {
+            agent.hostname.clone_from(&self.hostname);
+        }
+    }
 }
 
 impl TelemetryService {
@@ -66,11 +106,13 @@ impl TelemetryService {
         writers: TableWriters,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        plane: Arc<ControlPlane>,
     ) -> TelemetryService {
         TelemetryService {
             writers,
             metrics,
             shutdown,
+            plane,
         }
     }
 
@@ -134,6 +176,7 @@ impl TelemetryService {
         mut inbound: Streaming<EventBatch>,
         acks: mpsc::Sender<Result<BatchAck, Status>>,
         peer: String,
+        sender: AuthenticatedAgent,
     ) {
         let _connected = ConnectedAgent::new(self.metrics.clone());
         let mut shutdown = self.shutdown.clone();
@@ -169,7 +212,8 @@ impl TelemetryService {
                     }
                 },
                 next = inbound.message(), if reading && in_flight.len() < MAX_BATCHES_IN_FLIGHT_PER_STREAM => match next {
-                    Ok(Some(batch)) => {
+                    Ok(Some(mut batch)) => {
+                        sender.stamp(&mut batch, &peer);
                         let service = self.clone();
                         in_flight.spawn(async move { service.handle_batch(batch).await });
                     }
@@ -198,8 +242,27 @@ impl Telemetry for TelemetryService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".to_owned());
+        let id = crate::enrollment::caller_identity(&request)?;
+        let Some(device) = id.device_id() else {
+            return Err(Status::permission_denied(format!(
+                "{id} is not a device; only devices send telemetry"
+            )));
+        };
+        let hostname = self
+            .plane
+            .device(&id)
+            .map(|record| record.hostname)
+            .unwrap_or_default();
+        let sender = AuthenticatedAgent {
+            org_id: id.org().to_owned(),
+            device_id: device.to_owned(),
+            hostname,
+        };
         let (tx, rx) = mpsc::channel(ACK_BUFFER);
-        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, peer));
+        tokio::spawn(
+            self.clone()
+                .serve_stream(request.into_inner(), tx, peer, sender),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

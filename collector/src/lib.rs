@@ -8,6 +8,9 @@
 //!   and a task each);
 //! - [`ingest`]: the `Telemetry` service and event validation;
 //! - [`control`]: the `Control` status service;
+//! - [`control_plane`]: CA, enrollment tokens, device registry, revocations,
+//!   the collector's TLS configuration;
+//! - [`enrollment`]: the `Enrollment` service (enroll, renew);
 //! - [`metrics`]: counters and gauges;
 //! - [`server`]: wiring, start-up and graceful shutdown.
 //!
@@ -15,6 +18,8 @@
 
 pub mod config;
 pub mod control;
+pub mod control_plane;
+pub mod enrollment;
 pub mod ingest;
 pub mod metrics;
 pub mod server;

@@ -8,14 +8,19 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use proto::{control::control_server::ControlServer, telemetry::telemetry_server::TelemetryServer};
+use proto::{
+    control::control_server::ControlServer, enrollment::enrollment_server::EnrollmentServer,
+    telemetry::telemetry_server::TelemetryServer,
+};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::{server::TcpIncoming, Server};
+use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::{
     config::CollectorConfig,
     control::ControlService,
+    control_plane::{ControlPlane, ControlPlaneError},
+    enrollment::EnrollmentService,
     ingest::TelemetryService,
     metrics::Metrics,
     storage::{Storage, StorageError},
@@ -52,6 +57,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("grpc server stopped unexpectedly")]
     ServerStopped,
+    #[error("control plane: {0}")]
+    ControlPlane(#[from] ControlPlaneError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -60,6 +67,7 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct RunningCollector {
     local_addr: SocketAddr,
+    state_dir: std::path::PathBuf,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     /// `None` once the server task has been awaited.
@@ -71,6 +79,11 @@ impl RunningCollector {
     /// The address the gRPC server is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The control plane's state directory (CA, tokens, devices).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -179,6 +192,15 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     };
     let (table_writers, writers) = writer::spawn_tables(&storage, limits, metrics.clone());
 
+    let plane = Arc::new(ControlPlane::open(&config.identity)?);
+    let tls = plane.server_tls()?;
+    info!(
+        trust_domain = %plane.trust_domain(),
+        ca_pin = %plane.ca_pin().unwrap_or_default(),
+        state_dir = %config.identity.state_dir.display(),
+        "control plane ready"
+    );
+
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -189,20 +211,23 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         addr: config.listen,
         source,
     })?;
-    let incoming =
-        TcpIncoming::from_listener(listener, true, None).map_err(|e| RunError::Bind {
-            addr: config.listen,
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    let incoming = zt_grpc_tls::serve_tls(listener, tls);
 
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let telemetry = TelemetryService::new(table_writers, metrics.clone(), shutdown_rx.clone());
+    let telemetry = TelemetryService::new(
+        table_writers,
+        metrics.clone(),
+        shutdown_rx.clone(),
+        plane.clone(),
+    );
+    let enrollment = EnrollmentService::new(plane.clone());
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
     let server = tokio::spawn(
         Server::builder()
             .add_service(TelemetryServer::new(telemetry))
             .add_service(ControlServer::new(control))
+            .add_service(EnrollmentServer::new(enrollment))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             }),
@@ -210,6 +235,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     info!(%local_addr, "collector listening on {local_addr}");
     Ok(RunningCollector {
         local_addr,
+        state_dir: config.identity.state_dir.clone(),
         metrics,
         shutdown,
         server: Some(server),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use zt_collector::{
-    config::{BatchConfig, ClickHouseConfig},
+    config::{BatchConfig, ClickHouseConfig, IdentityConfig},
     storage::{
         DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, TableRow,
         MIGRATIONS,
@@ -52,8 +52,28 @@ fn config_for(server: &ClickHouseServer, database: &str) -> CollectorConfig {
             max_delay_ms: 50,
             ..Default::default()
         },
+        identity: IdentityConfig {
+            // Kept after the test, like the database: small, and useful
+            // when a test fails.
+            state_dir: tempfile::Builder::new()
+                .prefix("zt-collector-state-")
+                .tempdir()
+                .expect("a state directory")
+                .keep(),
+            ..Default::default()
+        },
         ..Default::default()
     }
+}
+
+/// A device certificate from the collector's CA for [`identity`]'s device,
+/// and a TLS channel to the collector with it.
+async fn device_channel(collector: &zt_collector::RunningCollector) -> tonic::transport::Channel {
+    let tls = zt_e2e::pki::device_tls(collector.state_dir(), "pref-test", "device-7")
+        .expect("a device certificate");
+    zt_grpc_tls::channel(&format!("https://{}", collector.local_addr()), tls)
+        .await
+        .expect("connect to the collector")
 }
 
 fn identity() -> AgentIdentity {
@@ -97,10 +117,8 @@ struct AgentStream {
 }
 
 impl AgentStream {
-    async fn open(addr: std::net::SocketAddr) -> AgentStream {
-        let mut client = TelemetryClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect to the collector");
+    async fn open(collector: &zt_collector::RunningCollector) -> AgentStream {
+        let mut client = TelemetryClient::new(device_channel(collector).await);
         let (tx, rx) = mpsc::channel(8);
         let acks = client
             .stream(ReceiverStream::new(rx))
@@ -1588,9 +1606,8 @@ async fn batches_are_stored_then_acked_and_bad_events_rejected() {
     let collector = zt_collector::start(config_for(&server, &database))
         .await
         .unwrap();
-    let addr = collector.local_addr();
 
-    let mut agent = AgentStream::open(addr).await;
+    let mut agent = AgentStream::open(&collector).await;
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -1689,9 +1706,7 @@ async fn batches_are_stored_then_acked_and_bad_events_rejected() {
     assert!(u64::from(first.ingested_at).abs_diff(now) < 120);
 
     // The control service reports what happened, and ClickHouse as reachable.
-    let mut control = ControlClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut control = ControlClient::new(device_channel(&collector).await);
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(status.clickhouse_reachable, "{}", status.clickhouse_error);
     assert_eq!(status.events_stored, 4);
@@ -1772,8 +1787,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
     let collector = zt_collector::start(config_for(&server, &database))
         .await
         .unwrap();
-    let addr = collector.local_addr();
-    let mut agent = AgentStream::open(addr).await;
+    let mut agent = AgentStream::open(&collector).await;
 
     let mut exec_event = exec(1, 4300);
     exec_event.ancestors = ancestors();
@@ -2184,9 +2198,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
     assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (2, 1, 0));
     assert_eq!(stored_gaps(&server, &database).await.len(), 2);
 
-    let mut control = ControlClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut control = ControlClient::new(device_channel(&collector).await);
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.events_stored, 16, "rows of every table");
     assert_eq!(status.events_rejected, 6);
@@ -2258,8 +2270,7 @@ async fn tcp_events_of_a_mixed_batch_land_in_network_events_exactly() {
     let collector = zt_collector::start(config_for(&server, &database))
         .await
         .unwrap();
-    let addr = collector.local_addr();
-    let mut agent = AgentStream::open(addr).await;
+    let mut agent = AgentStream::open(&collector).await;
 
     let closed = |seq, ip| {
         let mut kind = tcp_kind("closed", ip, 4300);
@@ -2486,9 +2497,7 @@ async fn tcp_events_of_a_mixed_batch_land_in_network_events_exactly() {
         "duplicates collapse on (device_id, boot_id, seq)"
     );
 
-    let mut control = ControlClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut control = ControlClient::new(device_channel(&collector).await);
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.events_stored, 26, "rows of every table");
     assert_eq!(status.events_rejected, 2);
@@ -2542,7 +2551,7 @@ async fn ack_waits_while_clickhouse_is_down_and_arrives_after_it_returns() {
     let collector = zt_collector::start(config_for(&server, &database))
         .await
         .unwrap();
-    let mut agent = AgentStream::open(collector.local_addr()).await;
+    let mut agent = AgentStream::open(&collector).await;
 
     server.stop();
     agent
@@ -2763,7 +2772,7 @@ async fn batches_of_one_stream_are_stored_concurrently() {
         max_delay_ms: 3_600_000,
     };
     let collector = zt_collector::start(config).await.unwrap();
-    let mut agent = AgentStream::open(collector.local_addr()).await;
+    let mut agent = AgentStream::open(&collector).await;
     for (batch_seq, first) in [(1, 1), (2, 3)] {
         agent
             .send(EventBatch {

@@ -10,3 +10,8 @@ pub mod telemetry {
 pub mod control {
     tonic::include_proto!("zt.control.v1");
 }
+
+/// Device enrollment and certificate renewal (`zt.enrollment.v1`).
+pub mod enrollment {
+    tonic::include_proto!("zt.enrollment.v1");
+}

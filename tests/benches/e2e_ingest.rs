@@ -47,7 +47,7 @@ use proto::telemetry::{
 use tokio::sync::{mpsc, Barrier};
 use tokio_stream::wrappers::ReceiverStream;
 use zt_collector::{
-    config::{BatchConfig, ClickHouseConfig},
+    config::{BatchConfig, ClickHouseConfig, IdentityConfig},
     CollectorConfig, RunningCollector,
 };
 use zt_e2e::{
@@ -202,6 +202,13 @@ async fn start_collector(
             max_delay_ms: max_delay_ms.unwrap_or(BatchConfig::default().max_delay_ms),
             ..Default::default()
         },
+        identity: IdentityConfig {
+            state_dir: tempfile::Builder::new()
+                .prefix("zt-bench-collector-")
+                .tempdir()?
+                .keep(),
+            ..Default::default()
+        },
         ..Default::default()
     };
     Ok(zt_collector::start(config).await?)
@@ -216,7 +223,7 @@ async fn throughput(
 ) -> Result<ThroughputResult> {
     let database = fresh_database_name("bench_throughput");
     let collector = start_collector(clickhouse, &database, Some(collector_delay_ms)).await?;
-    let addr = collector.local_addr();
+    let url = format!("https://{}", collector.local_addr());
 
     // Every agent's batches are made before the clock starts.
     let per_agent = events.div_ceil(agents);
@@ -225,8 +232,16 @@ async fn throughput(
     for a in 0..agents {
         let batches = agent_batches(a, per_agent);
         let barrier = barrier.clone();
+        // Each simulated agent is a device of its own, with a certificate
+        // from the collector's CA.
+        let tls = zt_e2e::pki::device_tls(
+            collector.state_dir(),
+            &format!("bench-org-{}", a % 4),
+            &format!("bench-device-{a:05}"),
+        )?;
+        let channel = zt_grpc_tls::channel(&url, tls).await?;
         tasks.push(tokio::spawn(simulated_agent(
-            addr, batches, barrier, budget,
+            channel, batches, barrier, budget,
         )));
     }
     barrier.wait().await;
@@ -277,14 +292,12 @@ struct AgentOutcome {
 /// stops sending once `budget` has passed, and returns once every batch it
 /// sent is acknowledged.
 async fn simulated_agent(
-    addr: SocketAddr,
+    channel: tonic::transport::Channel,
     batches: Vec<EventBatch>,
     start: Arc<Barrier>,
     budget: Duration,
 ) -> Result<AgentOutcome> {
-    let mut client = TelemetryClient::connect(format!("http://{addr}"))
-        .await
-        .context("connecting to the collector")?;
+    let mut client = TelemetryClient::new(channel);
     let (tx, rx) = mpsc::channel::<EventBatch>(WINDOW_BATCHES);
     let mut batches = batches.into_iter();
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
@@ -477,6 +490,19 @@ async fn latency(
     let database = fresh_database_name("bench_latency");
     let collector = start_collector(clickhouse, &database, collector_delay_ms).await?;
     let dir = tempfile::tempdir()?;
+    let agent_state = dir.path().join("agent-state");
+    let token = zt_e2e::pki::create_token(
+        &workspace_binary("zt-collector")?,
+        collector.state_dir(),
+        "bench-latency",
+        "latency-agent",
+    )?;
+    zt_e2e::pki::enroll(
+        agent_binary,
+        &agent_state,
+        &format!("https://{}", collector.local_addr()),
+        &token,
+    )?;
     let mut envs = Vec::new();
     if let Some(ms) = agent_delay_ms {
         envs.push(("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", ms.to_string()));
@@ -484,14 +510,7 @@ async fn latency(
     let mut agent = Process::spawn(
         "agent",
         agent_binary,
-        [
-            "--collector",
-            &format!("http://{}", collector.local_addr()),
-            "--org",
-            "bench-latency",
-            "--state-dir",
-            &dir.path().join("agent-state").display().to_string(),
-        ],
+        ["--state-dir", &agent_state.display().to_string()],
         &envs,
         dir.path(),
     )?;

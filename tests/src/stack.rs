@@ -41,11 +41,65 @@ impl Stack {
         })
     }
 
+    /// The collector's control-plane state (CA, tokens, devices).
+    pub fn collector_state(&self) -> std::path::PathBuf {
+        self.dir.path().join("collector-state")
+    }
+
+    /// `https://127.0.0.1:<port>`, where agents reach the collector.
+    pub fn collector_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.collector_port)
+    }
+
+    /// The state directory of the agent called `name`.
+    pub fn agent_state(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{name}-state"))
+    }
+
+    /// Enrolls agent `name` as device `name` of [`TEST_ORG`] with a token
+    /// from `zt-collector token create` and `zt-agent enroll`, as an
+    /// installer does; the collector must be running.
+    pub fn enroll_agent(&self, name: &str) -> Result<()> {
+        let token = crate::pki::create_token(
+            &workspace_binary("zt-collector")?,
+            &self.collector_state(),
+            TEST_ORG,
+            name,
+        )?;
+        crate::pki::enroll(
+            &workspace_binary("zt-agent")?,
+            &self.agent_state(name),
+            &self.collector_url(),
+            &token,
+        )
+    }
+
+    /// Enrolls agent `name` with a collector started for the purpose and
+    /// stopped again: for tests that start the agent while the collector is
+    /// down.
+    pub async fn enroll_agent_then_stop_collector(&self, name: &str) -> Result<()> {
+        let mut collector = self.start_collector().await?;
+        self.enroll_agent(name)?;
+        collector
+            .terminate(Duration::from_secs(15))
+            .context("collector did not stop")?;
+        Ok(())
+    }
+
     pub async fn start_collector(&self) -> Result<Process> {
+        self.start_collector_with(&[]).await
+    }
+
+    /// Starts the collector with extra environment.
+    pub async fn start_collector_with(&self, env: &[(&str, String)]) -> Result<Process> {
+        let mut envs = vec![("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned())];
+        envs.extend(env.iter().cloned());
         let mut collector = Process::spawn(
             "collector",
             &workspace_binary("zt-collector")?,
             [
+                "--state-dir",
+                &self.collector_state().display().to_string(),
                 "--listen",
                 &format!("127.0.0.1:{}", self.collector_port),
                 "--clickhouse-url",
@@ -53,7 +107,7 @@ impl Stack {
                 "--database",
                 &self.database,
             ],
-            &[("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned())],
+            &envs,
             self.dir.path(),
         )?;
         collector
@@ -63,8 +117,13 @@ impl Stack {
     }
 
     /// Starts an agent (log `agent.log`, or `<name>.log` for a second one)
-    /// with extra environment, and waits until its sensors are attached.
+    /// with extra environment, and waits until its sensors are attached. An
+    /// agent not enrolled yet is enrolled first (device `name`); the
+    /// collector must be running then.
     pub async fn start_agent_named(&self, name: &str, env: &[(&str, String)]) -> Result<Process> {
+        if !self.agent_state(name).join("identity").exists() {
+            self.enroll_agent(name)?;
+        }
         let mut envs = vec![
             ("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", "100".to_owned()),
             ("ZT_AGENT_UPLINK__BACKOFF_MAX_MS", "500".to_owned()),
@@ -81,14 +140,7 @@ impl Stack {
         let mut agent = Process::spawn(
             name,
             &workspace_binary("zt-agent")?,
-            [
-                "--collector",
-                &format!("http://127.0.0.1:{}", self.collector_port),
-                "--org",
-                TEST_ORG,
-                "--state-dir",
-                &self.dir.path().join("agent-state").display().to_string(),
-            ],
+            ["--state-dir", &self.agent_state(name).display().to_string()],
             &envs,
             self.dir.path(),
         )?;

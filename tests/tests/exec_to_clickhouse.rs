@@ -180,6 +180,8 @@ async fn exec_in_test_cgroup_reaches_clickhouse_within_5s() -> Result<()> {
 async fn agent_keeps_events_while_collector_is_down() -> Result<()> {
     let started = Instant::now();
     let stack = Stack::new("e2e_outage").await?;
+    // Enrolled while the collector runs, started while it is down.
+    stack.enroll_agent_then_stop_collector("agent").await?;
     let mut agent = stack.start_agent().await?;
     let cgroup = TestCgroup::create("outage")?;
 
@@ -219,6 +221,7 @@ async fn agent_keeps_events_while_collector_is_down() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_overflow_while_collector_is_down_is_reported_as_gaps() -> Result<()> {
     let stack = Stack::new("e2e_overflow").await?;
+    stack.enroll_agent_then_stop_collector("agent").await?;
     let mut agent = stack
         .start_agent_named(
             "agent",

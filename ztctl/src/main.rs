@@ -50,11 +50,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::load(cli.config.as_deref(), cli.collector)?;
     match cli.command {
         Command::Status { json } => {
-            let mut client = ControlClient::connect(config.collector_url.clone())
+            let channel = zt_grpc_tls::channel(&config.collector_url, config.client_tls()?)
                 .await
                 .with_context(|| {
                     format!("cannot reach the collector at {}", config.collector_url)
                 })?;
+            let mut client = ControlClient::new(channel);
             let reply = client
                 .status(StatusRequest {})
                 .await
