@@ -32,6 +32,8 @@ pub struct AgentConfig {
     /// cgroup v2 hierarchy, i.e. the whole machine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guarded_cgroup: Option<PathBuf>,
+    /// How often the agent reports its state to the collector (`zt.agents`).
+    pub heartbeat_interval_secs: u64,
     pub uplink: UplinkConfig,
     pub sensors: SensorConfig,
     pub budget: crate::budget::BudgetConfig,
@@ -134,6 +136,7 @@ impl Default for AgentConfig {
             collector_url: None,
             state_dir: PathBuf::from("/var/lib/zt-agent"),
             guarded_cgroup: None,
+            heartbeat_interval_secs: 30,
             uplink: UplinkConfig::default(),
             sensors: SensorConfig::default(),
             budget: crate::budget::BudgetConfig::default(),
@@ -223,6 +226,11 @@ pub fn load(
 
 impl AgentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_secs == 0 {
+            return Err(ConfigError::Value(
+                "heartbeat_interval_secs must be at least 1".into(),
+            ));
+        }
         let u = &self.uplink;
         if u.batch_max_events == 0 || u.max_in_flight_batches == 0 {
             return Err(ConfigError::Value(
@@ -249,6 +257,18 @@ impl AgentConfig {
                     "sensors.{name} {ring} must be a power of two of at least 4096"
                 )));
             }
+        }
+        let s = &self.spool;
+        if s.segment_bytes < 4096 || s.max_bytes < 2 * s.segment_bytes {
+            return Err(ConfigError::Value(
+                "spool.segment_bytes must be at least 4096 and spool.max_bytes at least twice it"
+                    .into(),
+            ));
+        }
+        if s.fsync_interval_ms == 0 || s.fsync_interval_ms > 60_000 {
+            return Err(ConfigError::Value(
+                "spool.fsync_interval_ms must be between 1 and 60000".into(),
+            ));
         }
         let cpu_ok = self.budget.cpu_percent.is_finite() && self.budget.cpu_percent > 0.0;
         if !cpu_ok || self.budget.memory_mib == 0 {

@@ -5,6 +5,7 @@ pub mod budget;
 pub mod cgroups;
 pub mod clock;
 pub mod config;
+pub mod control_channel;
 pub mod dns;
 pub mod enrollment;
 pub mod event;
@@ -83,6 +84,26 @@ pub async fn run(
     let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
 
+    let control = control_channel::ControlChannel {
+        collector_url: collector_url.clone(),
+        device: device.clone(),
+        metrics: metrics.clone(),
+        state_dir: config.state_dir.clone(),
+    };
+    let revocations = control.saved_revocations().shared();
+    let watch = tokio::spawn(control.clone().watch(revocations));
+    let heartbeats = tokio::spawn(
+        control.heartbeats(
+            Duration::from_secs(config.heartbeat_interval_secs),
+            identity.boot_id.clone(),
+            sensors
+                .active()
+                .iter()
+                .map(|s| format!("{}={}", s.sensor, s.hook))
+                .collect(),
+        ),
+    );
+
     let uplink = Uplink::new(
         collector_url,
         identity,
@@ -103,6 +124,8 @@ pub async fn run(
     }
     stats.abort();
     renewal.abort();
+    watch.abort();
+    heartbeats.abort();
     // Detaches every program; the reader ends and closes the channel.
     drop(sensors);
     if tokio::time::timeout(STOP_TIMEOUT, uplink_task)

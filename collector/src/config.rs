@@ -239,6 +239,10 @@ pub enum CredentialCommand {
         /// Lifetime of the certificate (at most 30d) [default: 30d]
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         ttl: std::time::Duration,
+        /// What the user may do: analyst (read own organisation), admin
+        /// (also change it), soc (every organisation).
+        #[arg(long, value_enum, default_value = "admin")]
+        role: crate::control_plane::Role,
     },
 }
 

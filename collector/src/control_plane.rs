@@ -7,6 +7,7 @@
 //! <state_dir>/ca/ca.crt        CA certificate (the trust bundle)
 //! <state_dir>/tokens/          enrollment tokens (hashes only)
 //! <state_dir>/devices.json     enrolled devices
+//! <state_dir>/users.json       people (ztctl, console) and their roles
 //! <state_dir>/revocations.json revoked devices and certificates
 //! ```
 //!
@@ -36,6 +37,7 @@ use crate::config::IdentityConfig;
 const CA_DIR: &str = "ca";
 const TOKENS_DIR: &str = "tokens";
 const DEVICES_FILE: &str = "devices.json";
+const USERS_FILE: &str = "users.json";
 const REVOCATIONS_FILE: &str = "revocations.json";
 /// Lifetime of the collector's own TLS certificate; reissued at half of it.
 const SERVER_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -109,6 +111,52 @@ pub struct DeviceRecord {
     pub not_after_unix: u64,
 }
 
+/// What a person may do. Roles are per organisation, except `soc`, the
+/// prefecture-wide SOC, which works on every organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads its organisation's incidents, events and fleet.
+    Analyst,
+    /// Also changes its organisation: enrolls and revokes devices, policy.
+    Admin,
+    /// Reads and changes every organisation.
+    Soc,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Analyst => "analyst",
+            Role::Admin => "admin",
+            Role::Soc => "soc",
+        }
+    }
+
+    /// Whether this role, held in `own_org`, may read `org`.
+    pub fn may_read(self, own_org: &str, org: &str) -> bool {
+        self == Role::Soc || own_org == org
+    }
+
+    /// Whether this role, held in `own_org`, may change `org`.
+    pub fn may_change(self, own_org: &str, org: &str) -> bool {
+        match self {
+            Role::Soc => true,
+            Role::Admin => own_org == org,
+            Role::Analyst => false,
+        }
+    }
+}
+
+/// A person registered by `zt-collector credential create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub spiffe_id: String,
+    pub org: String,
+    pub name: String,
+    pub role: Role,
+}
+
 /// A certificate issued to a device.
 #[derive(Debug, Clone)]
 pub struct IssuedDeviceCertificate {
@@ -125,7 +173,13 @@ pub struct ControlPlane {
     tokens: TokenStore,
     devices: Mutex<BTreeMap<String, DeviceRecord>>,
     devices_path: PathBuf,
+    users: Mutex<BTreeMap<String, UserRecord>>,
+    users_path: PathBuf,
     revocations: SharedRevocationList,
+    revocations_path: PathBuf,
+    /// The revocation list's version, for those who act on changes (open
+    /// streams of a revoked device, agents watching the control channel).
+    revocation_version: tokio::sync::watch::Sender<u64>,
     certificate_ttl: Duration,
     server_names: Vec<String>,
     server_addresses: Vec<std::net::IpAddr>,
@@ -169,11 +223,18 @@ impl ControlPlane {
         } else {
             RevocationList::default()
         };
+        let users_path = dir.join(USERS_FILE);
+        let users = read_json(&users_path)?.unwrap_or_default();
+        let (revocation_version, _) = tokio::sync::watch::channel(revocations.version());
         Ok(ControlPlane {
             ca,
             tokens,
             devices: Mutex::new(devices),
             devices_path,
+            users: Mutex::new(users),
+            users_path,
+            revocation_version,
+            revocations_path,
             revocations: revocations.shared(),
             certificate_ttl: Duration::from_secs(config.certificate_ttl_secs),
             server_names: config.server_names.clone(),
@@ -192,6 +253,71 @@ impl ControlPlane {
 
     pub fn revocations(&self) -> &SharedRevocationList {
         &self.revocations
+    }
+
+    /// Follows the revocation list's version.
+    pub fn watch_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocation_version.subscribe()
+    }
+
+    /// Whether `id` is revoked now.
+    pub fn is_revoked(&self, id: &SpiffeId) -> bool {
+        self.is_device_revoked(id)
+    }
+
+    /// Revokes device `id`: its certificates are refused from the next
+    /// handshake, open streams are told through [`Self::watch_revocations`],
+    /// and the list (saved first) reaches agents over the control channel.
+    /// Returns the list's new version.
+    pub fn revoke_device(&self, id: &SpiffeId) -> Result<u64, ControlPlaneError> {
+        let mut list = self.revocations.write().unwrap_or_else(|p| p.into_inner());
+        let mut updated = list.clone();
+        updated.revoke_device(id);
+        updated
+            .save(&self.revocations_path)
+            .map_err(|e| ControlPlaneError::State {
+                what: "cannot write",
+                path: self.revocations_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        *list = updated;
+        let version = list.version();
+        drop(list);
+        self.revocation_version.send_replace(version);
+        info!(device = %id, version, "device revoked");
+        Ok(version)
+    }
+
+    /// A copy of the revocation list.
+    pub fn revocation_list(&self) -> RevocationList {
+        self.revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every enrolled device of `org` (every one with `None`).
+    pub fn devices(&self, org: Option<&str>) -> Vec<DeviceRecord> {
+        let devices = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        devices
+            .values()
+            .filter(|d| org.is_none_or(|org| d.org == org))
+            .cloned()
+            .collect()
+    }
+
+    /// The registration (and role) of user `id`. Users are registered by
+    /// `zt-collector credential create`, possibly while this collector
+    /// runs: the registry is read again on every lookup (admin calls are
+    /// rare); an unreadable file keeps the last good copy.
+    pub fn user(&self, id: &SpiffeId) -> Option<UserRecord> {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        match read_json::<BTreeMap<String, UserRecord>>(&self.users_path) {
+            Ok(Some(fresh)) => *users = fresh,
+            Ok(None) => users.clear(),
+            Err(err) => warn!(error = %err, "user registry unreadable; using the last copy"),
+        }
+        users.get(&id.to_string()).cloned()
     }
 
     /// A one-time token enrolling `device` into `org`, valid for `ttl`.
@@ -222,16 +348,33 @@ impl ControlPlane {
         &self,
         org: &str,
         user: &str,
+        role: Role,
         ttl: Duration,
     ) -> Result<(String, String), ControlPlaneError> {
         let id = SpiffeId::user(self.trust_domain(), org, user)?;
+        {
+            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(fresh) = read_json(&self.users_path)? {
+                *users = fresh;
+            }
+            users.insert(
+                id.to_string(),
+                UserRecord {
+                    spiffe_id: id.to_string(),
+                    org: org.to_owned(),
+                    name: user.to_owned(),
+                    role,
+                },
+            );
+            write_json(&self.users_path, &*users)?;
+        }
         let key = zt_identity::DeviceKey::generate().map_err(ControlPlaneError::Tls)?;
         let csr = key.csr_pem().map_err(ControlPlaneError::Tls)?;
         let issued = self
             .ca
             .sign_csr(&csr, &id, ttl, SystemTime::now())
             .map_err(ControlPlaneError::Tls)?;
-        info!(user = %id, serial = %issued.serial_hex(), "user credential issued");
+        info!(user = %id, role = role.as_str(), serial = %issued.serial_hex(), "user credential issued");
         Ok((
             format!("{}{}", key.to_pem(), issued.pem),
             self.ca.bundle_pem(),

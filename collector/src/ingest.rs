@@ -29,8 +29,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use zt_identity::SpiffeId;
+
 use crate::{
     control_plane::ControlPlane,
+    fleet::ConnectedDevices,
     metrics::{ConnectedAgent, Metrics},
     writer::{TableWriters, WriteError},
 };
@@ -64,11 +67,13 @@ pub struct TelemetryService {
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     plane: Arc<ControlPlane>,
+    connected: ConnectedDevices,
 }
 
 /// Who sends a stream, by its certificate and the device registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedAgent {
+    pub id: SpiffeId,
     pub org_id: String,
     pub device_id: String,
     /// As registered at enrollment; empty when the registry has no record.
@@ -107,12 +112,14 @@ impl TelemetryService {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
         plane: Arc<ControlPlane>,
+        connected: ConnectedDevices,
     ) -> TelemetryService {
         TelemetryService {
             writers,
             metrics,
             shutdown,
             plane,
+            connected,
         }
     }
 
@@ -179,6 +186,8 @@ impl TelemetryService {
         sender: AuthenticatedAgent,
     ) {
         let _connected = ConnectedAgent::new(self.metrics.clone());
+        let _device = self.connected.connect(&sender.id);
+        let mut revocations = self.plane.watch_revocations();
         let mut shutdown = self.shutdown.clone();
         info!(%peer, "agent stream opened");
         let mut in_flight: tokio::task::JoinSet<Result<BatchAck, IngestError>> =
@@ -193,6 +202,16 @@ impl TelemetryService {
                 () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if reading => {
                     debug!(%peer, "closing agent stream for shutdown");
                     reading = false;
+                }
+                // A revoked device's stream ends at once, batches in flight
+                // unacknowledged. (Guarded, so that a stream with nothing
+                // left to read or store still reaches `else` and ends.)
+                Ok(()) = revocations.changed(), if reading || !in_flight.is_empty() => {
+                    if self.plane.is_revoked(&sender.id) {
+                        warn!(%peer, device = %sender.id, "device revoked; cutting its telemetry stream");
+                        let _ = acks.send(Err(Status::permission_denied("device revoked"))).await;
+                        break;
+                    }
                 }
                 Some(done) = in_flight.join_next() => match done {
                     Ok(Ok(ack)) => {
@@ -253,7 +272,11 @@ impl Telemetry for TelemetryService {
             .device(&id)
             .map(|record| record.hostname)
             .unwrap_or_default();
+        if self.plane.is_revoked(&id) {
+            return Err(Status::permission_denied(format!("{id} is revoked")));
+        }
         let sender = AuthenticatedAgent {
+            id: id.clone(),
             org_id: id.org().to_owned(),
             device_id: device.to_owned(),
             hostname,

@@ -11,15 +11,21 @@
 //! - [`control_plane`]: CA, enrollment tokens, device registry, revocations,
 //!   the collector's TLS configuration;
 //! - [`enrollment`]: the `Enrollment` service (enroll, renew);
+//! - [`admin`]: the `Admin` service for people (tokens, devices,
+//!   revocation), authorised by role and audited;
+//! - [`fleet`]: the `Fleet` service for agents (heartbeats, the control
+//!   channel);
 //! - [`metrics`]: counters and gauges;
 //! - [`server`]: wiring, start-up and graceful shutdown.
 //!
 //! The binary calls [`CollectorConfig::load`] and [`run`].
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod control_plane;
 pub mod enrollment;
+pub mod fleet;
 pub mod ingest;
 pub mod metrics;
 pub mod server;

@@ -38,9 +38,10 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
             user,
             out,
             ttl,
+            role,
         }) => {
             let (credential, bundle) = open()?
-                .issue_user_credential(org, user, *ttl)
+                .issue_user_credential(org, user, *role, *ttl)
                 .context("issuing the credential")?;
             zt_identity::files::ensure_dir(out, 0o700)?;
             let credential_path = out.join("credential.pem");

@@ -9,7 +9,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use proto::{
-    control::control_server::ControlServer, enrollment::enrollment_server::EnrollmentServer,
+    control::{
+        admin_server::AdminServer, control_server::ControlServer, fleet_server::FleetServer,
+    },
+    enrollment::enrollment_server::EnrollmentServer,
     telemetry::telemetry_server::TelemetryServer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -17,10 +20,12 @@ use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::AdminService,
     config::CollectorConfig,
     control::ControlService,
     control_plane::{ControlPlane, ControlPlaneError},
     enrollment::EnrollmentService,
+    fleet::{ConnectedDevices, FleetService},
     ingest::TelemetryService,
     metrics::Metrics,
     storage::{Storage, StorageError},
@@ -214,13 +219,17 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     let incoming = zt_grpc_tls::serve_tls(listener, tls);
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let connected = ConnectedDevices::default();
     let telemetry = TelemetryService::new(
         table_writers,
         metrics.clone(),
         shutdown_rx.clone(),
         plane.clone(),
+        connected.clone(),
     );
     let enrollment = EnrollmentService::new(plane.clone());
+    let admin = AdminService::new(plane.clone(), storage.clone(), connected);
+    let fleet = FleetService::new(plane.clone(), storage.clone());
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
     let server = tokio::spawn(
@@ -228,6 +237,8 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
             .add_service(TelemetryServer::new(telemetry))
             .add_service(ControlServer::new(control))
             .add_service(EnrollmentServer::new(enrollment))
+            .add_service(AdminServer::new(admin))
+            .add_service(FleetServer::new(fleet))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             }),

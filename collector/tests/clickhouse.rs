@@ -254,7 +254,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
 }
 
 /// Every migration's version: what a rerun finds recorded.
-const ALL_VERSIONS: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+const ALL_VERSIONS: [u32; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -530,7 +530,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -628,7 +628,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -705,7 +705,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -999,7 +999,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8, 9, 10]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1143,7 +1143,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8, 9, 10]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1267,7 +1267,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8, 9, 10]);
+    assert_eq!(report.applied, vec![8, 9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1430,7 +1430,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![9, 10]);
+    assert_eq!(report.applied, vec![9, 10, 11, 12]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     for (table, columns) in [
         ("process_events", PROCESS_EVENTS_COLUMNS),

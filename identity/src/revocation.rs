@@ -143,6 +143,25 @@ impl RevocationList {
         }
     }
 
+    /// A list as another party sent it (e.g. over the control channel):
+    /// every identity and serial is validated as in [`RevocationList::from_json`].
+    pub fn from_parts(
+        version: u64,
+        devices: impl IntoIterator<Item = String>,
+        serials: impl IntoIterator<Item = String>,
+    ) -> Result<Self> {
+        let devices = devices
+            .into_iter()
+            .map(|id| SpiffeId::parse(&id))
+            .collect::<std::result::Result<BTreeSet<_>, _>>()?;
+        let wire = Wire {
+            version,
+            devices,
+            serials: serials.into_iter().collect(),
+        };
+        Self::try_from(wire).map_err(Error::Certificate)
+    }
+
     /// The list as JSON.
     pub fn to_json(&self) -> Result<String> {
         Ok(serde_json::to_string(self)?)
@@ -183,6 +202,22 @@ mod tests {
 
     fn id(device: &str) -> SpiffeId {
         SpiffeId::device(&TrustDomain::new("pref.example").unwrap(), "city-a", device).unwrap()
+    }
+
+    #[test]
+    fn a_list_rebuilt_from_its_parts_is_validated() {
+        let mut list = RevocationList::new();
+        list.revoke_device(&id("d1"));
+        list.revoke_serial(&[0xab, 0xcd]);
+        let rebuilt = RevocationList::from_parts(
+            list.version(),
+            list.devices().map(ToString::to_string),
+            list.serials().map(str::to_owned),
+        )
+        .unwrap();
+        assert_eq!(rebuilt, list);
+        assert!(RevocationList::from_parts(1, ["not a spiffe id".to_owned()], []).is_err());
+        assert!(RevocationList::from_parts(1, [], ["ABCD".to_owned()]).is_err());
     }
 
     #[test]

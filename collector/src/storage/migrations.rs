@@ -360,7 +360,67 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dns_events",
         steps: &[Step::Execute(CREATE_DNS_EVENTS)],
     },
+    Migration {
+        version: 11,
+        name: "agents",
+        steps: &[Step::Execute(CREATE_AGENTS)],
+    },
+    Migration {
+        version: 12,
+        name: "audit_log",
+        steps: &[Step::Execute(CREATE_AUDIT_LOG)],
+    },
 ];
+
+/// One row per agent heartbeat: the fleet's state over time. The latest row
+/// of a device is its current state (`argMax(..., time)`).
+const CREATE_AGENTS: &str = "
+CREATE TABLE IF NOT EXISTS agents
+(
+    org_id                       String,
+    time                         DateTime,
+    device_id                    String,
+    hostname                     String,
+    boot_id                      String,
+    agent_version                String,
+    kernel                       String,
+    active_sensors               Array(String),
+    policy_version               UInt64,
+    certificate_not_after        DateTime,
+    certificate_renewals         UInt64,
+    certificate_renewal_failures UInt64,
+    spool_events                 UInt64,
+    spool_bytes                  UInt64,
+    kernel_drops                 UInt64,
+    bulk_sampled                 UInt64,
+    queue_dropped                UInt64,
+    events_acked                 UInt64,
+    uptime_seconds               UInt64,
+    remote_addr                  String
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, device_id, time)";
+
+/// Every administrative action: who, what, on what, from where, and how it
+/// ended (also refusals).
+const CREATE_AUDIT_LOG: &str = "
+CREATE TABLE IF NOT EXISTS audit_log
+(
+    org_id      String,
+    time        DateTime,
+    time_ns     UInt64,
+    actor       String,
+    actor_role  String,
+    action      String,
+    target      String,
+    source      String,
+    result      String,
+    detail      String
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMM(time)
+ORDER BY (org_id, time, time_ns)";
 
 #[derive(Debug, Serialize, Deserialize, clickhouse::Row)]
 struct MigrationRow {

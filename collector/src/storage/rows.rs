@@ -115,6 +115,62 @@ impl TableRow for ProcessEventRow {
     const TABLE: &'static str = "process_events";
 }
 
+/// One row of `agents`: a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct AgentRow {
+    pub org_id: String,
+    /// When the collector received it (`DateTime`).
+    pub time: u32,
+    pub device_id: String,
+    /// As registered at enrollment.
+    pub hostname: String,
+    pub boot_id: String,
+    pub agent_version: String,
+    pub kernel: String,
+    /// `<sensor>=<hook>`.
+    pub active_sensors: Vec<String>,
+    pub policy_version: u64,
+    pub certificate_not_after: u32,
+    pub certificate_renewals: u64,
+    pub certificate_renewal_failures: u64,
+    pub spool_events: u64,
+    pub spool_bytes: u64,
+    pub kernel_drops: u64,
+    pub bulk_sampled: u64,
+    pub queue_dropped: u64,
+    pub events_acked: u64,
+    pub uptime_seconds: u64,
+    pub remote_addr: String,
+}
+
+impl TableRow for AgentRow {
+    const TABLE: &'static str = "agents";
+}
+
+/// One row of `audit_log`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct AuditRow {
+    /// The organisation acted on (the actor's for listings of every one).
+    pub org_id: String,
+    pub time: u32,
+    pub time_ns: u64,
+    /// SPIFFE id of the user.
+    pub actor: String,
+    pub actor_role: String,
+    /// `enroll_token.create`, `device.list`, `device.revoke`, ...
+    pub action: String,
+    pub target: String,
+    /// Address the call came from.
+    pub source: String,
+    /// `ok`, `denied` or `error`.
+    pub result: String,
+    pub detail: String,
+}
+
+impl TableRow for AuditRow {
+    const TABLE: &'static str = "audit_log";
+}
+
 /// One row of `gaps`: events an agent lost, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct GapRow {

@@ -1,0 +1,355 @@
+//! The `zt.control.v1.Admin` gRPC service: what administrators do through
+//! `ztctl` (enrollment tokens, the device list, revocation). Each call is
+//! authenticated by the user certificate, authorised by the user's role
+//! ([`Role`]) for the organisation it touches, and recorded in
+//! `zt.audit_log`, refusals included.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use proto::control::{
+    admin_server::Admin, CreateEnrollmentTokenRequest, Device, DeviceList, EnrollmentTokenReply,
+    ListDevicesRequest, RevokeDeviceReply, RevokeDeviceRequest,
+};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use zt_identity::SpiffeId;
+
+use crate::{
+    control_plane::{ControlPlane, Role, UserRecord},
+    enrollment::caller_identity,
+    fleet::ConnectedDevices,
+    storage::{AuditRow, Storage},
+};
+
+/// Default validity of an enrollment token created without one.
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Longest validity of an enrollment token.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+#[derive(Clone)]
+pub struct AdminService {
+    plane: Arc<ControlPlane>,
+    storage: Storage,
+    connected: ConnectedDevices,
+}
+
+/// The authenticated, registered caller of an admin call.
+struct Caller {
+    id: SpiffeId,
+    user: UserRecord,
+    source: String,
+}
+
+impl AdminService {
+    pub fn new(plane: Arc<ControlPlane>, storage: Storage, connected: ConnectedDevices) -> Self {
+        AdminService {
+            plane,
+            storage,
+            connected,
+        }
+    }
+
+    /// Who calls: a registered user (devices have no business here).
+    async fn caller<T>(&self, request: &Request<T>, action: &str) -> Result<Caller, Status> {
+        let id = caller_identity(request)?;
+        let source = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        match self.plane.user(&id) {
+            Some(user) => Ok(Caller { id, user, source }),
+            None => {
+                self.audit_unregistered(&id, &source, action).await;
+                Err(Status::permission_denied(format!(
+                    "{id} is not a registered user"
+                )))
+            }
+        }
+    }
+
+    /// The organisation a request names, or the caller's when it names none.
+    fn org_of<'a>(caller: &'a Caller, requested: &'a str) -> &'a str {
+        if requested.is_empty() {
+            &caller.user.org
+        } else {
+            requested
+        }
+    }
+
+    /// Refuses (and audits the refusal) unless the caller may change `org`.
+    async fn require_change(
+        &self,
+        caller: &Caller,
+        org: &str,
+        action: &str,
+        target: &str,
+    ) -> Result<(), Status> {
+        if caller.user.role.may_change(&caller.user.org, org) {
+            return Ok(());
+        }
+        let why = format!(
+            "{} ({} of {}) may not change organisation {org}",
+            caller.id,
+            caller.user.role.as_str(),
+            caller.user.org
+        );
+        self.audit(caller, org, action, target, "denied", &why)
+            .await;
+        Err(Status::permission_denied(why))
+    }
+
+    async fn audit(
+        &self,
+        caller: &Caller,
+        org: &str,
+        action: &str,
+        target: &str,
+        result: &str,
+        detail: &str,
+    ) {
+        self.write_audit(AuditRow {
+            org_id: org.to_owned(),
+            time: 0,
+            time_ns: 0,
+            actor: caller.id.to_string(),
+            actor_role: caller.user.role.as_str().to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            source: caller.source.clone(),
+            result: result.to_owned(),
+            detail: detail.to_owned(),
+        })
+        .await;
+    }
+
+    async fn audit_unregistered(&self, id: &SpiffeId, source: &str, action: &str) {
+        self.write_audit(AuditRow {
+            org_id: id.org().to_owned(),
+            time: 0,
+            time_ns: 0,
+            actor: id.to_string(),
+            actor_role: String::new(),
+            action: action.to_owned(),
+            target: String::new(),
+            source: source.to_owned(),
+            result: "denied".to_owned(),
+            detail: "not a registered user".to_owned(),
+        })
+        .await;
+    }
+
+    /// Stores an audit record; a record that cannot be stored is logged in
+    /// full, so the trail survives in the collector's log.
+    async fn write_audit(&self, mut row: AuditRow) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        row.time = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        row.time_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        info!(actor = %row.actor, action = %row.action, target = %row.target, org = %row.org_id, result = %row.result, detail = %row.detail, "audit");
+        if let Err(err) = self.storage.insert(std::slice::from_ref(&row)).await {
+            warn!(error = %err, record = ?row, "audit record not stored in ClickHouse");
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_enrollment_token(
+        &self,
+        request: Request<CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<EnrollmentTokenReply>, Status> {
+        const ACTION: &str = "enroll_token.create";
+        let caller = self.caller(&request, ACTION).await?;
+        let req = request.into_inner();
+        let org = Self::org_of(&caller, &req.org_id).to_owned();
+        self.require_change(&caller, &org, ACTION, &req.device_id)
+            .await?;
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            secs => Duration::from_secs(secs),
+        };
+        if ttl > MAX_TOKEN_TTL {
+            let why = format!("a token lives at most {} s", MAX_TOKEN_TTL.as_secs());
+            self.audit(&caller, &org, ACTION, &req.device_id, "error", &why)
+                .await;
+            return Err(Status::invalid_argument(why));
+        }
+        let plane = self.plane.clone();
+        let (org_for_token, device) = (org.clone(), req.device_id.clone());
+        let created =
+            tokio::task::spawn_blocking(move || plane.create_token(&org_for_token, &device, ttl))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        match created {
+            Ok(token) => {
+                let detail = format!("ttl {} s, expires {}", ttl.as_secs(), token.expires_unix);
+                self.audit(&caller, &org, ACTION, &token.spiffe_id, "ok", &detail)
+                    .await;
+                Ok(Response::new(EnrollmentTokenReply {
+                    join_token: token.join_token,
+                    spiffe_id: token.spiffe_id,
+                    expires_unix: i64::try_from(token.expires_unix).unwrap_or(i64::MAX),
+                }))
+            }
+            Err(err) => {
+                self.audit(
+                    &caller,
+                    &org,
+                    ACTION,
+                    &req.device_id,
+                    "error",
+                    &err.to_string(),
+                )
+                .await;
+                Err(Status::invalid_argument(err.to_string()))
+            }
+        }
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<ListDevicesRequest>,
+    ) -> Result<Response<DeviceList>, Status> {
+        const ACTION: &str = "device.list";
+        let caller = self.caller(&request, ACTION).await?;
+        let req = request.into_inner();
+        // Without an organisation the SOC sees every one; others their own.
+        let org = match (req.org_id.as_str(), caller.user.role) {
+            ("", Role::Soc) => None,
+            ("", _) => Some(caller.user.org.clone()),
+            (org, _) => Some(org.to_owned()),
+        };
+        if let Some(org) = &org {
+            if !caller.user.role.may_read(&caller.user.org, org) {
+                let why = format!("{} may not read organisation {org}", caller.id);
+                self.audit(&caller, org, ACTION, "", "denied", &why).await;
+                return Err(Status::permission_denied(why));
+            }
+        }
+        let records = self.plane.devices(org.as_deref());
+        let heartbeats = self
+            .last_heartbeats(org.as_deref())
+            .await
+            .unwrap_or_else(|err| {
+                warn!(error = %err, "last heartbeats unavailable");
+                HashMap::new()
+            });
+        let revocations = self.plane.revocation_list();
+        let devices = records
+            .into_iter()
+            .map(|d| {
+                let id = SpiffeId::parse(&d.spiffe_id).ok();
+                Device {
+                    revoked: id
+                        .as_ref()
+                        .is_some_and(|id| revocations.is_device_revoked(id)),
+                    connected: self.connected.count(&d.spiffe_id) > 0,
+                    last_heartbeat_unix: heartbeats
+                        .get(&(d.org.clone(), d.device.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                    org_id: d.org,
+                    device_id: d.device,
+                    spiffe_id: d.spiffe_id,
+                    hostname: d.hostname,
+                    agent_version: d.agent_version,
+                    enrolled_unix: i64::try_from(d.enrolled_unix).unwrap_or(i64::MAX),
+                    certificate_serial: d.serial,
+                    certificate_not_after_unix: i64::try_from(d.not_after_unix).unwrap_or(i64::MAX),
+                }
+            })
+            .collect::<Vec<_>>();
+        let scope = org.clone().unwrap_or_else(|| "*".to_owned());
+        let detail = format!("{} devices", devices.len());
+        self.audit(&caller, &scope, ACTION, "", "ok", &detail).await;
+        Ok(Response::new(DeviceList { devices }))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<RevokeDeviceRequest>,
+    ) -> Result<Response<RevokeDeviceReply>, Status> {
+        const ACTION: &str = "device.revoke";
+        let caller = self.caller(&request, ACTION).await?;
+        let req = request.into_inner();
+        let org = Self::org_of(&caller, &req.org_id).to_owned();
+        self.require_change(&caller, &org, ACTION, &req.device_id)
+            .await?;
+        let id = SpiffeId::device(self.plane.trust_domain(), &org, &req.device_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.plane.device(&id).is_none() {
+            let why = format!("{id} is not enrolled");
+            self.audit(&caller, &org, ACTION, &id.to_string(), "error", &why)
+                .await;
+            return Err(Status::not_found(why));
+        }
+        let streams = self.connected.count(&id.to_string());
+        match self.plane.revoke_device(&id) {
+            Ok(version) => {
+                let detail = format!(
+                    "revocation list v{version}; {streams} open streams cut; reason: {}",
+                    req.reason
+                );
+                self.audit(&caller, &org, ACTION, &id.to_string(), "ok", &detail)
+                    .await;
+                Ok(Response::new(RevokeDeviceReply {
+                    revocation_version: version,
+                    streams_closed: u32::try_from(streams).unwrap_or(u32::MAX),
+                }))
+            }
+            Err(err) => {
+                self.audit(
+                    &caller,
+                    &org,
+                    ACTION,
+                    &id.to_string(),
+                    "error",
+                    &err.to_string(),
+                )
+                .await;
+                Err(Status::internal(err.to_string()))
+            }
+        }
+    }
+}
+
+impl AdminService {
+    /// `(org, device) -> last heartbeat (unix)` from `zt.agents`.
+    async fn last_heartbeats(
+        &self,
+        org: Option<&str>,
+    ) -> Result<HashMap<(String, String), i64>, clickhouse::error::Error> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Last {
+            org_id: String,
+            device_id: String,
+            last: u32,
+        }
+        let rows: Vec<Last> = match org {
+            Some(org) => {
+                self.storage
+                    .client()
+                    .query("SELECT org_id, device_id, toUInt32(max(time)) AS last FROM agents WHERE org_id = ? GROUP BY org_id, device_id")
+                    .bind(org)
+                    .fetch_all()
+                    .await?
+            }
+            None => {
+                self.storage
+                    .client()
+                    .query("SELECT org_id, device_id, toUInt32(max(time)) AS last FROM agents GROUP BY org_id, device_id")
+                    .fetch_all()
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.org_id, r.device_id), i64::from(r.last)))
+            .collect())
+    }
+}

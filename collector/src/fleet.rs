@@ -1,0 +1,196 @@
+//! The agents' side of the control plane (`zt.control.v1.Fleet`):
+//! heartbeats into `zt.agents`, and the control channel that pushes the
+//! revocation list to every agent as it changes. Also [`ConnectedDevices`],
+//! which telemetry streams register in, so a revocation can say how many it
+//! cut and the device list which devices are online.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use proto::control::{
+    control_update::Update, fleet_server::Fleet, AgentHeartbeat, ControlUpdate, HeartbeatReply,
+    RevocationList as WireRevocations, WatchRequest,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+use zt_identity::SpiffeId;
+
+use crate::{
+    control_plane::ControlPlane,
+    enrollment::caller_identity,
+    storage::{AgentRow, Storage},
+};
+
+/// Open telemetry streams per device (SPIFFE id).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectedDevices(Arc<Mutex<HashMap<String, usize>>>);
+
+impl ConnectedDevices {
+    /// Registers a stream of `id` until the guard is dropped.
+    pub fn connect(&self, id: &SpiffeId) -> ConnectedGuard {
+        let key = id.to_string();
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        ConnectedGuard {
+            devices: self.clone(),
+            key,
+        }
+    }
+
+    pub fn count(&self, id: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+pub struct ConnectedGuard {
+    devices: ConnectedDevices,
+    key: String,
+}
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        let mut map = self.devices.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FleetService {
+    plane: Arc<ControlPlane>,
+    storage: Storage,
+}
+
+impl FleetService {
+    pub fn new(plane: Arc<ControlPlane>, storage: Storage) -> Self {
+        FleetService { plane, storage }
+    }
+
+    /// The caller, which must be a device that is not revoked.
+    #[allow(clippy::result_large_err)] // tonic's Status, as every handler
+    fn device<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        let id = caller_identity(request)?;
+        if id.device_id().is_none() {
+            return Err(Status::permission_denied(format!("{id} is not a device")));
+        }
+        if self.plane.is_revoked(&id) {
+            return Err(Status::permission_denied(format!("{id} is revoked")));
+        }
+        Ok(id)
+    }
+}
+
+fn revocation_update(plane: &ControlPlane) -> ControlUpdate {
+    let list = plane.revocation_list();
+    ControlUpdate {
+        update: Some(Update::Revocations(WireRevocations {
+            version: list.version(),
+            revoked_ids: list.devices().map(ToString::to_string).collect(),
+            revoked_serials: list.serials().map(str::to_owned).collect(),
+        })),
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ControlUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn heartbeat(
+        &self,
+        request: Request<AgentHeartbeat>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let id = self.device(&request)?;
+        let remote = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let beat = request.into_inner();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let hostname = self
+            .plane
+            .device(&id)
+            .map(|d| d.hostname)
+            .unwrap_or_default();
+        let row = AgentRow {
+            org_id: id.org().to_owned(),
+            time: u32::try_from(now).unwrap_or(u32::MAX),
+            device_id: id.device_id().unwrap_or_default().to_owned(),
+            hostname,
+            boot_id: beat.boot_id,
+            agent_version: beat.agent_version,
+            kernel: beat.kernel,
+            active_sensors: beat.active_sensors,
+            policy_version: beat.policy_version,
+            certificate_not_after: u32::try_from(beat.certificate_not_after_unix.max(0))
+                .unwrap_or(u32::MAX),
+            certificate_renewals: beat.certificate_renewals,
+            certificate_renewal_failures: beat.certificate_renewal_failures,
+            spool_events: beat.spool_events,
+            spool_bytes: beat.spool_bytes,
+            kernel_drops: beat.kernel_drops,
+            bulk_sampled: beat.bulk_sampled,
+            queue_dropped: beat.queue_dropped,
+            events_acked: beat.events_acked,
+            uptime_seconds: beat.uptime_seconds,
+            remote_addr: remote,
+        };
+        // The agent sends the next one anyway: a failed store is its retry.
+        self.storage
+            .insert(std::slice::from_ref(&row))
+            .await
+            .map_err(|e| Status::unavailable(format!("heartbeat not stored: {e}")))?;
+        debug!(device = %id, "heartbeat");
+        Ok(Response::new(HeartbeatReply {
+            server_time_unix: i64::try_from(now).unwrap_or(i64::MAX),
+        }))
+    }
+
+    type WatchStream = UpdateStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = self.device(&request)?;
+        let have = request.into_inner().revocation_version;
+        let plane = self.plane.clone();
+        let mut versions = plane.watch_revocations();
+        let stream = async_stream::try_stream! {
+            if plane.revocation_list().version() != have {
+                yield revocation_update(&plane);
+            }
+            loop {
+                if versions.changed().await.is_err() {
+                    break;
+                }
+                if plane.is_revoked(&id) {
+                    warn!(device = %id, "closing the control channel of a revoked device");
+                    Err(Status::permission_denied(format!("{id} is revoked")))?;
+                }
+                yield revocation_update(&plane);
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
