@@ -258,18 +258,6 @@ impl AgentConfig {
                 )));
             }
         }
-        let s = &self.spool;
-        if s.segment_bytes < 4096 || s.max_bytes < 2 * s.segment_bytes {
-            return Err(ConfigError::Value(
-                "spool.segment_bytes must be at least 4096 and spool.max_bytes at least twice it"
-                    .into(),
-            ));
-        }
-        if s.fsync_interval_ms == 0 || s.fsync_interval_ms > 60_000 {
-            return Err(ConfigError::Value(
-                "spool.fsync_interval_ms must be between 1 and 60000".into(),
-            ));
-        }
         let cpu_ok = self.budget.cpu_percent.is_finite() && self.budget.cpu_percent > 0.0;
         if !cpu_ok || self.budget.memory_mib == 0 {
             return Err(ConfigError::Value(
