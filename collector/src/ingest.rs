@@ -145,7 +145,8 @@ impl TelemetryService {
         }
         // Every table at once; the ack waits for all of them. When one fails
         // the agent resends the whole batch, so the rows another table did
-        // store arrive twice (deduplicate on device_id, boot_id, seq).
+        // store arrive twice; the event tables fold such copies into one
+        // (ReplacingMergeTree keyed by the event's identity, migration 13).
         let TableRows {
             process_events,
             network_events,

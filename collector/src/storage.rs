@@ -69,6 +69,8 @@ pub enum StorageError {
     Timeout { what: String, after: Duration },
     #[error("invalid database name {0:?}")]
     InvalidDatabase(String),
+    #[error("schema migration: {0}")]
+    Migration(String),
 }
 
 impl StorageError {
@@ -84,7 +86,7 @@ impl StorageError {
     pub fn is_retriable(&self) -> bool {
         match self {
             StorageError::Timeout { .. } => true,
-            StorageError::InvalidDatabase(_) => false,
+            StorageError::InvalidDatabase(_) | StorageError::Migration(_) => false,
             StorageError::ClickHouse { error, .. } => is_retriable(error),
         }
     }

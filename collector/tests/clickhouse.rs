@@ -188,10 +188,16 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         &server,
         &database,
         "process_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
-    assert_keys(&server, &database, "gaps", "org_id, hostname, time, seq").await;
+    assert_keys(
+        &server,
+        &database,
+        "gaps",
+        "org_id, hostname, time, seq, device_id, boot_id",
+    )
+    .await;
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
         sorted(NETWORK_EVENTS_COLUMNS)
@@ -200,7 +206,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         &server,
         &database,
         "network_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
     assert_eq!(
@@ -211,7 +217,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         &server,
         &database,
         "file_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
     assert_eq!(
@@ -222,7 +228,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         &server,
         &database,
         "dns_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
 
@@ -254,7 +260,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
 }
 
 /// Every migration's version: what a rerun finds recorded.
-const ALL_VERSIONS: [u32; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+const ALL_VERSIONS: [u32; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -530,7 +536,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -628,7 +634,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -638,7 +644,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         &server,
         &database,
         "network_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
     // The older tables and their rows are untouched.
@@ -705,7 +711,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -715,7 +721,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         &server,
         &database,
         "file_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
     // The older tables and their rows are untouched.
@@ -999,7 +1005,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1009,7 +1015,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         &server,
         &database,
         "process_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
     for (table, columns) in [
@@ -1143,7 +1149,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1153,7 +1159,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         &server,
         &database,
         "process_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
 
@@ -1267,7 +1273,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8, 9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1277,7 +1283,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         &server,
         &database,
         "process_events",
-        "org_id, hostname, time, pid, seq",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
 
@@ -1430,7 +1436,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![9, 10, 11, 12]);
+    assert_eq!(report.applied, vec![9, 10, 11, 12, 13]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     for (table, columns) in [
         ("process_events", PROCESS_EVENTS_COLUMNS),
@@ -1450,7 +1456,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
             &server,
             &database,
             table,
-            "org_id, hostname, time, pid, seq",
+            "org_id, hostname, time, pid, seq, device_id, boot_id",
         )
         .await;
     }
@@ -2791,5 +2797,123 @@ async fn batches_of_one_stream_are_stored_concurrently() {
     acked.sort_unstable();
     assert_eq!(acked, vec![1, 2]);
     assert_eq!(stored_rows(&server, &database).await.len(), 4);
+    collector.shutdown().await.unwrap();
+}
+
+/// Migration 13: an event stored twice (a batch resent after its ack was
+/// lost) is one event, for `FINAL` at once and physically after merges;
+/// different events that share everything but the run are both kept; rows
+/// stored before the migration survive; an interrupted rebuild resumes.
+#[tokio::test]
+async fn events_stored_twice_are_one_event_and_the_rebuild_resumes() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("dedup");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    assert_eq!(storage.migrate_to(12).await.unwrap().applied.len(), 12);
+    let rows = |boot: &str, events: &[Event]| {
+        let mut agent = identity();
+        agent.boot_id = boot.into();
+        zt_collector::ingest::convert_batch(Some(&agent), events, 1_750_000_100).rows
+    };
+    // Before the migration: an exec stored twice, and the same seq of
+    // another run.
+    let first = rows(
+        "run-1",
+        &[exec(1, 100), at(2, tcp_kind("connected", 4, 100))],
+    );
+    storage.insert(&first.process_events).await.unwrap();
+    storage.insert(&first.process_events).await.unwrap();
+    storage.insert(&first.network_events).await.unwrap();
+    storage
+        .insert(&rows("run-2", &[exec(1, 100)]).process_events)
+        .await
+        .unwrap();
+
+    let client = server.client().with_database(&database);
+    // Leftovers of an interrupted run: a half-filled copy of network_events,
+    // and file_events caught between its two renames.
+    client
+        .query("CREATE TABLE network_events_rebuild AS network_events ENGINE = Memory")
+        .execute()
+        .await
+        .unwrap();
+    let files = rows("run-1", &[at(3, file_kind("open_write", 100, "/tmp/x"))]);
+    storage.insert(&files.file_events).await.unwrap();
+    for sql in [
+        "CREATE TABLE file_events_rebuild AS file_events ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMMDD(time) ORDER BY (org_id, hostname, time, pid, seq, device_id, boot_id)",
+        "INSERT INTO file_events_rebuild SELECT * FROM file_events",
+        "RENAME TABLE file_events TO file_events_retired",
+    ] {
+        client.query(sql).execute().await.unwrap();
+    }
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![13]);
+    let count = |sql: &'static str| {
+        let client = client.clone();
+        async move { client.query(sql).fetch_one::<u64>().await.unwrap() }
+    };
+    assert_eq!(
+        count("SELECT count() FROM process_events FINAL").await,
+        2,
+        "one per (device, run, seq)"
+    );
+    assert_eq!(count("SELECT count() FROM network_events FINAL").await, 1);
+    assert_eq!(count("SELECT count() FROM file_events FINAL").await, 1);
+    let engines: Vec<(String, String)> = client
+        .query("SELECT name, engine FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(&database)
+        .fetch_all()
+        .await
+        .unwrap();
+    for (table, engine) in &engines {
+        if [
+            "process_events",
+            "network_events",
+            "file_events",
+            "dns_events",
+            "gaps",
+        ]
+        .contains(&table.as_str())
+        {
+            assert_eq!(engine, "ReplacingMergeTree", "{table}");
+        }
+        assert!(
+            !table.ends_with("_rebuild") && !table.ends_with("_retired"),
+            "leftover {table}: {engines:?}"
+        );
+    }
+
+    // Through the service: the same batch twice (as after a lost ack).
+    let collector = zt_collector::start(config_for(&server, &database))
+        .await
+        .unwrap();
+    let mut agent = AgentStream::open(&collector).await;
+    for batch_seq in [7, 7] {
+        agent
+            .send(EventBatch {
+                batch_seq,
+                agent: Some(identity()),
+                events: vec![exec(40, 4000), exec(41, 4100)],
+            })
+            .await;
+        let ack = agent.ack(Duration::from_secs(10)).await;
+        assert_eq!((ack.stored, ack.rejected), (2, 0));
+    }
+    assert_eq!(
+        count("SELECT count() FROM process_events FINAL WHERE seq >= 40").await,
+        2
+    );
+    client
+        .query("OPTIMIZE TABLE process_events FINAL")
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(
+        count("SELECT count() FROM process_events WHERE seq >= 40").await,
+        2,
+        "merged away physically too"
+    );
     collector.shutdown().await.unwrap();
 }

@@ -21,6 +21,24 @@ use tracing::info;
 
 use super::{Storage, StorageError};
 
+/// Event tables become `ReplacingMergeTree`s whose sorting key ends with the
+/// event's identity `(seq, device_id, boot_id)`: a batch stored twice (its
+/// acknowledgement was lost and the agent sent it again) is one event after
+/// the parts merge, and `FINAL` reads it once before. The key's prefix is
+/// unchanged, and so is the analysts' ordering; partitioning stays by day.
+macro_rules! dedup {
+    ($table:literal, $order_by:literal) => {
+        Step::Rebuild {
+            table: $table,
+            engine_name: "ReplacingMergeTree",
+            engine: concat!(
+                "ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMMDD(time) ORDER BY ",
+                $order_by
+            ),
+        }
+    };
+}
+
 /// One schema change.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {
@@ -39,6 +57,17 @@ pub enum Step {
     AddColumns {
         table: &'static str,
         columns: &'static [Column],
+    },
+    /// Moves `table` to a new engine clause (ClickHouse cannot change a
+    /// table's engine or sorting key in place): copies it into
+    /// `<table>_rebuild` created `AS table` with `engine`, swaps the names,
+    /// copies again what arrived at the old table during the copy, and
+    /// drops the old one. Resumable at every point; does nothing once the
+    /// table's engine is `engine_name`.
+    Rebuild {
+        table: &'static str,
+        engine_name: &'static str,
+        engine: &'static str,
     },
 }
 
@@ -370,6 +399,29 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_log",
         steps: &[Step::Execute(CREATE_AUDIT_LOG)],
     },
+    Migration {
+        version: 13,
+        name: "event_dedup",
+        steps: &[
+            dedup!(
+                "process_events",
+                "(org_id, hostname, time, pid, seq, device_id, boot_id)"
+            ),
+            dedup!(
+                "network_events",
+                "(org_id, hostname, time, pid, seq, device_id, boot_id)"
+            ),
+            dedup!(
+                "file_events",
+                "(org_id, hostname, time, pid, seq, device_id, boot_id)"
+            ),
+            dedup!(
+                "dns_events",
+                "(org_id, hostname, time, pid, seq, device_id, boot_id)"
+            ),
+            dedup!("gaps", "(org_id, hostname, time, seq, device_id, boot_id)"),
+        ],
+    },
 ];
 
 /// One row per agent heartbeat: the fleet's state over time. The latest row
@@ -472,6 +524,11 @@ pub async fn apply(storage: &Storage, list: &[Migration]) -> Result<MigrationRep
 async fn run_step(storage: &Storage, step: &Step) -> Result<(), StorageError> {
     match *step {
         Step::Execute(sql) => storage.execute(sql, false).await,
+        Step::Rebuild {
+            table,
+            engine_name,
+            engine,
+        } => rebuild(storage, table, engine_name, engine).await,
         Step::AddColumns { table, columns } => {
             let existing = column_names(storage, table).await?;
             let Some(alter) = add_columns_statement(table, columns, &existing) else {
@@ -492,6 +549,90 @@ async fn run_step(storage: &Storage, step: &Step) -> Result<(), StorageError> {
             }
         }
     }
+}
+
+/// See [`Step::Rebuild`]. Every state an interrupted run can leave is
+/// recognised by which of `table`, `<table>_rebuild` and `<table>_retired`
+/// exist and by `table`'s engine.
+async fn rebuild(
+    storage: &Storage,
+    table: &str,
+    engine_name: &str,
+    engine: &str,
+) -> Result<(), StorageError> {
+    let staging = format!("{table}_rebuild");
+    let retired = format!("{table}_retired");
+    match engine_of(storage, table).await? {
+        // Interrupted between the two renames: finish the swap.
+        None if engine_of(storage, &staging).await?.is_some() => {
+            storage
+                .execute(&format!("RENAME TABLE {staging} TO {table}"), false)
+                .await?;
+        }
+        None => {
+            return Err(StorageError::Migration(format!(
+                "cannot rebuild {table}: it does not exist"
+            )))
+        }
+        Some(current) if current == engine_name => {}
+        Some(_) => {
+            // A half-filled copy of an interrupted run is started over.
+            storage
+                .execute(&format!("DROP TABLE IF EXISTS {staging}"), false)
+                .await?;
+            storage
+                .execute(
+                    &format!("CREATE TABLE {staging} AS {table} {engine}"),
+                    false,
+                )
+                .await?;
+            let copy_started = unix_seconds_now().saturating_sub(5);
+            storage
+                .execute(
+                    &format!("INSERT INTO {staging} SELECT * FROM {table}"),
+                    false,
+                )
+                .await?;
+            storage
+                .execute(
+                    &format!("RENAME TABLE {table} TO {retired}, {staging} TO {table}"),
+                    false,
+                )
+                .await?;
+            // Rows another collector stored during the copy: copied again,
+            // the new engine folds what was copied twice.
+            storage
+                .execute(
+                    &format!(
+                        "INSERT INTO {table} SELECT * FROM {retired} WHERE ingested_at >= {copy_started}"
+                    ),
+                    false,
+                )
+                .await?;
+        }
+    }
+    storage
+        .execute(&format!("DROP TABLE IF EXISTS {retired}"), false)
+        .await?;
+    storage
+        .execute(&format!("DROP TABLE IF EXISTS {staging}"), false)
+        .await
+}
+
+/// The engine of `table` (`MergeTree`, `ReplacingMergeTree`, …), or `None`
+/// when it does not exist.
+async fn engine_of(storage: &Storage, table: &str) -> Result<Option<String>, StorageError> {
+    storage
+        .client()
+        .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+        .bind(storage.database())
+        .bind(table)
+        .fetch_optional()
+        .await
+        .map_err(|error| StorageError::ClickHouse {
+            what: format!("read the engine of {table}"),
+            error,
+        })
 }
 
 /// The names of `table`'s columns in the storage's database.
