@@ -723,7 +723,46 @@ mod tests {
             Step::AddColumns { table, columns } => {
                 add_columns_statement(table, columns, &[]).expect("columns to add")
             }
+            Step::Rebuild { table, engine, .. } => {
+                format!("CREATE TABLE {table}_rebuild AS {table} {engine}")
+            }
         }
+    }
+
+    #[test]
+    fn event_tables_are_keyed_by_the_event_identity() {
+        let v13 = MIGRATIONS.iter().find(|m| m.version == 13).unwrap();
+        let mut tables = Vec::new();
+        for step in v13.steps {
+            let Step::Rebuild {
+                table,
+                engine_name,
+                engine,
+            } = *step
+            else {
+                panic!("migration 13 only rebuilds")
+            };
+            assert_eq!(engine_name, "ReplacingMergeTree");
+            assert!(
+                engine.starts_with("ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMMDD(time)")
+            );
+            assert!(
+                engine.contains("ORDER BY (org_id, hostname, time,"),
+                "{engine}"
+            );
+            assert!(engine.ends_with("seq, device_id, boot_id)"), "{engine}");
+            tables.push(table);
+        }
+        assert_eq!(
+            tables,
+            [
+                "process_events",
+                "network_events",
+                "file_events",
+                "dns_events",
+                "gaps"
+            ]
+        );
     }
 
     #[test]
@@ -841,6 +880,7 @@ mod tests {
                     table
                 }
                 Step::Execute(sql) => panic!("migration 9 only adds columns: {sql}"),
+                Step::Rebuild { table, .. } => panic!("migration 9 only adds columns: {table}"),
             })
             .collect();
         assert_eq!(tables, ["network_events", "file_events"]);
