@@ -77,11 +77,21 @@ impl Drop for ConnectedGuard {
 pub struct FleetService {
     plane: Arc<ControlPlane>,
     storage: Storage,
+    /// Turning true ends every control channel (graceful shutdown).
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FleetService {
-    pub fn new(plane: Arc<ControlPlane>, storage: Storage) -> Self {
-        FleetService { plane, storage }
+    pub fn new(
+        plane: Arc<ControlPlane>,
+        storage: Storage,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        FleetService {
+            plane,
+            storage,
+            shutdown,
+        }
     }
 
     /// The caller, which must be a device that is not revoked.
@@ -176,12 +186,17 @@ impl Fleet for FleetService {
         let have = request.into_inner().revocation_version;
         let plane = self.plane.clone();
         let mut versions = plane.watch_revocations();
+        let mut shutdown = self.shutdown.clone();
         let stream = async_stream::try_stream! {
             if plane.revocation_list().version() != have {
                 yield revocation_update(&plane);
             }
             loop {
-                if versions.changed().await.is_err() {
+                let changed = tokio::select! {
+                    changed = versions.changed() => changed.is_ok(),
+                    _ = shutdown.wait_for(|stop| *stop) => false,
+                };
+                if !changed {
                     break;
                 }
                 if plane.is_revoked(&id) {

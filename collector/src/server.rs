@@ -229,7 +229,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     );
     let enrollment = EnrollmentService::new(plane.clone());
     let admin = AdminService::new(plane.clone(), storage.clone(), connected);
-    let fleet = FleetService::new(plane.clone(), storage.clone());
+    let fleet = FleetService::new(plane.clone(), storage.clone(), shutdown_rx.clone());
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
     let server = tokio::spawn(

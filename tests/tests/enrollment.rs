@@ -240,3 +240,44 @@ async fn a_short_lived_certificate_is_renewed_on_a_new_key_without_a_gap() -> Re
     assert!(!agent.log().contains("renewal failed"), "{}", agent.log());
     Ok(())
 }
+
+/// The collector is away when renewal falls due: the agent keeps the
+/// certificate it has (and says so), retries with backoff, and renews once
+/// the collector is back, before the certificate expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_keeps_the_certificate_and_retries() -> Result<()> {
+    let stack = Stack::new("e2e_renew_outage").await?;
+    let ttl = [("ZT_COLLECTOR_IDENTITY__CERTIFICATE_TTL_SECS", "60".into())];
+    let mut collector = stack.start_collector_with(&ttl).await?;
+    let mut agent = stack.start_agent().await?;
+    let device_pem = stack.agent_state("agent").join("identity/device.pem");
+    let issued = std::fs::read_to_string(&device_pem)?;
+
+    // Renewal is due 27–33 s after issue: be away from 15 s on.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    collector
+        .terminate(Duration::from_secs(10))
+        .context("collector did not stop")?;
+    agent
+        .wait_for_log("certificate renewal failed", Duration::from_secs(30))
+        .await?;
+    assert_eq!(
+        std::fs::read_to_string(&device_pem)?,
+        issued,
+        "a failed renewal leaves the certificate in use alone"
+    );
+    assert!(agent.exited().is_none(), "{}", agent.log());
+
+    let _collector = stack.start_collector_with(&ttl).await?;
+    agent
+        .wait_for_log("certificate renewed", Duration::from_secs(30))
+        .await?;
+    assert_ne!(std::fs::read_to_string(&device_pem)?, issued);
+    let cgroup = TestCgroup::create("renew-outage")?;
+    let marker = marker_for("renew-outage");
+    run_in_cgroup(&cgroup, "/bin/echo", &[&marker])?;
+    eventually(Duration::from_secs(15), || owner_of_exec(&stack, &marker))
+        .await
+        .with_context(|| format!("exec after the outage not stored\n{}", stack.logs()))?;
+    Ok(())
+}
