@@ -42,6 +42,12 @@ enum Command {
         #[arg(long, env = "ZT_AGENT_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// This device's identity and certificate, from the state directory;
+    /// exits 1 when the device is not enrolled or its certificate expired.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
@@ -53,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         log_format: cli.log_format,
     };
     let config = config::load(cli.config.as_deref(), &flags).context("loading configuration")?;
+    if let Some(Command::Status { json }) = cli.command {
+        return status(&config, json);
+    }
     init_tracing(config.log_format);
     if let Some(Command::Enroll { collector, token }) = cli.command {
         let identity = zt_agent::enrollment::enroll(&collector, &token, &config.state_dir)
@@ -72,6 +81,77 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(config = ?config, "effective configuration");
     zt_agent::run(config, shutdown_signal()).await
+}
+
+/// `zt-agent status`: what the state directory says.
+fn status(config: &zt_agent::config::AgentConfig, json: bool) -> anyhow::Result<()> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let unix = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let identity = match zt_agent::enrollment::DeviceIdentity::load(&config.state_dir) {
+        Ok(identity) => identity,
+        Err(err) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "enrolled": false, "error": err.to_string() })
+                );
+            } else {
+                eprintln!("zt-agent: {err}");
+            }
+            std::process::exit(1);
+        }
+    };
+    let now = SystemTime::now();
+    let valid = identity.validity.contains(now);
+    let collector = config
+        .collector_url
+        .clone()
+        .or_else(|| identity.collector_url.clone())
+        .unwrap_or_default();
+    let revocations = zt_identity::RevocationList::load(&config.state_dir.join("revocations.json"))
+        .map(|list| list.version())
+        .unwrap_or(0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "enrolled": true,
+                "spiffe_id": identity.id.to_string(),
+                "org_id": identity.id.org(),
+                "device_id": identity.id.device_id().unwrap_or_default(),
+                "collector_url": collector,
+                "certificate_valid": valid,
+                "certificate_not_before_unix": unix(identity.validity.not_before),
+                "certificate_not_after_unix": unix(identity.validity.not_after),
+                "revocation_list_version": revocations,
+                "state_dir": config.state_dir.display().to_string(),
+            })
+        );
+    } else {
+        let left = identity
+            .validity
+            .not_after
+            .duration_since(now)
+            .map(|d| format!("{} s left", d.as_secs()))
+            .unwrap_or_else(|_| "EXPIRED".to_owned());
+        println!("identity      {}", identity.id);
+        println!("collector     {collector}");
+        println!(
+            "certificate   valid until {} (unix; {left})",
+            unix(identity.validity.not_after)
+        );
+        println!("revocations   list v{revocations}");
+        println!("state         {}", config.state_dir.display());
+    }
+    if valid {
+        Ok(())
+    } else {
+        std::process::exit(1)
+    }
 }
 
 fn init_tracing(format: LogFormat) {

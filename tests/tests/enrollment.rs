@@ -64,11 +64,36 @@ async fn a_token_enrolls_one_device_once_and_its_events_carry_that_identity() ->
     let mode = std::fs::metadata(&device_pem)?.permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the key is readable by root only");
 
+    // `zt-agent status` reads the identity back.
+    let output = std::process::Command::new(&agent_bin)
+        .arg("--state-dir")
+        .arg(&first)
+        .args(["status", "--json"])
+        .output()?;
+    ensure!(output.status.success(), "status: {output:?}");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(
+        status["spiffe_id"],
+        format!("spiffe://zt.local/org/{TEST_ORG}/device/pc-0042")
+    );
+    assert_eq!(status["certificate_valid"], true);
+    assert_eq!(status["collector_url"], url.as_str());
+
     // The same token a second time: refused, nothing written.
     let second = stack.agent_state("pc-0042-again");
     let err = enroll(&agent_bin, &second, &url, &token).unwrap_err();
     assert!(err.to_string().contains("already"), "{err}");
     assert!(!second.join("identity/device.pem").exists());
+    let unenrolled = std::process::Command::new(&agent_bin)
+        .arg("--state-dir")
+        .arg(&second)
+        .args(["status", "--json"])
+        .output()?;
+    assert_eq!(
+        unenrolled.status.code(),
+        Some(1),
+        "status of an unenrolled device"
+    );
 
     // A forged pin: the agent does not trust the collector, and says so.
     let pin_start = token.rfind('.').context("token has a pin")? + 1;
