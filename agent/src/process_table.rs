@@ -5,7 +5,11 @@
 //! Exited processes stay for [`EXITED_RETENTION_NS`] so that events that
 //! arrive after their process ended (or its children's) still resolve.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::{HashMap, VecDeque},
+    fs,
+    path::Path,
+};
 
 use crate::event::{ProcessExec, ProcessExit, ProcessFork};
 
@@ -54,6 +58,11 @@ impl From<&ProcessInfo> for Ancestor {
 pub struct ProcessTable {
     processes: HashMap<u32, ProcessInfo>,
     capacity: usize,
+    /// `(exited_boot_ns, pid)` in the order exits arrived, so pruning and
+    /// eviction take the oldest exits without scanning the table. An entry
+    /// whose pid was reused since (it no longer has that exit time) is
+    /// skipped.
+    exits: VecDeque<(u64, u32)>,
 }
 
 impl Default for ProcessTable {
@@ -67,6 +76,7 @@ impl ProcessTable {
         Self {
             processes: HashMap::new(),
             capacity,
+            exits: VecDeque::new(),
         }
     }
 
@@ -133,6 +143,7 @@ impl ProcessTable {
     pub fn on_exit(&mut self, exit: &ProcessExit) {
         if let Some(process) = self.processes.get_mut(&exit.pid) {
             process.exited_boot_ns = Some(exit.boot_ns);
+            self.exits.push_back((exit.boot_ns, exit.pid));
         }
         self.prune(exit.boot_ns);
     }
@@ -158,10 +169,27 @@ impl ProcessTable {
     /// Drops processes that exited more than [`EXITED_RETENTION_NS`] before
     /// `now_boot_ns`.
     pub fn prune(&mut self, now_boot_ns: u64) {
-        self.processes.retain(|_, p| {
-            p.exited_boot_ns
-                .is_none_or(|exited| now_boot_ns.saturating_sub(exited) < EXITED_RETENTION_NS)
-        });
+        while let Some(&(exited, _)) = self.exits.front() {
+            if now_boot_ns.saturating_sub(exited) < EXITED_RETENTION_NS {
+                break;
+            }
+            self.remove_oldest_exit();
+        }
+    }
+
+    /// Removes the process of the oldest recorded exit, if it is still that
+    /// exited process; true when one was removed.
+    fn remove_oldest_exit(&mut self) -> bool {
+        let Some((exited, pid)) = self.exits.pop_front() else {
+            return false;
+        };
+        let current = self.processes.get(&pid).and_then(|p| p.exited_boot_ns);
+        if current == Some(exited) {
+            self.processes.remove(&pid);
+            true
+        } else {
+            false
+        }
     }
 
     fn insert(&mut self, process: ProcessInfo) {
@@ -171,19 +199,19 @@ impl ProcessTable {
         self.processes.insert(process.pid, process);
     }
 
-    /// Makes room: the longest-exited entry, else the oldest-started one.
+    /// Makes room: the longest-exited entry, else (a table full of live
+    /// processes, rare) the oldest-started one.
     fn evict_one(&mut self) {
+        while !self.exits.is_empty() {
+            if self.remove_oldest_exit() {
+                return;
+            }
+        }
         let victim = self
             .processes
             .values()
-            .filter_map(|p| p.exited_boot_ns.map(|exited| (exited, p.pid)))
+            .map(|p| (p.start_boot_ns, p.pid))
             .min()
-            .or_else(|| {
-                self.processes
-                    .values()
-                    .map(|p| (p.start_boot_ns, p.pid))
-                    .min()
-            })
             .map(|(_, pid)| pid);
         if let Some(pid) = victim {
             self.processes.remove(&pid);
@@ -402,6 +430,26 @@ mod tests {
             (reused.ppid, reused.start_boot_ns, reused.exited_boot_ns),
             (500, 5_000, None)
         );
+        // The old exit's retention ends; the live process that reused the
+        // pid stays.
+        table.prune(2_000 + EXITED_RETENTION_NS);
+        assert_eq!(table.get(700).map(|p| p.start_boot_ns), Some(5_000));
+    }
+
+    /// Pruning takes only expired exits, in exit order, without looking at
+    /// live processes: a storm of short processes costs O(1) per exit.
+    #[test]
+    fn pruning_follows_exit_order() {
+        let mut table = seeded();
+        for pid in 1_000..1_100 {
+            table.on_fork(&fork(600, pid, u64::from(pid)));
+            table.on_exit(&exit(pid, u64::from(pid) * 1_000));
+        }
+        assert_eq!(table.len(), 3 + 100);
+        table.prune(1_049_000 + EXITED_RETENTION_NS);
+        assert!(table.get(1_049).is_none() && table.get(1_050).is_some());
+        assert_eq!(table.len(), 3 + 50);
+        assert_eq!(table.exits.len(), 50);
     }
 
     #[test]
