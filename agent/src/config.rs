@@ -38,6 +38,50 @@ pub struct AgentConfig {
     pub sensors: SensorConfig,
     pub budget: crate::budget::BudgetConfig,
     pub log_format: LogFormat,
+    pub spool: SpoolConfig,
+}
+
+/// The uplink's disk spool (see `spool.rs`): events are written ahead to
+/// disk and survive collector outages and agent restarts.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Off: events wait in memory only (bounded by `uplink.buffer_*`).
+    pub enabled: bool,
+    /// Unset: `<state_dir>/spool`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Bound of the whole spool (both classes) on disk; when full the oldest
+    /// bulk events go first, and are reported as gap records.
+    pub max_bytes: u64,
+    /// Size at which a segment file is closed and the next begun.
+    pub segment_bytes: u64,
+    /// Written events are fsynced at least this often: what a power loss
+    /// can cost at most.
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            max_bytes: 1 << 30,
+            segment_bytes: 16 << 20,
+            fsync_interval_ms: 200,
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool's directory for an agent whose state is in `state_dir`.
+    pub fn dir(&self, state_dir: &Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| state_dir.join("spool"))
+    }
+
+    pub fn fsync_interval(&self) -> Duration {
+        Duration::from_millis(self.fsync_interval_ms.max(1))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -141,6 +185,7 @@ impl Default for AgentConfig {
             sensors: SensorConfig::default(),
             budget: crate::budget::BudgetConfig::default(),
             log_format: LogFormat::Plain,
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -258,6 +303,18 @@ impl AgentConfig {
                 )));
             }
         }
+        let s = &self.spool;
+        if s.segment_bytes < 4096 || s.max_bytes < 2 * s.segment_bytes {
+            return Err(ConfigError::Value(
+                "spool.segment_bytes must be at least 4096 and spool.max_bytes at least twice it"
+                    .into(),
+            ));
+        }
+        if s.fsync_interval_ms == 0 || s.fsync_interval_ms > 60_000 {
+            return Err(ConfigError::Value(
+                "spool.fsync_interval_ms must be between 1 and 60000".into(),
+            ));
+        }
         let cpu_ok = self.budget.cpu_percent.is_finite() && self.budget.cpu_percent > 0.0;
         if !cpu_ok || self.budget.memory_mib == 0 {
             return Err(ConfigError::Value(
@@ -354,6 +411,44 @@ mod tests {
             )
             .unwrap_err();
             assert!(err.to_string().contains("https"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_spool_section_has_defaults_and_bounds() {
+        figment::Jail::expect_with(|jail| {
+            let config = build(layers(None), &FlagOverrides::default()).unwrap();
+            assert!(config.spool.enabled);
+            assert_eq!(
+                config.spool.dir(&config.state_dir),
+                PathBuf::from("/var/lib/zt-agent/spool")
+            );
+            assert_eq!(config.spool.max_bytes, 1 << 30);
+            assert_eq!(config.spool.segment_bytes, 16 << 20);
+            assert_eq!(config.spool.fsync_interval_ms, 200);
+
+            jail.set_env("ZT_AGENT_SPOOL__MAX_BYTES", "65536");
+            jail.set_env("ZT_AGENT_SPOOL__SEGMENT_BYTES", "8192");
+            jail.set_env("ZT_AGENT_SPOOL__DIR", "/srv/spool");
+            let config = build(layers(None), &FlagOverrides::default()).unwrap();
+            assert_eq!(config.spool.max_bytes, 65536);
+            assert_eq!(
+                config.spool.dir(&config.state_dir),
+                PathBuf::from("/srv/spool")
+            );
+
+            jail.set_env("ZT_AGENT_SPOOL__SEGMENT_BYTES", "65536");
+            let err = build(layers(None), &FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("spool.max_bytes"), "{err}");
+
+            jail.create_file("typo.toml", "[spool]\nmax_byte = 1\n")?;
+            let err = build(
+                layers(Some(Path::new("typo.toml"))),
+                &FlagOverrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("max_byte"), "{err}");
             Ok(())
         });
     }

@@ -114,11 +114,15 @@ impl ControlChannel {
                 .unwrap_or(i64::MAX),
             certificate_renewals: m.renewal.renewals.load(Relaxed),
             certificate_renewal_failures: m.renewal.failures.load(Relaxed),
-            spool_events: 0,
-            spool_bytes: 0,
+            spool_events: AgentMetrics::get(&m.spool_events),
+            spool_bytes: AgentMetrics::get(&m.spool_bytes),
             kernel_drops: AgentMetrics::get(&m.kernel_drops),
             bulk_sampled: AgentMetrics::get(&m.bulk_sampled),
-            queue_dropped: AgentMetrics::get(&m.events_dropped_queue_full),
+            // Everything the agent itself dropped: a full memory queue, a
+            // full spool, spooled records found corrupt.
+            queue_dropped: AgentMetrics::get(&m.events_dropped_queue_full)
+                + AgentMetrics::get(&m.events_dropped_spool_full)
+                + AgentMetrics::get(&m.spool_corrupt),
             events_acked: AgentMetrics::get(&m.events_acked),
             boot_id: boot_id.to_owned(),
             uptime_seconds: uptime.as_secs(),

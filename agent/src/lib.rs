@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process_table;
 pub mod sensors;
+pub mod spool;
 pub mod sysfs;
 pub mod tracefs_format;
 pub mod uplink;
@@ -104,6 +105,7 @@ pub async fn run(
         ),
     );
 
+    let spool = uplink::open_spool(&config.spool, &config.state_dir, &config.uplink, &identity);
     let uplink = Uplink::new(
         collector_url,
         identity,
@@ -111,6 +113,7 @@ pub async fn run(
         config.uplink.clone(),
         metrics.clone(),
         sequencer,
+        spool,
     );
     let mut uplink_task = tokio::spawn(uplink.run(rx));
 

@@ -21,6 +21,17 @@ pub struct AgentMetrics {
     pub batches_sent: AtomicU64,
     /// Connection attempts to the collector that failed or broke.
     pub uplink_failures: AtomicU64,
+    /// Events in the disk spool not yet acknowledged by the collector
+    /// (a gauge, updated at every spool flush).
+    pub spool_events: AtomicU64,
+    /// Bytes of the disk spool's files (a gauge).
+    pub spool_bytes: AtomicU64,
+    /// Events dropped because the disk spool was full (bulk first).
+    pub events_dropped_spool_full: AtomicU64,
+    /// Spooled events lost to corruption (checksum mismatch, torn tail).
+    pub spool_corrupt: AtomicU64,
+    /// Failed spool writes and flushes (disk full, I/O errors).
+    pub spool_write_errors: AtomicU64,
     /// Certificate expiry and renewal outcomes.
     pub renewal: std::sync::Arc<crate::enrollment::RenewalMetrics>,
 }

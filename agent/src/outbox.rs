@@ -9,12 +9,22 @@
 //! in order, and are sent again. The queue is bounded in events and in bytes
 //! (events carry their ancestry, so their size varies): when it is full the
 //! oldest bulk events are dropped first, critical ones only when no bulk
-//! event is left; every drop is counted (the disk spool replaces this).
+//! event is left; every drop is counted.
+//!
+//! [`Queue`] puts the disk spool (`spool.rs`) in front of it: with a
+//! working spool, events wait on disk and the memory queue is only the
+//! fallback.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prost::Message as _;
 use proto::telemetry::{event::Kind, Event};
+
+use crate::spool::{RunId, Spool, SyncJob};
 
 /// Whether an event may wait behind others and go first when space runs out.
 pub fn is_bulk(event: &Event) -> bool {
@@ -186,6 +196,216 @@ impl Outbox {
     /// Encoded bytes held (pending and in flight, gap records aside).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// Where an in-flight batch came from.
+#[derive(Debug)]
+enum Source {
+    Memory(u64),
+    Spool(u64),
+}
+
+/// A batch to send: its events all belong to `run` (`None`: this agent
+/// run; else a previous run's events replayed from the spool).
+#[derive(Debug)]
+pub struct Batch {
+    pub seq: u64,
+    pub run: Option<Arc<RunId>>,
+    pub events: Vec<Event>,
+}
+
+/// What the queue lost since the last report, per class
+/// (`[critical, bulk]`) and reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// The memory queue was full (`queue_full`).
+    pub queue_full: [u64; 2],
+    /// The spool was full (`spool_full`).
+    pub spool_full: [u64; 2],
+    /// Spooled records did not check (`spool_corrupt`).
+    pub spool_corrupt: [u64; 2],
+}
+
+/// How long the queue keeps events in memory after the spool failed before
+/// it tries the spool again.
+pub const SPOOL_RETRY: Duration = Duration::from_secs(5);
+
+/// The uplink's queue: the disk spool when there is one and it works, the
+/// bounded memory [`Outbox`] otherwise (no spool configured, or the disk
+/// failing: then events wait in memory, drops are reported as `queue_full`,
+/// and the spool is tried again after [`SPOOL_RETRY`]). Batches are taken
+/// from the spool first (it holds the older events), then from memory.
+#[derive(Debug)]
+pub struct Queue {
+    memory: Outbox,
+    spool: Option<Spool>,
+    spool_retry_at: Option<Instant>,
+    spool_errors: u64,
+    in_flight: BTreeMap<u64, Source>,
+    next_seq: u64,
+}
+
+impl Queue {
+    pub fn new(memory: Outbox, spool: Option<Spool>) -> Self {
+        Self {
+            memory,
+            spool,
+            spool_retry_at: None,
+            spool_errors: 0,
+            in_flight: BTreeMap::new(),
+            next_seq: 1,
+        }
+    }
+
+    fn spool_usable(&mut self) -> Option<&mut Spool> {
+        if self.spool_retry_at.is_some_and(|at| Instant::now() < at) {
+            return None;
+        }
+        self.spool.as_mut()
+    }
+
+    fn spool_failed(&mut self, err: &std::io::Error) {
+        self.spool_errors += 1;
+        self.spool_retry_at = Some(Instant::now() + SPOOL_RETRY);
+        tracing::error!(error = %err, retry_in_s = SPOOL_RETRY.as_secs(), errors = self.spool_errors, "SPOOL WRITE FAILED: events wait in memory only (bounded; drops are reported as gaps) until the disk takes writes again");
+    }
+
+    /// Queues an event; returns how many events were dropped for it, and
+    /// whether the spool (else the memory queue) dropped them.
+    pub fn push(&mut self, event: Event) -> (u64, bool) {
+        if let Some(spool) = self.spool_usable() {
+            match spool.append(event) {
+                Ok(dropped) => {
+                    self.spool_retry_at = None;
+                    return (dropped, true);
+                }
+                Err(refused) => {
+                    self.spool_failed(&refused.error);
+                    return (self.memory.push(refused.event), false);
+                }
+            }
+        }
+        (self.memory.push(event), false)
+    }
+
+    /// Spool failures so far.
+    pub fn spool_errors(&self) -> u64 {
+        self.spool_errors
+    }
+
+    /// Queues a gap record, never refused.
+    pub fn push_report(&mut self, event: Event) {
+        if let Some(spool) = self.spool_usable() {
+            match spool.append_report(event) {
+                Ok(()) => return,
+                Err(refused) => {
+                    self.spool_failed(&refused.error);
+                    self.memory.push_unbounded(refused.event);
+                    return;
+                }
+            }
+        }
+        self.memory.push_unbounded(event);
+    }
+
+    /// Losses since the last call, if any.
+    pub fn take_losses(&mut self) -> Option<Losses> {
+        let mut losses = Losses::default();
+        if let Some((critical, bulk)) = self.memory.take_unreported() {
+            losses.queue_full = [critical, bulk];
+        }
+        if let Some(spool) = &mut self.spool {
+            let lost = spool.take_lost();
+            losses.spool_full = lost.full;
+            losses.spool_corrupt = lost.corrupt;
+        }
+        (losses != Losses::default()).then_some(losses)
+    }
+
+    pub fn next_batch(&mut self, max_events: usize) -> Option<Batch> {
+        let seq = self.next_seq;
+        if let Some(batch) = self.spool.as_mut().and_then(|s| s.next_batch(max_events)) {
+            self.next_seq += 1;
+            self.in_flight.insert(seq, Source::Spool(batch.key));
+            return Some(Batch {
+                seq,
+                run: Some(batch.run),
+                events: batch.events,
+            });
+        }
+        let (inner, events) = self.memory.next_batch(max_events)?;
+        self.next_seq += 1;
+        self.in_flight.insert(seq, Source::Memory(inner));
+        Some(Batch {
+            seq,
+            run: None,
+            events,
+        })
+    }
+
+    /// The collector stored batch `seq`; returns whether it was in flight.
+    pub fn ack(&mut self, seq: u64) -> bool {
+        match self.in_flight.remove(&seq) {
+            Some(Source::Memory(inner)) => self.memory.ack(inner).is_some(),
+            Some(Source::Spool(key)) => self.spool.as_mut().is_some_and(|s| s.ack(key)),
+            None => false,
+        }
+    }
+
+    pub fn requeue_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.memory.requeue_in_flight();
+        if let Some(spool) = &mut self.spool {
+            spool.requeue_in_flight();
+        }
+    }
+
+    pub fn pending_len(&self) -> usize {
+        let spooled = self.spool.as_ref().map(|s| s.pending()).unwrap_or(0);
+        self.memory.pending_len() + spooled as usize
+    }
+
+    pub fn in_flight_batches(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Events dropped by the memory queue.
+    pub fn dropped_total(&self) -> u64 {
+        self.memory.dropped_total()
+    }
+
+    /// Events not yet acknowledged in the spool, and its bytes.
+    pub fn spool_depth(&self) -> (u64, u64) {
+        self.spool.as_ref().map(Spool::depth).unwrap_or((0, 0))
+    }
+
+    /// Events the spool dropped for room, `[critical, bulk]`.
+    pub fn spool_dropped(&self) -> [u64; 2] {
+        self.spool
+            .as_ref()
+            .map(Spool::dropped_totals)
+            .unwrap_or_default()
+    }
+
+    pub fn has_spool(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    /// Writes what the spool buffered; returns what to fsync.
+    pub fn flush(&mut self) -> std::io::Result<SyncJob> {
+        match &mut self.spool {
+            Some(spool) => spool.flush(),
+            None => Ok(SyncJob::default()),
+        }
+    }
+
+    /// For a clean stop: everything written and synced.
+    pub fn close(&mut self) -> std::io::Result<()> {
+        match &mut self.spool {
+            Some(spool) => spool.close(),
+            None => Ok(()),
+        }
     }
 }
 

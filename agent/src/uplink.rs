@@ -18,14 +18,20 @@ use crate::{
     config::UplinkConfig,
     enrollment::SharedIdentity,
     metrics::AgentMetrics,
-    outbox::Outbox,
+    outbox::{Outbox, Queue},
     sensors::{gap_event, Sequencer},
+    spool::{RunId, Spool, SpoolLimits},
 };
 
 /// How long a stopping agent waits for the collector to acknowledge what it
 /// still holds.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds of the spool's decoded-event cache, per class.
+const SPOOL_CACHE_EVENTS: usize = 8_192;
+const SPOOL_CACHE_BYTES: usize = 4 << 20;
+/// Spool writes and fsyncs slower than this are logged.
+const SLOW_SPOOL_IO: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -50,10 +56,59 @@ pub struct Uplink {
     device: SharedIdentity,
     config: UplinkConfig,
     metrics: Arc<AgentMetrics>,
-    outbox: Outbox,
+    outbox: Queue,
     sequencer: Sequencer,
     /// When the oldest drop not yet reported happened (Unix ns).
     first_unreported_drop_ns: Option<u64>,
+    /// How often the spool is flushed and fsynced (`None`: no spool).
+    fsync_interval: Option<Duration>,
+    /// The next spool flush.
+    sync_at: Instant,
+    /// The fsync running off the runtime, if any.
+    syncing: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the disk spool for an agent run with `identity`; `None` (memory
+/// only, logged loudly) when it is disabled or cannot be opened: a broken
+/// disk must not stop the agent from collecting.
+pub fn open_spool(
+    config: &crate::config::SpoolConfig,
+    state_dir: &std::path::Path,
+    uplink: &UplinkConfig,
+    identity: &AgentIdentity,
+) -> Option<Spool> {
+    if !config.enabled {
+        info!("spool disabled; events wait in memory only");
+        return None;
+    }
+    let limits = SpoolLimits {
+        dir: config.dir(state_dir),
+        max_bytes: config.max_bytes,
+        segment_bytes: config.segment_bytes,
+        // The decoded-event cache only spares a connected agent reading back
+        // what it wrote: a few batches per class. During an outage the rest
+        // waits on disk only, so memory no longer grows with the outage.
+        cache_events: (uplink.buffer_max_events / 2)
+            .min(SPOOL_CACHE_EVENTS)
+            .max(uplink.batch_max_events),
+        cache_bytes: (uplink.buffer_max_bytes / 2).min(SPOOL_CACHE_BYTES),
+        fsync_interval: config.fsync_interval(),
+    };
+    let run = RunId {
+        boot_id: identity.boot_id.clone(),
+        agent_version: identity.agent_version.clone(),
+    };
+    let dir = limits.dir.clone();
+    match Spool::open(limits, run) {
+        Ok(spool) => {
+            info!(dir = %dir.display(), max_bytes = config.max_bytes, fsync_interval_ms = config.fsync_interval_ms, "spool open");
+            Some(spool)
+        }
+        Err(err) => {
+            tracing::error!(dir = %dir.display(), error = %err, "CANNOT OPEN THE SPOOL: events wait in memory only");
+            None
+        }
+    }
 }
 
 /// How a session with the collector ended without error.
@@ -71,9 +126,12 @@ impl Uplink {
         config: UplinkConfig,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
+        spool: Option<Spool>,
     ) -> Self {
-        let outbox = Outbox::with_limits(config.buffer_max_events, config.buffer_max_bytes);
-        Self {
+        let memory = Outbox::with_limits(config.buffer_max_events, config.buffer_max_bytes);
+        let fsync_interval = spool.as_ref().map(|s| s.limits().fsync_interval);
+        let outbox = Queue::new(memory, spool);
+        let uplink = Self {
             url,
             identity,
             device,
@@ -82,24 +140,135 @@ impl Uplink {
             outbox,
             sequencer,
             first_unreported_drop_ns: None,
-        }
+            fsync_interval,
+            sync_at: Instant::now(),
+            syncing: None,
+        };
+        uplink.update_gauges();
+        uplink
     }
 
-    /// Turns the queue's drops since the last report into gap records
-    /// (`reason = "queue_full"`), sent ahead of other events.
+    /// Turns the queue's losses since the last report into gap records
+    /// (`reason` `queue_full`, `spool_full` or `spool_corrupt`, per
+    /// stream). They go into the spool like other critical events (exempt
+    /// from its bound), or ahead of the memory queue. Losses of a previous
+    /// run's spooled events are reported by this run (its boot id and seq).
     fn report_drops(&mut self) {
-        let Some((critical, bulk)) = self.outbox.take_unreported() else {
+        let Some(losses) = self.outbox.take_losses() else {
             return;
         };
         let now = crate::clock::unix_now_ns();
         let from = self.first_unreported_drop_ns.take().unwrap_or(now);
-        for (stream, lost) in [("critical", critical), ("bulk", bulk)] {
-            if lost > 0 {
-                let seq = self.sequencer.next();
-                let gap = gap_event(seq, stream, "queue_full", lost, from, now);
-                self.outbox.push_unbounded(gap);
+        AgentMetrics::add(
+            &self.metrics.spool_corrupt,
+            losses.spool_corrupt.iter().sum(),
+        );
+        for (reason, lost) in [
+            ("queue_full", losses.queue_full),
+            ("spool_full", losses.spool_full),
+            ("spool_corrupt", losses.spool_corrupt),
+        ] {
+            for (stream, lost) in [("critical", lost[0]), ("bulk", lost[1])] {
+                if lost > 0 {
+                    let seq = self.sequencer.next();
+                    let gap = gap_event(seq, stream, reason, lost, from, now);
+                    self.outbox.push_report(gap);
+                }
             }
         }
+    }
+
+    fn update_gauges(&self) {
+        let (events, bytes) = self.outbox.spool_depth();
+        self.metrics
+            .spool_events
+            .store(events, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .spool_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the spool is flushed next (far away without a spool).
+    fn next_sync(&self) -> Instant {
+        match self.fsync_interval {
+            Some(_) => self.sync_at,
+            None => Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    /// Writes what the spool buffered and fsyncs it off the runtime; at
+    /// most one fsync runs at a time.
+    fn sync_spool(&mut self) {
+        let Some(interval) = self.fsync_interval else {
+            return;
+        };
+        self.sync_at = Instant::now() + interval;
+        self.update_gauges();
+        if self.syncing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let flushed = self.outbox.flush();
+        if started.elapsed() > SLOW_SPOOL_IO {
+            warn!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "spool write slow"
+            );
+        }
+        match flushed {
+            Ok(job) if !job.is_empty() => {
+                let metrics = self.metrics.clone();
+                self.syncing = Some(tokio::task::spawn_blocking(move || {
+                    let started = std::time::Instant::now();
+                    if let Err(err) = job.run() {
+                        AgentMetrics::add(&metrics.spool_write_errors, 1);
+                        tracing::error!(error = %err, "spool fsync failed");
+                    }
+                    if started.elapsed() > SLOW_SPOOL_IO {
+                        warn!(
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "spool fsync slow"
+                        );
+                    }
+                }));
+            }
+            Ok(_) => {}
+            Err(err) => {
+                AgentMetrics::add(&self.metrics.spool_write_errors, 1);
+                tracing::error!(error = %err, unwritten_kept_in_memory = true, "SPOOL WRITE FAILED; will retry");
+            }
+        }
+    }
+
+    /// A clean stop: the spool written, synced and its positions saved, so
+    /// the next run replays exactly what was not acknowledged.
+    async fn close_spool(&mut self) {
+        if let Some(syncing) = self.syncing.take() {
+            let _ = syncing.await;
+        }
+        if !self.outbox.has_spool() {
+            return;
+        }
+        // What this run still owes becomes a gap record in the spool too.
+        self.report_drops();
+        match self.outbox.close() {
+            Ok(()) => {
+                let (events, bytes) = self.outbox.spool_depth();
+                let [critical, bulk] = self.outbox.spool_dropped();
+                info!(
+                    events,
+                    bytes,
+                    dropped_spool_full = bulk,
+                    dropped_spool_full_critical = critical,
+                    "spool closed"
+                );
+            }
+            Err(err) => {
+                AgentMetrics::add(&self.metrics.spool_write_errors, 1);
+                tracing::error!(error = %err, "SPOOL COULD NOT BE WRITTEN AT STOP");
+            }
+        }
+        self.update_gauges();
     }
 
     /// Runs until `events` closes and what is queued is delivered (bounded
@@ -112,14 +281,19 @@ impl Uplink {
                 .session(&mut events, &mut backoff, &mut source_open)
                 .await
             {
-                Ok(SessionEnd::SourceClosed) => return,
+                Ok(SessionEnd::SourceClosed) => {
+                    self.outbox.requeue_in_flight();
+                    self.close_spool().await;
+                    return;
+                }
                 Err(err) => {
                     AgentMetrics::add(&self.metrics.uplink_failures, 1);
                     self.outbox.requeue_in_flight();
                     if !source_open {
                         if self.outbox.pending_len() > 0 {
-                            warn!(error = %err, unsent = self.outbox.pending_len(), "stopping with events the collector has not acknowledged");
+                            warn!(error = %err, unsent = self.outbox.pending_len(), spooled = self.outbox.has_spool(), "stopping with events the collector has not acknowledged");
                         }
+                        self.close_spool().await;
                         return;
                     }
                     let delay = backoff.next_delay();
@@ -133,6 +307,7 @@ impl Uplink {
                                 Some(event) => self.push(event),
                                 None => source_open = false,
                             },
+                            _ = sleep_until(self.next_sync()) => self.sync_spool(),
                         }
                     }
                 }
@@ -141,8 +316,24 @@ impl Uplink {
     }
 
     fn push(&mut self, event: Event) {
-        let dropped = self.outbox.push(event);
-        if dropped > 0 {
+        let errors = self.outbox.spool_errors();
+        let (dropped, by_spool) = self.outbox.push(event);
+        if self.outbox.spool_errors() > errors {
+            AgentMetrics::add(&self.metrics.spool_write_errors, 1);
+        }
+        if dropped > 0 && by_spool {
+            self.first_unreported_drop_ns
+                .get_or_insert_with(crate::clock::unix_now_ns);
+            AgentMetrics::add(&self.metrics.events_dropped_spool_full, dropped);
+            let total = AgentMetrics::get(&self.metrics.events_dropped_spool_full);
+            if total.is_power_of_two() || dropped > 1 {
+                warn!(
+                    dropped,
+                    dropped_total = total,
+                    "spool full; oldest bulk events dropped"
+                );
+            }
+        } else if dropped > 0 {
             self.first_unreported_drop_ns
                 .get_or_insert_with(crate::clock::unix_now_ns);
             AgentMetrics::add(&self.metrics.events_dropped_queue_full, dropped);
@@ -185,6 +376,7 @@ impl Uplink {
                     Some(event) => self.push(event),
                     None => *source_open = false,
                 },
+                _ = sleep_until(self.next_sync()) => self.sync_spool(),
             }
         };
 
@@ -203,6 +395,7 @@ impl Uplink {
                     Some(event) => self.push(event),
                     None => *source_open = false,
                 },
+                _ = sleep_until(self.next_sync()) => self.sync_spool(),
             }
         };
         info!(collector = %self.url, resent = self.outbox.in_flight_batches(), "telemetry stream open");
@@ -247,8 +440,8 @@ impl Uplink {
                 },
                 ack = acks.message() => match ack {
                     Ok(Some(ack)) => {
-                        if let Some(n) = self.outbox.ack(ack.batch_seq) {
-                            debug!(batch = ack.batch_seq, events = n, "batch acknowledged");
+                        if self.outbox.ack(ack.batch_seq) {
+                            debug!(batch = ack.batch_seq, events = ack.stored, "batch acknowledged");
                         }
                         AgentMetrics::add(&self.metrics.events_acked, ack.stored as u64);
                         if ack.rejected > 0 {
@@ -260,6 +453,7 @@ impl Uplink {
                     Err(status) => return Err(UplinkError::Stream(status)),
                 },
                 _ = sleep_until_opt(wake_at) => {}
+                _ = sleep_until(self.next_sync()) => self.sync_spool(),
             }
         }
     }
@@ -280,13 +474,22 @@ impl Uplink {
         while self.outbox.in_flight_batches() < self.config.max_in_flight_batches
             && (self.outbox.pending_len() >= max || (flush && self.outbox.pending_len() > 0))
         {
-            let Some((batch_seq, events)) = self.outbox.next_batch(max) else {
+            let Some(batch) = self.outbox.next_batch(max) else {
                 break;
             };
+            // Events of a previous run (replayed from the spool) go under
+            // that run's boot id and version.
+            let mut agent = self.identity.clone();
+            if let Some(run) = &batch.run {
+                if run.boot_id != agent.boot_id {
+                    agent.boot_id.clone_from(&run.boot_id);
+                    agent.agent_version.clone_from(&run.agent_version);
+                }
+            }
             let batch = EventBatch {
-                batch_seq,
-                agent: Some(self.identity.clone()),
-                events,
+                batch_seq: batch.seq,
+                agent: Some(agent),
+                events: batch.events,
             };
             tx.send(batch).await.map_err(|_| UplinkError::Closed)?;
             AgentMetrics::add(&self.metrics.batches_sent, 1);
@@ -381,6 +584,7 @@ mod tests {
             config,
             metrics.clone(),
             Sequencer::default(),
+            None,
         );
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(uplink.run(rx));

@@ -228,6 +228,9 @@ async fn queue_overflow_while_collector_is_down_is_reported_as_gaps() -> Result<
             &[
                 ("ZT_AGENT_UPLINK__BUFFER_MAX_EVENTS", "20".to_owned()),
                 ("ZT_AGENT_UPLINK__BATCH_MAX_EVENTS", "10".to_owned()),
+                // The memory queue alone (the disk spool's fallback); the
+                // spool's own overflow is tested in tests/spool.rs.
+                ("ZT_AGENT_SPOOL__ENABLED", "false".to_owned()),
             ],
         )
         .await?;
