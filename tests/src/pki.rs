@@ -15,16 +15,29 @@ use zt_identity::{CertificateAuthority, DeviceKey, SpiffeId};
 /// certificate from the CA in `collector_state` (the collector's
 /// `identity.state_dir`), as enrollment would have issued.
 pub fn device_tls(collector_state: &Path, org: &str, device: &str) -> Result<rustls::ClientConfig> {
+    device_tls_issued(
+        collector_state,
+        org,
+        device,
+        SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+}
+
+/// [`device_tls`] with a certificate issued at `issued` for `ttl` (in the
+/// past, for an expired one).
+pub fn device_tls_issued(
+    collector_state: &Path,
+    org: &str,
+    device: &str,
+    issued: SystemTime,
+    ttl: Duration,
+) -> Result<rustls::ClientConfig> {
     let ca = CertificateAuthority::load(&collector_state.join("ca"))
         .with_context(|| format!("loading the CA in {}", collector_state.display()))?;
     let id = SpiffeId::device(ca.trust_domain(), org, device)?;
     let key = DeviceKey::generate()?;
-    let issued = ca.sign_csr(
-        &key.csr_pem()?,
-        &id,
-        Duration::from_secs(3600),
-        SystemTime::now(),
-    )?;
+    let issued = ca.sign_csr(&key.csr_pem()?, &id, ttl, issued)?;
     Ok(zt_identity::tls::client_config_from_pem(
         ca.bundle_pem().as_bytes(),
         issued.pem.as_bytes(),

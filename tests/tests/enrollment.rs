@@ -220,6 +220,23 @@ async fn the_collector_stores_the_certificate_identity_and_refuses_strangers() -
         refused.is_err(),
         "a certificate from a foreign CA got through"
     );
+
+    // The collector's own CA, but a certificate that expired an hour ago.
+    let expired = zt_e2e::pki::device_tls_issued(
+        &stack.collector_state(),
+        "org-a",
+        "pc-a1",
+        std::time::SystemTime::now() - Duration::from_secs(2 * 3600),
+        Duration::from_secs(3600),
+    )?;
+    let refused = async {
+        let mut client = TelemetryClient::new(zt_grpc_tls::channel(&url, expired).await?);
+        let (_tx, rx) = tokio::sync::mpsc::channel(1);
+        client.stream(ReceiverStream::new(rx)).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(refused.is_err(), "an expired certificate got through");
     Ok(())
 }
 

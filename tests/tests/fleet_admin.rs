@@ -183,6 +183,18 @@ async fn roles_audit_heartbeats_and_revocation() -> Result<()> {
         .ztctl(&["enroll-token", "create", "--device", "pc-9"])?
         .unwrap_err();
     assert!(refused.contains("may not change"), "{refused}");
+    // No token of another organisation, so no device enrolls there that way.
+    let refused = dave
+        .ztctl(&[
+            "enroll-token",
+            "create",
+            "--org",
+            TEST_ORG,
+            "--device",
+            "intruder",
+        ])?
+        .unwrap_err();
+    assert!(refused.contains("may not change"), "{refused}");
     let refused = dave
         .ztctl(&["device", "list", "--org", TEST_ORG])?
         .unwrap_err();
