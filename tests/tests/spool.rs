@@ -282,3 +282,80 @@ async fn a_full_spool_drops_bulk_first_and_reports_exact_gaps() -> Result<()> {
     );
     Ok(())
 }
+
+/// Bytes of a spool segment are damaged while the agent is stopped: at the
+/// next start the damaged records are skipped and reported as a
+/// `spool_corrupt` gap, and every record after them is still delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_spool_segment_loses_only_the_damaged_records() -> Result<()> {
+    let stack = Stack::new("e2e_spool_corrupt").await?;
+    stack.enroll_agent_then_stop_collector("agent").await?;
+    let mut first = stack.start_agent().await?;
+    let cgroup = TestCgroup::create("spool-corrupt")?;
+    let markers: Vec<String> = (0..40).map(|i| marker_for(&format!("c{i}"))).collect();
+    for marker in &markers {
+        run_in_cgroup(&cgroup, "/bin/echo", &[marker])?;
+    }
+    first
+        .wait_for_log("collector unreachable", Duration::from_secs(10))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = first
+        .terminate(Duration::from_secs(20))
+        .context("agent did not stop")?;
+    ensure!(status.success(), "agent exit {status}:\n{}", first.log());
+
+    // Damage 16 bytes in the middle of the biggest critical segment.
+    let dir = stack.agent_state("agent").join("spool/critical");
+    let segment = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .with_context(|| format!("no segment in {}", dir.display()))?;
+    let mut bytes = std::fs::read(&segment)?;
+    ensure!(bytes.len() > 4096, "segment too small: {}", bytes.len());
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 16].fill(0xa5);
+    std::fs::write(&segment, &bytes)?;
+
+    let _collector = stack.start_collector().await?;
+    let second = stack.start_agent().await?;
+    // The last exec was spooled after the damage: it arrives.
+    let last = markers.last().context("markers")?.clone();
+    wait_for_execs(&stack, &[last], Duration::from_secs(20)).await?;
+
+    #[derive(Debug, clickhouse::Row, serde::Deserialize)]
+    struct Lost {
+        records: u64,
+        lost: u64,
+    }
+    let corrupt = eventually(Duration::from_secs(15), || async {
+        let lost = stack
+            .db()
+            .query("SELECT count() AS records, sum(lost) AS lost FROM gaps WHERE reason = 'spool_corrupt' AND stream = 'critical'")
+            .fetch_one::<Lost>()
+            .await
+            .ok()?;
+        (lost.records > 0).then_some(lost)
+    })
+    .await
+    .with_context(|| format!("no spool_corrupt gap\n{}", stack.logs()))?;
+    assert!(corrupt.lost >= 1, "{corrupt:?}");
+    let mut arrived = 0u64;
+    for marker in &markers {
+        arrived += u64::from(!exec_rows(&stack, marker).await.is_empty());
+    }
+    assert!(
+        arrived + corrupt.lost >= markers.len() as u64,
+        "{arrived} of {} execs arrived, {} reported lost",
+        markers.len(),
+        corrupt.lost
+    );
+    assert!(
+        second.log().contains("corrupt"),
+        "the agent says so:\n{}",
+        second.log()
+    );
+    Ok(())
+}
