@@ -269,15 +269,21 @@ fn webpki_client_verifier(
     Ok(builder.build()?)
 }
 
+/// Servers never resume sessions: a resumed handshake skips the client
+/// certificate verifier, so a device revoked or a certificate expired since
+/// the first handshake would get back in on its ticket.
 fn build_server_config(
     verifier: Arc<dyn ClientCertVerifier>,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig> {
-    Ok(ServerConfig::builder_with_provider(crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(cert_chain, key)?)
+        .with_single_cert(cert_chain, key)?;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 fn identity_failure() -> rustls::Error {

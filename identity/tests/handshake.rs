@@ -516,3 +516,45 @@ fn an_empty_ca_bundle_is_an_error_not_an_open_door() {
     assert!(server_config(&[], collector.chain, collector.key, true).is_err());
     assert!(client_config_without_certificate(&[]).is_err());
 }
+
+/// A returning client offers its session, but the server never resumes: a
+/// resumed handshake would skip the certificate checks, so a device revoked
+/// since its last connection must be refused on the next one.
+#[test]
+fn sessions_are_never_resumed_so_revocation_applies_to_returning_clients() {
+    let ca = ca();
+    let device = enroll(&ca, "city-a", "host-9");
+    let revocations = RevocationList::new().shared();
+    let collector = collector_identity(&ca);
+    // One server and one client configuration for every connection, so
+    // that session caches and tickets would carry over.
+    let server = server_config_with_revocation(
+        &ca.bundle_der(),
+        collector.chain,
+        collector.key,
+        true,
+        revocations.clone(),
+    )
+    .unwrap();
+    let client = client_config(
+        &ca.bundle_der(),
+        vec![device.cert.clone()],
+        device.key.private_key_der(),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let (c, _) = handshake(client.clone(), server.clone(), "collector.pref.example").unwrap();
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    }
+    revocations.write().unwrap().revoke_device(&device.id);
+    let err = handshake(client, server, "collector.pref.example")
+        .unwrap_err()
+        .server();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        ),
+        "{err:?}"
+    );
+}
