@@ -59,7 +59,12 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
-            .env("RUST_LOG", "info")
+            // ZT_TEST_RUST_LOG raises the processes' log level when a test
+            // needs looking into.
+            .env(
+                "RUST_LOG",
+                std::env::var("ZT_TEST_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .env("NO_COLOR", "1");
         for (key, value) in envs {
             command.env(key, value);
