@@ -87,6 +87,7 @@ up() {
       enroll --collector "https://$collector_addr" --token "$token"
   fi
   start_daemon agent "telemetry stream open" \
+    env ZT_AGENT_GUARD__POLICY_FILE="$root/deploy/local/guard.toml" \
     "$bin/zt-agent" --config "$root/deploy/local/agent.toml" --state-dir "$state/agent"
 
   # ztctl's credential: an admin of 'local', reissued on every `up` so it

@@ -60,6 +60,7 @@ pub enum EventKind {
     File = 5,
     Creds = 6,
     Dns = 7,
+    Decision = 8,
 }
 
 impl EventKind {
@@ -72,6 +73,7 @@ impl EventKind {
             5 => Some(Self::File),
             6 => Some(Self::Creds),
             7 => Some(Self::Dns),
+            8 => Some(Self::Decision),
             _ => None,
         }
     }
@@ -385,6 +387,102 @@ pub struct DnsEvent {
     pub payload: [u8; DNS_PAYLOAD_CAPACITY],
 }
 
+/// Names of the cgroup `connect4`/`connect6` programs that decide outbound
+/// connections of the guarded cgroup.
+pub const GUARD_CONNECT4_PROGRAM: &str = "guard_connect4";
+pub const GUARD_CONNECT6_PROGRAM: &str = "guard_connect6";
+/// Longest-prefix-match map of verdicts: [`VerdictKey`] → [`Verdict`].
+pub const VERDICTS_MAP: &str = "VERDICTS";
+/// One-entry array: the [`GuardSettings`] of the loaded policy.
+pub const GUARD_SETTINGS_MAP: &str = "GUARD_SETTINGS";
+/// Rules the verdict map holds at most.
+pub const VERDICTS_CAPACITY: u32 = 16_384;
+
+/// What happens to a connection.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictAction {
+    /// Passes.
+    Allow = 1,
+    /// Fails with EPERM in the kernel.
+    Deny = 2,
+    /// Passes, and is recorded as a would-be denial (dry run).
+    Audit = 3,
+}
+
+impl VerdictAction {
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Allow),
+            2 => Some(Self::Deny),
+            3 => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+
+/// The data of a verdict map key, matched bit by bit from the start:
+/// `port` (network order; 0 in rules for any port), `family`, then the
+/// address (IPv4 in the first 4 bytes). A rule for `ip/len` on one port has
+/// prefix length `32 + len`; the kernel looks up the exact port, then port 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VerdictKey {
+    pub port: u16,
+    pub family: u16,
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`VerdictKey`] before the address.
+pub const VERDICT_KEY_ADDR_OFFSET_BITS: u32 = 32;
+
+/// A rule's verdict: its action and its index in the loaded policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// A [`VerdictAction`] id.
+    pub action: u32,
+    /// Index of the rule in the policy (`u32::MAX`: the default).
+    pub rule: u32,
+}
+
+/// The default verdict, and whether allowed connections are recorded too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardSettings {
+    /// A [`VerdictAction`] id; 0 (no policy loaded) allows without record.
+    pub default_action: u32,
+    /// 1: emit a decision event for allowed connections as well.
+    pub record_allows: u32,
+    pub policy_version: u64,
+}
+
+/// The rule index of a default verdict.
+pub const DEFAULT_RULE: u32 = u32::MAX;
+
+/// A connection the guard decided, as the kernel saw it at `connect()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionEvent {
+    pub header: EventHeader,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub policy_version: u64,
+    /// A [`VerdictAction`] id: what the matched rule (or the default) says.
+    pub action: u32,
+    pub rule: u32,
+    /// 4 or 6.
+    pub ip_version: u32,
+    /// Host order.
+    pub port: u16,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u16,
+    pub addr: [u8; 16],
+}
+
 /// Which member of the setuid family changed credentials.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -507,6 +605,10 @@ const _: () = assert!(size_of::<FileEvent>() == 16 + 4 * 4 + 8 + 4 * 4 + 2 * PAT
 const _: () = assert!(
     size_of::<DnsEvent>() == 16 + 4 * 4 + 8 + 4 + 2 * 2 + 2 * 16 + 2 * 4 + DNS_PAYLOAD_CAPACITY
 );
+const _: () = assert!(size_of::<VerdictKey>() == 20);
+const _: () = assert!(size_of::<Verdict>() == 8);
+const _: () = assert!(size_of::<GuardSettings>() == 16);
+const _: () = assert!(size_of::<DecisionEvent>() == 16 + 4 * 4 + 2 * 8 + 3 * 4 + 2 * 2 + 16);
 const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
 const _: () = assert!(FILENAME_CAPACITY.is_power_of_two());
@@ -519,4 +621,10 @@ mod user {
     unsafe impl aya::Pod for super::SocketOwner {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WatchPrefix {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VerdictKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardSettings {}
 }

@@ -8,6 +8,7 @@ mod creds;
 mod dns;
 mod exec;
 mod file;
+mod guard;
 mod lifecycle;
 mod maps;
 mod net;

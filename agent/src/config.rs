@@ -34,6 +34,7 @@ pub struct AgentConfig {
     pub guarded_cgroup: Option<PathBuf>,
     /// How often the agent reports its state to the collector (`zt.agents`).
     pub heartbeat_interval_secs: u64,
+    pub guard: GuardConfig,
     pub uplink: UplinkConfig,
     pub sensors: SensorConfig,
     pub budget: crate::budget::BudgetConfig,
@@ -82,6 +83,17 @@ impl SpoolConfig {
     pub fn fsync_interval(&self) -> Duration {
         Duration::from_millis(self.fsync_interval_ms.max(1))
     }
+}
+
+/// The connection guard: cgroup `connect4`/`connect6` programs on the
+/// guarded cgroup that allow, deny (EPERM) or audit each outbound
+/// connection by the policy file (`guard_policy.rs`). Without a policy file
+/// nothing is attached and every connection passes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -181,6 +193,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/zt-agent"),
             guarded_cgroup: None,
             heartbeat_interval_secs: 30,
+            guard: GuardConfig::default(),
             uplink: UplinkConfig::default(),
             sensors: SensorConfig::default(),
             budget: crate::budget::BudgetConfig::default(),

@@ -6,11 +6,11 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_common::{
-    CredEvent, CredIds, CredSyscall, DnsEvent, EventHeader, EventKind, ExecEvent, ExitEvent,
-    FileAction, FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY, DNS_PAYLOAD_CAPACITY,
-    FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN, FLAG_CREDS_UNKNOWN,
-    FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN, FLAG_PATH_TRUNCATED,
-    FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
+    CredEvent, CredIds, CredSyscall, DecisionEvent, DnsEvent, EventHeader, EventKind, ExecEvent,
+    ExitEvent, FileAction, FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY,
+    DNS_PAYLOAD_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN,
+    FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN,
+    FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
 };
 
 /// A process execution as the kernel saw it.
@@ -166,6 +166,23 @@ pub struct DnsDatagram {
     pub message: Vec<u8>,
 }
 
+/// A connection the kernel guard decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardDecision {
+    pub boot_ns: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub policy_version: u64,
+    pub action: agent_common::VerdictAction,
+    /// Index of the rule in the policy, or [`agent_common::DEFAULT_RULE`].
+    pub rule: u32,
+    pub remote: std::net::SocketAddr,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ProcessExec),
@@ -175,6 +192,7 @@ pub enum KernelEvent {
     File(FileActivity),
     Creds(CredentialChange),
     Dns(DnsDatagram),
+    Decision(GuardDecision),
 }
 
 impl KernelEvent {
@@ -188,6 +206,7 @@ impl KernelEvent {
             Self::File(e) => e.boot_ns,
             Self::Creds(e) => e.boot_ns,
             Self::Dns(e) => e.boot_ns,
+            Self::Decision(e) => e.boot_ns,
         }
     }
 }
@@ -210,6 +229,8 @@ pub enum DecodeError {
     UnknownFileAction(u32),
     #[error("unknown tcp action {0}")]
     UnknownTcpAction(u32),
+    #[error("unknown verdict action {0}")]
+    UnknownAction(u32),
     #[error("unknown IP version {0}")]
     UnknownIpVersion(u32),
     #[error("unknown address family {0}")]
@@ -238,6 +259,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent, DecodeError> {
         EventKind::File => decode_file(record).map(KernelEvent::File),
         EventKind::Creds => decode_creds(record).map(KernelEvent::Creds),
         EventKind::Dns => decode_dns(record).map(KernelEvent::Dns),
+        EventKind::Decision => decode_decision(record).map(KernelEvent::Decision),
     }
 }
 
@@ -273,6 +295,29 @@ fn decode_file(record: &[u8]) -> Result<FileActivity, DecodeError> {
         open_flags: raw.open_flags,
         mode: raw.mode,
         path_truncated: raw.header.flags & FLAG_PATH_TRUNCATED != 0,
+    })
+}
+
+fn decode_decision(record: &[u8]) -> Result<GuardDecision, DecodeError> {
+    let raw: DecisionEvent = read_record(record, EventKind::Decision)?;
+    let a = raw.addr;
+    let ip = match raw.ip_version {
+        4 => IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
+        6 => IpAddr::V6(Ipv6Addr::from(a)).to_canonical(),
+        other => return Err(DecodeError::UnknownIpVersion(other)),
+    };
+    Ok(GuardDecision {
+        boot_ns: raw.header.boot_ns,
+        pid: raw.pid,
+        uid: raw.uid,
+        gid: raw.gid,
+        cgroup_id: raw.cgroup_id,
+        policy_version: raw.policy_version,
+        action: agent_common::VerdictAction::from_u32(raw.action)
+            .ok_or(DecodeError::UnknownAction(raw.action))?,
+        rule: raw.rule,
+        remote: (ip, raw.port).into(),
+        protocol: if raw.protocol == 17 { "udp" } else { "tcp" },
     })
 }
 

@@ -11,6 +11,7 @@ pub mod enrollment;
 pub mod event;
 pub mod exe_hash;
 pub mod file_watch;
+pub mod guard_policy;
 pub mod identity;
 pub mod kernel_offsets;
 pub mod listeners;
@@ -73,10 +74,24 @@ pub async fn run(
         None => sysfs::cgroup2_mount().context("finding the cgroup v2 hierarchy to guard")?,
     };
     info!(cgroup = %guarded_cgroup.display(), "guarding cgroup");
+    // A policy that cannot be read or compiled stops the agent here, named:
+    // never a guard that silently allows what it was told to deny.
+    let policy = match &config.guard.policy_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the guard policy {}", path.display()))?;
+            let policy = guard_policy::compile(&text)
+                .with_context(|| format!("guard policy {}", path.display()))?;
+            info!(path = %path.display(), version = policy.version(), rules = policy.rule_ids.len(), "guard policy loaded");
+            Some(Arc::new(policy))
+        }
+        None => None,
+    };
     let sensors = KernelSensors::start(
         &config.sensors,
         &guarded_cgroup,
         &config.budget,
+        policy,
         tx,
         metrics.clone(),
         sequencer.clone(),

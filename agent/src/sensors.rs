@@ -14,20 +14,25 @@ use std::{
 };
 
 use agent_common::{
-    DropReason, KernelOffsets, SocketOwner, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
-    COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP, DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS,
-    EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM, KERNEL_OFFSETS_GLOBAL,
-    TCP_LISTENERS_MAP, TCP_STATE_PROGRAM,
+    DropReason, GuardSettings, KernelOffsets, SocketOwner, Verdict, VerdictKey, WatchPrefix,
+    BULK_EVENTS_MAP, BULK_SAMPLING_MAP, COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP,
+    DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM,
+    FILE_WATCH_MAP, FORK_PROGRAM, GUARD_CONNECT4_PROGRAM, GUARD_CONNECT6_PROGRAM,
+    GUARD_SETTINGS_MAP, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP, TCP_STATE_PROGRAM, VERDICTS_MAP,
 };
 use aya::{
+    maps::lpm_trie::{Key, LpmTrie},
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, Program, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, Program,
+        TracePoint,
+    },
     Ebpf, EbpfLoader,
 };
 use proto::telemetry::{
-    event::Kind, Ancestor as WireAncestor, CredentialChange as WireCreds, DnsQuery as WireDns,
-    Event, FileActivity as WireFile, Gap, ProcessExec as WireExec, ProcessExit as WireExit,
-    ProcessFork as WireFork, TcpConnection as WireTcp,
+    event::Kind, Ancestor as WireAncestor, CredentialChange as WireCreds, Decision as WireDecision,
+    DnsQuery as WireDns, Event, FileActivity as WireFile, Gap, ProcessExec as WireExec,
+    ProcessExit as WireExit, ProcessFork as WireFork, TcpConnection as WireTcp,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -38,6 +43,7 @@ use crate::{
     event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
     exe_hash::{ExeHasher, Lookup},
     file_watch,
+    guard_policy::CompiledPolicy,
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
     process_table::{scan_proc, Ancestor, ProcessTable},
@@ -308,6 +314,7 @@ impl KernelSensors {
         config: &SensorConfig,
         guarded_cgroup: &Path,
         budget: &crate::budget::BudgetConfig,
+        policy: Option<Arc<CompiledPolicy>>,
         out: mpsc::Sender<Event>,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
@@ -366,6 +373,29 @@ impl KernelSensors {
                 }
             }
         }
+        // The guard decides connections only where a policy says how; a
+        // policy that cannot be enforced is an error, not a silent allow.
+        if let Some(policy) = &policy {
+            load_policy(&mut ebpf, policy)?;
+            for program in [GUARD_CONNECT4_PROGRAM, GUARD_CONNECT6_PROGRAM] {
+                attach_guard(&mut ebpf, program, guarded_cgroup)?;
+            }
+            info!(
+                sensor = "guard",
+                hook = "cgroup connect4/connect6",
+                cgroup = %guarded_cgroup.display(),
+                policy_version = policy.version(),
+                rules = policy.rule_ids.len(),
+                entries = policy.entries.len(),
+                "connection guard active"
+            );
+            active.push(ActiveSensor {
+                sensor: "guard",
+                hook: "cgroup connect4/connect6",
+                programs: 2,
+                passed_over: Vec::new(),
+            });
+        }
         if active.is_empty() {
             return Err(SensorError::NoneActive);
         }
@@ -398,6 +428,7 @@ impl KernelSensors {
             metrics: metrics.clone(),
             sequencer: sequencer.clone(),
             gaps: Vec::new(),
+            policy,
         };
         let sampling: Array<MapData, u32> = Array::try_from(
             ebpf.take_map(BULK_SAMPLING_MAP)
@@ -601,6 +632,51 @@ fn attach_program(
     Ok(())
 }
 
+/// Writes the policy's settings and verdicts into the guard's maps.
+fn load_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), SensorError> {
+    let map_err = |map| move |source| SensorError::Map { map, source };
+    let mut verdicts: LpmTrie<&mut MapData, VerdictKey, Verdict> = LpmTrie::try_from(
+        ebpf.map_mut(VERDICTS_MAP)
+            .ok_or(SensorError::Missing(VERDICTS_MAP))?,
+    )
+    .map_err(map_err(VERDICTS_MAP))?;
+    for (prefix, key, verdict) in &policy.entries {
+        verdicts
+            .insert(&Key::new(*prefix, *key), *verdict, 0)
+            .map_err(map_err(VERDICTS_MAP))?;
+    }
+    let mut settings: Array<&mut MapData, GuardSettings> = Array::try_from(
+        ebpf.map_mut(GUARD_SETTINGS_MAP)
+            .ok_or(SensorError::Missing(GUARD_SETTINGS_MAP))?,
+    )
+    .map_err(map_err(GUARD_SETTINGS_MAP))?;
+    // Last: the programs enforce nothing until the settings name a default.
+    settings
+        .set(0, policy.settings, 0)
+        .map_err(map_err(GUARD_SETTINGS_MAP))
+}
+
+fn attach_guard(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<(), SensorError> {
+    let program_error = |source| SensorError::Program {
+        program: name,
+        source,
+    };
+    let cgroup_file = std::fs::File::open(cgroup).map_err(|source| SensorError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(SensorError::Missing(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    program
+        .attach(cgroup_file, CgroupAttachMode::Single)
+        .map_err(program_error)?;
+    Ok(())
+}
+
 /// Detaches and unloads a program of a choice that did not attach whole.
 fn unload(ebpf: &mut Ebpf, hook: &ProgramHook) {
     let Some(program) = ebpf.program_mut(hook.program) else {
@@ -629,6 +705,8 @@ struct Reader {
     sequencer: Sequencer,
     /// Gap records for undecodable records, sent with the round's events.
     gaps: Vec<Event>,
+    /// The guard's policy, for the rule ids of decisions.
+    policy: Option<Arc<CompiledPolicy>>,
 }
 
 impl Reader {
@@ -690,6 +768,7 @@ impl Reader {
                 }
             }
             batch.append(&mut self.gaps);
+            tracing::trace!(events = batch.len(), held = held.len(), "sensor events out");
             for event in batch.drain(..) {
                 if self.out.send(event).await.is_err() {
                     return;
@@ -893,6 +972,45 @@ impl Reader {
                     user_name: owner.user_name,
                     cgroup_path: owner.cgroup_path,
                     container_id: owner.container_id,
+                });
+                (ancestry, kind)
+            }
+            KernelEvent::Decision(d) => {
+                let ancestry = self.table.ancestry(d.pid);
+                let exe = self.table.exe_of(d.pid);
+                let owner = self.owner(d.uid, d.cgroup_id, d.pid);
+                let rule_id = self
+                    .policy
+                    .as_ref()
+                    .map(|p| p.rule_id(d.rule).to_owned())
+                    .unwrap_or_default();
+                let (action, verdict) = match d.action {
+                    agent_common::VerdictAction::Allow => ("allow", "allowed"),
+                    agent_common::VerdictAction::Deny => ("deny", "denied"),
+                    agent_common::VerdictAction::Audit => ("audit", "would_deny"),
+                };
+                if d.action == agent_common::VerdictAction::Deny {
+                    info!(pid = d.pid, exe = %exe, remote = %d.remote, rule = %rule_id, "connection denied");
+                }
+                let kind = Kind::Decision(WireDecision {
+                    connection_id: uuid::Uuid::new_v4().simple().to_string(),
+                    pid: d.pid,
+                    uid: d.uid,
+                    gid: d.gid,
+                    cgroup_id: d.cgroup_id,
+                    exe,
+                    user_name: owner.user_name,
+                    cgroup_path: owner.cgroup_path,
+                    container_id: owner.container_id,
+                    ip_version: if d.remote.is_ipv4() { 4 } else { 6 },
+                    remote_addr: d.remote.ip().to_string(),
+                    remote_port: u32::from(d.remote.port()),
+                    protocol: d.protocol.to_owned(),
+                    action: action.to_owned(),
+                    verdict: verdict.to_owned(),
+                    rule_id,
+                    policy_version: d.policy_version,
+                    enforcement_point: "kernel".to_owned(),
                 });
                 (ancestry, kind)
             }

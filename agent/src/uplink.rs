@@ -491,6 +491,11 @@ impl Uplink {
                 agent: Some(agent),
                 events: batch.events,
             };
+            debug!(
+                batch = batch.batch_seq,
+                events = batch.events.len(),
+                "batch sent"
+            );
             tx.send(batch).await.map_err(|_| UplinkError::Closed)?;
             AgentMetrics::add(&self.metrics.batches_sent, 1);
         }

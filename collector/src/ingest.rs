@@ -146,25 +146,29 @@ impl TelemetryService {
         // Every table at once; the ack waits for all of them. When one fails
         // the agent resends the whole batch, so the rows another table did
         // store arrive twice; the event tables fold such copies into one
-        // (ReplacingMergeTree keyed by the event's identity, migration 13).
+        // (ReplacingMergeTree keyed by the event's identity, migration 13;
+        // `decisions` is created so, migration 14).
         let TableRows {
             process_events,
             network_events,
             file_events,
             dns_events,
+            decisions,
             gaps,
         } = rows;
-        let (process_events, network_events, file_events, dns_events, gaps) = tokio::join!(
+        let (process_events, network_events, file_events, dns_events, decisions, gaps) = tokio::join!(
             self.writers.process_events.write(process_events),
             self.writers.network_events.write(network_events),
             self.writers.file_events.write(file_events),
             self.writers.dns_events.write(dns_events),
+            self.writers.decisions.write(decisions),
             self.writers.gaps.write(gaps)
         );
         process_events
             .and(network_events)
             .and(file_events)
             .and(dns_events)
+            .and(decisions)
             .and(gaps)
             .map_err(|source| IngestError::NotStored {
                 batch_seq: batch.batch_seq,

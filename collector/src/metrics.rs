@@ -13,7 +13,7 @@ use std::{
 #[derive(Debug)]
 pub struct Metrics {
     /// Events ClickHouse accepted, in every table (process events, network
-    /// events, file events, DNS events and gaps).
+    /// events, file events, DNS events, decisions and gaps).
     pub events_stored: AtomicU64,
     /// Events refused as malformed (never stored, never retried).
     pub events_rejected: AtomicU64,

@@ -1,6 +1,6 @@
 //! ClickHouse storage: the client, schema migrations and the row types of the
 //! event tables (`process_events`, `gaps`, `network_events`, `file_events`,
-//! `dns_events`).
+//! `dns_events`, `decisions`).
 //!
 //! Talks to ClickHouse over HTTP (RowBinary) with the `clickhouse` crate.
 //! The schema runs unchanged on ClickHouse 18.16 and current releases.
@@ -20,12 +20,15 @@ use crate::config::{is_identifier, ClickHouseConfig};
 pub use self::{
     migrations::{Column, Migration, MigrationReport, Step, MIGRATIONS},
     rows::{
-        AgentRow, AuditRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow,
-        TableRow, CRED_SYSCALLS, DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND,
-        DIRECTION_UNKNOWN, EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT,
-        EVENT_TYPE_FORK, FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK,
-        NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT,
-        TCP_CONNECT_FAILED, TCP_LISTEN,
+        AgentRow, AuditRow, DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow,
+        ProcessEventRow, TableRow, CRED_SYSCALLS, DECISION_ACTIONS, DECISION_ALLOW, DECISION_AUDIT,
+        DECISION_DENY, DECISION_PROTOCOLS, DECISION_TUNNEL, DECISION_VERDICTS, DIRECTION_INBOUND,
+        DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, ENFORCEMENT_GATEWAY,
+        ENFORCEMENT_KERNEL, ENFORCEMENT_POINTS, EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC,
+        EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME,
+        FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED,
+        TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN, VERDICT_ALLOWED, VERDICT_DENIED,
+        VERDICT_WOULD_DENY,
     },
 };
 

@@ -27,8 +27,8 @@ use tracing::{debug, error, warn};
 use crate::{
     metrics::Metrics,
     storage::{
-        DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, StorageError,
-        TableRow,
+        DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage,
+        StorageError, TableRow,
     },
 };
 
@@ -144,6 +144,7 @@ pub struct TableWriters {
     pub network_events: WriterHandle<NetworkEventRow>,
     pub file_events: WriterHandle<FileEventRow>,
     pub dns_events: WriterHandle<DnsEventRow>,
+    pub decisions: WriterHandle<DecisionRow>,
     pub gaps: WriterHandle<GapRow>,
 }
 
@@ -154,6 +155,7 @@ pub struct TableWriterTasks {
     network_events: WriterTask,
     file_events: WriterTask,
     dns_events: WriterTask,
+    decisions: WriterTask,
     gaps: WriterTask,
 }
 
@@ -161,14 +163,15 @@ impl TableWriterTasks {
     /// Shuts every writer down at once (see [`WriterTask::shutdown`]); true
     /// when all of them flushed within `grace`.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        let (process_events, network_events, file_events, dns_events, gaps) = tokio::join!(
+        let (process_events, network_events, file_events, dns_events, decisions, gaps) = tokio::join!(
             self.process_events.shutdown(grace),
             self.network_events.shutdown(grace),
             self.file_events.shutdown(grace),
             self.dns_events.shutdown(grace),
+            self.decisions.shutdown(grace),
             self.gaps.shutdown(grace)
         );
-        process_events && network_events && file_events && dns_events && gaps
+        process_events && network_events && file_events && dns_events && decisions && gaps
     }
 }
 
@@ -182,6 +185,7 @@ pub fn spawn_tables(
     let (network_events, network_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (file_events, file_events_task) = spawn(storage.clone(), limits, metrics.clone());
     let (dns_events, dns_events_task) = spawn(storage.clone(), limits, metrics.clone());
+    let (decisions, decisions_task) = spawn(storage.clone(), limits, metrics.clone());
     let (gaps, gaps_task) = spawn(storage.clone(), limits, metrics);
     (
         TableWriters {
@@ -189,6 +193,7 @@ pub fn spawn_tables(
             network_events,
             file_events,
             dns_events,
+            decisions,
             gaps,
         },
         TableWriterTasks {
@@ -196,6 +201,7 @@ pub fn spawn_tables(
             network_events: network_events_task,
             file_events: file_events_task,
             dns_events: dns_events_task,
+            decisions: decisions_task,
             gaps: gaps_task,
         },
     )

@@ -1,7 +1,8 @@
 //! The collector against a real ClickHouse (a private server per test, see
 //! `zt_e2e::clickhouse`): migrations (fresh, rerun, upgrades of older
 //! databases), the gRPC ingest path end to end for every event kind (process
-//! events, TCP connections, file activity, DNS queries, gaps), start-up failure, and a
+//! events, TCP connections, file activity, DNS queries, connection decisions,
+//! gaps), start-up failure, and a
 //! ClickHouse outage while agents send.
 
 use std::time::Duration;
@@ -11,8 +12,8 @@ use proto::{
     control::{control_client::ControlClient, StatusRequest},
     telemetry::{
         event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, BatchAck,
-        CredentialChange, DnsQuery, Event, EventBatch, FileActivity, Gap, ProcessExec, ProcessExit,
-        ProcessFork, TcpConnection,
+        CredentialChange, Decision, DnsQuery, Event, EventBatch, FileActivity, Gap, ProcessExec,
+        ProcessExit, ProcessFork, TcpConnection,
     },
 };
 use tokio::sync::mpsc;
@@ -21,8 +22,8 @@ use tonic::Streaming;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig, IdentityConfig},
     storage::{
-        DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage, TableRow,
-        MIGRATIONS,
+        DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, Storage,
+        TableRow, MIGRATIONS,
     },
     CollectorConfig,
 };
@@ -231,6 +232,31 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         "org_id, hostname, time, pid, seq, device_id, boot_id",
     )
     .await;
+    assert_eq!(
+        table_columns(&server, &database, "decisions").await,
+        sorted(DECISIONS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "decisions",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
+    )
+    .await;
+    let engines: Vec<(String, String)> = client
+        .query(
+            "SELECT name, engine FROM system.tables WHERE database = ? \
+             AND name IN ('process_events', 'network_events', 'file_events', 'dns_events', \
+             'decisions', 'gaps') ORDER BY name",
+        )
+        .bind(&database)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(engines.len(), 6, "{engines:?}");
+    for (table, engine) in &engines {
+        assert_eq!(engine, "ReplacingMergeTree", "{table}");
+    }
 
     // The steps themselves are idempotent: with the bookkeeping lost, every
     // migration runs again over the existing schema, and changes nothing.
@@ -257,10 +283,14 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
         table_columns(&server, &database, "dns_events").await,
         sorted(DNS_EVENTS_COLUMNS)
     );
+    assert_eq!(
+        table_columns(&server, &database, "decisions").await,
+        sorted(DECISIONS_COLUMNS)
+    );
 }
 
 /// Every migration's version: what a rerun finds recorded.
-const ALL_VERSIONS: [u32; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+const ALL_VERSIONS: [u32; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -439,6 +469,41 @@ const DNS_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("ingested_at", "DateTime"),
 ];
 
+/// Columns of `zt.decisions` (migration 14), with their types.
+const DECISIONS_COLUMNS: &[(&str, &str)] = &[
+    ("org_id", "String"),
+    ("time", "DateTime"),
+    ("time_ns", "UInt64"),
+    ("device_id", "String"),
+    ("hostname", "String"),
+    ("boot_id", "String"),
+    ("seq", "UInt64"),
+    ("connection_id", "String"),
+    ("pid", "UInt32"),
+    ("uid", "UInt32"),
+    ("gid", "UInt32"),
+    ("cgroup_id", "UInt64"),
+    ("exe", "String"),
+    ("user_name", "String"),
+    ("cgroup_path", "String"),
+    ("container_id", "String"),
+    ("ip_version", "UInt8"),
+    ("remote_addr", "String"),
+    ("remote_port", "UInt16"),
+    ("protocol", "String"),
+    ("action", "String"),
+    ("verdict", "String"),
+    ("rule_id", "String"),
+    ("policy_version", "UInt64"),
+    ("enforcement_point", "String"),
+    ("ancestor_pids", "Array(UInt32)"),
+    ("ancestor_exes", "Array(String)"),
+    ("ancestor_argv0", "Array(String)"),
+    ("ancestor_start_ns", "Array(UInt64)"),
+    ("agent_version", "String"),
+    ("ingested_at", "DateTime"),
+];
+
 fn sorted(columns: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = columns
         .iter()
@@ -536,7 +601,10 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    assert_eq!(
+        report.applied,
+        vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    );
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -634,7 +702,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -711,7 +779,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -1005,7 +1073,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1149,7 +1217,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1273,7 +1341,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1365,6 +1433,42 @@ fn malformed_dns_kind(pid: u32) -> Kind {
     Kind::Dns(dns)
 }
 
+/// `/usr/bin/curl` (pid `pid`, alice, in the container [`CONTAINER_ID`])
+/// connecting over TCP to 203.0.113.7:443, decided in the kernel by rule
+/// `block-exfil` of policy version 42 with `action` and `verdict`.
+fn decision_kind(action: &str, verdict: &str, pid: u32) -> Kind {
+    Kind::Decision(Decision {
+        connection_id: format!("conn-{pid}-{action}"),
+        pid,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exe: "/usr/bin/curl".into(),
+        user_name: "alice".into(),
+        cgroup_path: CONTAINER_CGROUP.into(),
+        container_id: CONTAINER_ID.into(),
+        ip_version: 4,
+        remote_addr: "203.0.113.7".into(),
+        remote_port: 443,
+        protocol: "tcp".into(),
+        action: action.into(),
+        verdict: verdict.into(),
+        rule_id: "block-exfil".into(),
+        policy_version: 42,
+        enforcement_point: "kernel".into(),
+    })
+}
+
+async fn stored_decisions(server: &ClickHouseServer, database: &str) -> Vec<DecisionRow> {
+    server
+        .client()
+        .with_database(database)
+        .query("SELECT ?fields FROM decisions ORDER BY seq")
+        .fetch_all::<DecisionRow>()
+        .await
+        .expect("select decisions")
+}
+
 /// A TCP or file event's `kind` with its process named as alice's in the
 /// container [`CONTAINER_ID`].
 fn owned_in_container(mut kind: Kind) -> Kind {
@@ -1436,7 +1540,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![9, 10, 11, 12, 13]);
+    assert_eq!(report.applied, vec![9, 10, 11, 12, 13, 14]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     for (table, columns) in [
         ("process_events", PROCESS_EVENTS_COLUMNS),
@@ -1444,6 +1548,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         ("network_events", NETWORK_EVENTS_COLUMNS),
         ("file_events", FILE_EVENTS_COLUMNS),
         ("dns_events", DNS_EVENTS_COLUMNS),
+        ("decisions", DECISIONS_COLUMNS),
     ] {
         assert_eq!(
             table_columns(&server, &database, table).await,
@@ -1451,7 +1556,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
             "{table}"
         );
     }
-    for table in ["network_events", "file_events", "dns_events"] {
+    for table in ["network_events", "file_events", "dns_events", "decisions"] {
         assert_keys(
             &server,
             &database,
@@ -1859,6 +1964,18 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
     events.push(at(20, dns_kind("files.example.org", 4300)));
     events.push(at(21, malformed_dns_kind(4305)));
     events.push(at(22, dns_kind("", 4300)));
+    // A denied connection, a would-be denial over IPv6 by a gateway, and a
+    // denial by a rule that allows.
+    events.push(at(23, decision_kind("deny", "denied", 4300)));
+    let Kind::Decision(mut audited) = decision_kind("audit", "would_deny", 4306) else {
+        unreachable!()
+    };
+    audited.ip_version = 6;
+    audited.remote_addr = "2001:DB8:2:0:0:0:0:7".into();
+    audited.enforcement_point = "gateway".into();
+    audited.rule_id.clear();
+    events.push(at(24, Kind::Decision(audited)));
+    events.push(at(25, decision_kind("allow", "denied", 4300)));
     agent
         .send(EventBatch {
             batch_seq: 1,
@@ -1867,7 +1984,7 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         })
         .await;
     let ack = agent.ack(Duration::from_secs(10)).await;
-    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 15, 6));
+    assert_eq!((ack.batch_seq, ack.stored, ack.rejected), (1, 17, 7));
     assert!(ack.reject_reason.contains("seq 6"), "{}", ack.reject_reason);
 
     // Acked means stored, each row in its table.
@@ -2192,6 +2309,55 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         ]
     );
 
+    // Connection decisions, every value as sent (the address in canonical
+    // text); the inconsistent one refused.
+    let decision = |seq: u64, pid: u32, action: &str, verdict: &str| DecisionRow {
+        org_id: "pref-test".into(),
+        time: u32::try_from((T0_NS + seq * 1_000_000) / 1_000_000_000).unwrap(),
+        time_ns: T0_NS + seq * 1_000_000,
+        device_id: "device-7".into(),
+        hostname: "pc-007".into(),
+        boot_id: "0b5e2f4c-boot".into(),
+        seq,
+        connection_id: format!("conn-{pid}-{action}"),
+        pid,
+        uid: 1000,
+        gid: 100,
+        cgroup_id: 4242,
+        exe: "/usr/bin/curl".into(),
+        user_name: "alice".into(),
+        cgroup_path: CONTAINER_CGROUP.into(),
+        container_id: CONTAINER_ID.into(),
+        ip_version: 4,
+        remote_addr: "203.0.113.7".into(),
+        remote_port: 443,
+        protocol: "tcp".into(),
+        action: action.into(),
+        verdict: verdict.into(),
+        rule_id: "block-exfil".into(),
+        policy_version: 42,
+        enforcement_point: "kernel".into(),
+        ancestor_pids: vec![4200, 1],
+        ancestor_exes: vec!["/usr/bin/bash".into(), "/usr/lib/systemd/systemd".into()],
+        ancestor_argv0: vec!["-bash".into(), "/sbin/init".into()],
+        ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
+        agent_version: "0.1.0-test".into(),
+        ingested_at,
+    };
+    assert_eq!(
+        stored_decisions(&server, &database).await,
+        vec![
+            decision(23, 4300, "deny", "denied"),
+            DecisionRow {
+                ip_version: 6,
+                remote_addr: "2001:db8:2::7".into(),
+                enforcement_point: "gateway".into(),
+                rule_id: String::new(),
+                ..decision(24, 4306, "audit", "would_deny")
+            },
+        ]
+    );
+
     // A batch of gaps only is stored and acked too.
     agent
         .send(EventBatch {
@@ -2206,8 +2372,8 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
 
     let mut control = ControlClient::new(device_channel(&collector).await);
     let status = control.status(StatusRequest {}).await.unwrap().into_inner();
-    assert_eq!(status.events_stored, 16, "rows of every table");
-    assert_eq!(status.events_rejected, 6);
+    assert_eq!(status.events_stored, 18, "rows of every table");
+    assert_eq!(status.events_rejected, 7);
 
     drop(agent);
     collector.shutdown().await.unwrap();
@@ -2698,6 +2864,21 @@ async fn the_documented_queries_run() {
     );
     storage.insert(&converted.rows.dns_events).await.unwrap();
 
+    // And connection decisions just now: a denial of the address the
+    // examples look for, and an audit rule's would-be denial: the decision
+    // queries must find them.
+    let mut denied = at(17, decision_kind("deny", "denied", 5000));
+    denied.time_unix_ns = now_ns - 3_000_000_000;
+    let mut audited = at(18, decision_kind("audit", "would_deny", 5001));
+    audited.time_unix_ns = now_ns - 2_000_000_000;
+    let converted = zt_collector::ingest::convert_batch(
+        Some(&examples_agent),
+        &[denied, audited],
+        1_750_000_100,
+    );
+    assert_eq!((converted.rejected, converted.rows.decisions.len()), (0, 2));
+    storage.insert(&converted.rows.decisions).await.unwrap();
+
     let doc = include_str!("../../docs/schema.md");
     let queries: Vec<&str> = doc
         .split("```sql\n")
@@ -2714,6 +2895,7 @@ async fn the_documented_queries_run() {
     let mut cred_queries = 0;
     let mut container_queries = 0;
     let mut dns_queries = 0;
+    let mut decision_queries = 0;
     for query in queries {
         let sql = query
             .trim_end_matches(';')
@@ -2729,12 +2911,20 @@ async fn the_documented_queries_run() {
         let is_cred_query = query.contains("'cred_change'");
         let is_container_query = query.contains("container_id != ''");
         let is_dns_query = query.contains("FROM zt.dns_events");
+        let is_decision_query = query.contains("FROM zt.decisions");
         file_queries += u32::from(is_file_query);
         dns_queries += u32::from(is_dns_query);
+        decision_queries += u32::from(is_decision_query);
         hash_queries += u32::from(is_hash_query);
         cred_queries += u32::from(is_cred_query);
         container_queries += u32::from(is_container_query);
-        if is_file_query || is_hash_query || is_cred_query || is_container_query || is_dns_query {
+        if is_file_query
+            || is_hash_query
+            || is_cred_query
+            || is_container_query
+            || is_dns_query
+            || is_decision_query
+        {
             let found: u64 = client
                 .query(&format!("SELECT count() FROM ({sql})"))
                 .fetch_one()
@@ -2751,6 +2941,10 @@ async fn the_documented_queries_run() {
         "{container_queries} container queries found"
     );
     assert!(dns_queries >= 2, "{dns_queries} DNS queries found");
+    assert!(
+        decision_queries >= 2,
+        "{decision_queries} decision queries found"
+    );
     let doc_hash = format!("exe_sha256 = '{DOCS_HASH_V1}'");
     assert!(
         doc.contains(&doc_hash),
@@ -2849,7 +3043,7 @@ async fn events_stored_twice_are_one_event_and_the_rebuild_resumes() {
     }
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![13]);
+    assert_eq!(report.applied, vec![13, 14]);
     let count = |sql: &'static str| {
         let client = client.clone();
         async move { client.query(sql).fetch_one::<u64>().await.unwrap() }
@@ -2873,6 +3067,7 @@ async fn events_stored_twice_are_one_event_and_the_rebuild_resumes() {
             "network_events",
             "file_events",
             "dns_events",
+            "decisions",
             "gaps",
         ]
         .contains(&table.as_str())

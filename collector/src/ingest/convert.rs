@@ -9,25 +9,29 @@
 //! `tcp` events become `network_events` rows (with the owner's ancestry);
 //! `file` events become `file_events` rows (with the process's ancestry);
 //! `dns` events become `dns_events` rows (with the sender's ancestry);
+//! `decision` events become `decisions` rows (with the process's ancestry);
 //! `gap` events become `gaps` rows.
 //!
-//! Exec, TCP, file and DNS events name who the process is beyond its ids
+//! Exec, TCP, file, DNS and decision events name who the process is beyond
+//! its ids
 //! (`user_name`, `cgroup_path`, `container_id`); those three are checked the
 //! same way on every kind ([`check_owner`]).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use proto::telemetry::{
-    event::Kind, AgentIdentity, Ancestor, CredentialChange, DnsQuery, Event, FileActivity, Gap,
-    ProcessExec, ProcessExit, ProcessFork, TcpConnection,
+    event::Kind, AgentIdentity, Ancestor, CredentialChange, Decision, DnsQuery, Event,
+    FileActivity, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
 };
 
 use crate::storage::{
-    DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow, CRED_SYSCALLS,
-    DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
-    EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD,
-    FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID,
-    TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN,
+    DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow,
+    CRED_SYSCALLS, DECISION_ACTIONS, DECISION_AUDIT, DECISION_DENY, DECISION_PROTOCOLS,
+    DECISION_VERDICTS, DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
+    ENFORCEMENT_POINTS, EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
+    FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS,
+    NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED,
+    TCP_LISTEN, VERDICT_DENIED, VERDICT_WOULD_DENY,
 };
 
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
@@ -64,8 +68,8 @@ pub enum RejectReason {
         /// The refused text, cut to 64 characters.
         exe_sha256: String,
     },
-    /// An exec, tcp, file or dns event (`kind`) whose `user_name` is too
-    /// long.
+    /// An exec, tcp, file, dns or decision event (`kind`) whose `user_name`
+    /// is too long.
     #[error("{kind} event seq {seq} has a user_name of {bytes} bytes, beyond 256")]
     UserNameTooLong {
         seq: u64,
@@ -167,6 +171,62 @@ pub enum RejectReason {
     /// or type.
     #[error("dns event seq {seq} has an empty {field} and no parse_error")]
     DnsEmptyQuestion { seq: u64, field: &'static str },
+    #[error(
+        "decision event seq {seq} has unknown action {action:?}, \
+         not allow, deny, audit or tunnel"
+    )]
+    DecisionUnknownAction {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        action: String,
+    },
+    #[error(
+        "decision event seq {seq} has unknown verdict {verdict:?}, \
+         not allowed, denied or would_deny"
+    )]
+    DecisionUnknownVerdict {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        verdict: String,
+    },
+    /// `denied` from a rule that is not `deny`, or `would_deny` from one that
+    /// is not `audit`.
+    #[error(
+        "decision event seq {seq} has verdict {verdict} with action {action}; \
+         {verdict} comes only of action {required}"
+    )]
+    DecisionVerdictMismatch {
+        seq: u64,
+        action: &'static str,
+        verdict: &'static str,
+        required: &'static str,
+    },
+    #[error("decision event seq {seq} has unknown protocol {protocol:?}, not tcp or udp")]
+    DecisionUnknownProtocol {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        protocol: String,
+    },
+    #[error(
+        "decision event seq {seq} has unknown enforcement_point {enforcement_point:?}, \
+         not kernel or gateway"
+    )]
+    DecisionUnknownEnforcementPoint {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        enforcement_point: String,
+    },
+    #[error("decision event seq {seq} has ip version {ip_version}, not 4 or 6")]
+    DecisionIpVersion { seq: u64, ip_version: u32 },
+    #[error("decision event seq {seq} has remote_addr {addr:?}, not an IPv{ip_version} address")]
+    DecisionBadAddress {
+        seq: u64,
+        ip_version: u8,
+        /// The refused text, cut to 64 characters.
+        addr: String,
+    },
+    #[error("decision event seq {seq} has remote_port {port}, beyond 65535")]
+    DecisionPortOutOfRange { seq: u64, port: u32 },
 }
 
 /// The sender of a batch, checked once per batch.
@@ -223,6 +283,8 @@ pub enum EventRow {
     FileEvent(FileEventRow),
     /// `dns`: a row of `dns_events`.
     DnsEvent(DnsEventRow),
+    /// `decision`: a row of `decisions`.
+    Decision(DecisionRow),
     /// `gap`: a row of `gaps`.
     Gap(GapRow),
 }
@@ -247,6 +309,7 @@ impl TryFrom<Received<'_>> for EventRow {
             Kind::Tcp(tcp) => EventRow::NetworkEvent(tcp_row(&header, tcp)?),
             Kind::File(file) => EventRow::FileEvent(file_row(&header, file)?),
             Kind::Dns(dns) => EventRow::DnsEvent(dns_row(&header, dns)?),
+            Kind::Decision(decision) => EventRow::Decision(decision_row(&header, decision)?),
             Kind::Gap(gap) => EventRow::Gap(gap_row(&header, gap)?),
         })
     }
@@ -330,8 +393,8 @@ impl Header<'_> {
     }
 }
 
-/// Who a process is beyond its ids, as exec, TCP, file and DNS events name
-/// it: `''` in any of them means unknown.
+/// Who a process is beyond its ids, as exec, TCP, file, DNS and decision
+/// events name it: `''` in any of them means unknown.
 struct Owner<'a> {
     user_name: &'a str,
     cgroup_path: &'a str,
@@ -867,6 +930,139 @@ fn dns_row(header: &Header<'_>, dns: &DnsQuery) -> Result<DnsEventRow, RejectRea
     })
 }
 
+/// `value` if it is one of `allowed`, else the reason `refuse` makes of it
+/// (cut to [`REASON_EXCERPT_CHARS`]).
+fn one_of(
+    allowed: &[&'static str],
+    value: &str,
+    refuse: impl FnOnce(String) -> RejectReason,
+) -> Result<&'static str, RejectReason> {
+    allowed
+        .iter()
+        .copied()
+        .find(|known| *known == value)
+        .ok_or_else(|| refuse(excerpt(value)))
+}
+
+/// Refuses an action other than `allow`, `deny`, `audit` or `tunnel`, a
+/// verdict other than `allowed`, `denied` or `would_deny`, a `denied` verdict
+/// of an action other than `deny` and a `would_deny` of one other than
+/// `audit`, a protocol other than `tcp` or `udp`, an enforcement point other
+/// than `kernel` or `gateway`, an IP version other than 4 or 6, a
+/// `remote_addr` that is not an address of that version, a port beyond
+/// 65535, and an owner that [`check_owner`] refuses. Every value is matched
+/// exactly (lower case), so each has one spelling and `=` finds it. The
+/// address is stored as the canonical text of the parsed address, as on
+/// `network_events`; `connection_id` and `rule_id` (`''`: the policy's
+/// default) as sent.
+fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow, RejectReason> {
+    let Received {
+        sender,
+        event,
+        ingested_at,
+    } = header.received;
+    let seq = event.seq;
+    let action = one_of(&DECISION_ACTIONS, &decision.action, |action| {
+        RejectReason::DecisionUnknownAction { seq, action }
+    })?;
+    let verdict = one_of(&DECISION_VERDICTS, &decision.verdict, |verdict| {
+        RejectReason::DecisionUnknownVerdict { seq, verdict }
+    })?;
+    let required = match verdict {
+        VERDICT_DENIED => Some(DECISION_DENY),
+        VERDICT_WOULD_DENY => Some(DECISION_AUDIT),
+        _ => None,
+    };
+    if let Some(required) = required.filter(|required| *required != action) {
+        return Err(RejectReason::DecisionVerdictMismatch {
+            seq,
+            action,
+            verdict,
+            required,
+        });
+    }
+    let protocol = one_of(&DECISION_PROTOCOLS, &decision.protocol, |protocol| {
+        RejectReason::DecisionUnknownProtocol { seq, protocol }
+    })?;
+    let enforcement_point = one_of(
+        &ENFORCEMENT_POINTS,
+        &decision.enforcement_point,
+        |enforcement_point| RejectReason::DecisionUnknownEnforcementPoint {
+            seq,
+            enforcement_point,
+        },
+    )?;
+    let ip_version = match decision.ip_version {
+        4 => 4,
+        6 => 6,
+        other => {
+            return Err(RejectReason::DecisionIpVersion {
+                seq,
+                ip_version: other,
+            })
+        }
+    };
+    let text = &decision.remote_addr;
+    let parsed = if ip_version == 4 {
+        text.parse::<Ipv4Addr>().map(|a| a.to_string())
+    } else {
+        text.parse::<Ipv6Addr>().map(|a| a.to_string())
+    };
+    let remote_addr = parsed.map_err(|_| RejectReason::DecisionBadAddress {
+        seq,
+        ip_version,
+        addr: excerpt(text),
+    })?;
+    let remote_port =
+        u16::try_from(decision.remote_port).map_err(|_| RejectReason::DecisionPortOutOfRange {
+            seq,
+            port: decision.remote_port,
+        })?;
+    check_owner(
+        seq,
+        "decision",
+        &Owner {
+            user_name: &decision.user_name,
+            cgroup_path: &decision.cgroup_path,
+            container_id: &decision.container_id,
+        },
+    )?;
+    let ancestry = Ancestry::of(&event.ancestors);
+    Ok(DecisionRow {
+        org_id: sender.org_id.to_owned(),
+        time: header.time,
+        time_ns: event.time_unix_ns,
+        device_id: sender.device_id.to_owned(),
+        hostname: sender.hostname.to_owned(),
+        boot_id: sender.boot_id.to_owned(),
+        seq,
+        connection_id: decision.connection_id.clone(),
+        pid: decision.pid,
+        uid: decision.uid,
+        gid: decision.gid,
+        cgroup_id: decision.cgroup_id,
+        exe: decision.exe.clone(),
+        user_name: decision.user_name.clone(),
+        cgroup_path: decision.cgroup_path.clone(),
+        container_id: decision.container_id.clone(),
+        ip_version,
+        remote_addr,
+        remote_port,
+        protocol: protocol.to_owned(),
+        action: action.to_owned(),
+        verdict: verdict.to_owned(),
+        rule_id: decision.rule_id.clone(),
+        policy_version: decision.policy_version,
+        enforcement_point: enforcement_point.to_owned(),
+        ancestor_pids: ancestry.pids,
+        ancestor_exes: ancestry.exes,
+        ancestor_argv0: ancestry.argv0,
+        ancestor_start_ns: ancestry.start_ns,
+        agent_version: sender.agent_version.to_owned(),
+        ingested_at,
+    })
+}
+
 /// At most [`REASON_EXCERPT_CHARS`] characters of `text`, for a reject reason
 /// (which goes back to the agent and into the logs).
 fn excerpt(text: &str) -> String {
@@ -883,6 +1079,7 @@ pub struct TableRows {
     pub network_events: Vec<NetworkEventRow>,
     pub file_events: Vec<FileEventRow>,
     pub dns_events: Vec<DnsEventRow>,
+    pub decisions: Vec<DecisionRow>,
     pub gaps: Vec<GapRow>,
 }
 
@@ -893,6 +1090,7 @@ impl TableRows {
             + self.network_events.len()
             + self.file_events.len()
             + self.dns_events.len()
+            + self.decisions.len()
             + self.gaps.len()
     }
 
@@ -906,6 +1104,7 @@ impl TableRows {
             EventRow::NetworkEvent(row) => self.network_events.push(row),
             EventRow::FileEvent(row) => self.file_events.push(row),
             EventRow::DnsEvent(row) => self.dns_events.push(row),
+            EventRow::Decision(row) => self.decisions.push(row),
             EventRow::Gap(row) => self.gaps.push(row),
         }
     }
@@ -937,22 +1136,25 @@ pub fn convert_batch(
             }
         }
     };
-    // Nearly every event is a process, TCP, file or DNS event; gaps are rare.
-    let (mut tcp, mut file, mut dns) = (0, 0, 0);
+    // Nearly every event is a process, TCP, file, DNS or decision event;
+    // gaps are rare.
+    let (mut tcp, mut file, mut dns, mut decision) = (0, 0, 0, 0);
     for event in events {
         match event.kind {
             Some(Kind::Tcp(_)) => tcp += 1,
             Some(Kind::File(_)) => file += 1,
             Some(Kind::Dns(_)) => dns += 1,
+            Some(Kind::Decision(_)) => decision += 1,
             _ => {}
         }
     }
     let mut out = Converted {
         rows: TableRows {
-            process_events: Vec::with_capacity(events.len() - tcp - file - dns),
+            process_events: Vec::with_capacity(events.len() - tcp - file - dns - decision),
             network_events: Vec::with_capacity(tcp),
             file_events: Vec::with_capacity(file),
             dns_events: Vec::with_capacity(dns),
+            decisions: Vec::with_capacity(decision),
             gaps: Vec::new(),
         },
         ..Default::default()
@@ -1695,6 +1897,9 @@ mod tests {
             event(12, T, dns_v4("example.org", "A")),
             event(13, T, with_dns(dns_v4("", "A"), |d| d.source_port = 70_000)),
             event(14, T, dns_v6("example.org", "AAAA")),
+            event(15, T, decision_v4("deny", "denied")),
+            event(16, T, decision_v4("allow", "denied")),
+            event(17, T, decision_v6("tunnel", "allowed")),
         ];
         let converted = convert_batch(Some(&identity()), &events, NOW);
         let kinds: Vec<(u64, &str)> = converted
@@ -1727,8 +1932,15 @@ mod tests {
             .map(|r| (r.seq, r.query_type.as_str()))
             .collect();
         assert_eq!(dns, vec![(12, "A"), (14, "AAAA")]);
-        assert_eq!(converted.rows.len(), 10);
-        assert_eq!(converted.rejected, 4);
+        let decisions: Vec<(u64, &str)> = converted
+            .rows
+            .decisions
+            .iter()
+            .map(|r| (r.seq, r.verdict.as_str()))
+            .collect();
+        assert_eq!(decisions, vec![(15, "denied"), (17, "allowed")]);
+        assert_eq!(converted.rows.len(), 12);
+        assert_eq!(converted.rejected, 5);
         assert_eq!(
             converted.first_reason,
             Some(RejectReason::GapNothingLost { seq: 5 })
@@ -1772,6 +1984,7 @@ mod tests {
             tcp_v4("listen"),
             file_kind("unlink"),
             dns_v4("example.org", "A"),
+            decision_v4("audit", "would_deny"),
         ] {
             assert_eq!(
                 convert(&event(9, 0, kind.clone())),
@@ -2617,12 +2830,15 @@ mod tests {
                 "file" => with_file(file_kind("open_write"), |f| {
                     change(&mut f.user_name, &mut f.cgroup_path, &mut f.container_id)
                 }),
-                _ => with_dns(dns_v4("example.org", "A"), |d| {
+                "dns" => with_dns(dns_v4("example.org", "A"), |d| {
+                    change(&mut d.user_name, &mut d.cgroup_path, &mut d.container_id)
+                }),
+                _ => with_decision(decision_v4("deny", "denied"), |d| {
                     change(&mut d.user_name, &mut d.cgroup_path, &mut d.container_id)
                 }),
             }
         };
-        for kind in ["exec", "tcp", "file", "dns"] {
+        for kind in ["exec", "tcp", "file", "dns", "decision"] {
             let k = kind;
             let cases: [(Change, RejectReason); 5] = [
                 (
@@ -3050,6 +3266,433 @@ mod tests {
                 field: "server_addr",
                 ip_version: 4,
                 addr: format!("{}…", "x".repeat(64)),
+            })
+        );
+    }
+
+    /// `/usr/bin/curl` (pid 4300, alice) connecting over TCP to
+    /// 203.0.113.7:443, decided in the kernel by rule `block-exfil` of
+    /// policy version 42 with `action` and `verdict`.
+    fn decision_v4(action: &str, verdict: &str) -> Kind {
+        Kind::Decision(Decision {
+            connection_id: "6f1d2c3b4a5948e7a6b5c4d3e2f10987".into(),
+            pid: 4300,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            exe: "/usr/bin/curl".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
+            ip_version: 4,
+            remote_addr: "203.0.113.7".into(),
+            remote_port: 443,
+            protocol: "tcp".into(),
+            action: action.into(),
+            verdict: verdict.into(),
+            rule_id: "block-exfil".into(),
+            policy_version: 42,
+            enforcement_point: "kernel".into(),
+        })
+    }
+
+    /// The same to [2001:db8:2::7]:443.
+    fn decision_v6(action: &str, verdict: &str) -> Kind {
+        with_decision(decision_v4(action, verdict), |d| {
+            d.ip_version = 6;
+            d.remote_addr = "2001:db8:2::7".into();
+        })
+    }
+
+    fn with_decision(mut kind: Kind, change: impl FnOnce(&mut Decision)) -> Kind {
+        if let Kind::Decision(decision) = &mut kind {
+            change(decision);
+        }
+        kind
+    }
+
+    fn decision_row_of(event: &Event) -> DecisionRow {
+        match convert(event) {
+            Ok(EventRow::Decision(row)) => row,
+            other => panic!("not a decision row: {other:?}"),
+        }
+    }
+
+    /// The row of [`decision_v4`] from [`identity`].
+    fn decision_base(seq: u64, action: &str, verdict: &str) -> DecisionRow {
+        DecisionRow {
+            org_id: "pref".into(),
+            time: 1_700_000_000,
+            time_ns: T,
+            device_id: "dev-1".into(),
+            hostname: "pc-001".into(),
+            boot_id: "b-1".into(),
+            seq,
+            connection_id: "6f1d2c3b4a5948e7a6b5c4d3e2f10987".into(),
+            pid: 4300,
+            uid: 1000,
+            gid: 100,
+            cgroup_id: 77,
+            exe: "/usr/bin/curl".into(),
+            user_name: "alice".into(),
+            cgroup_path: SESSION_CGROUP.into(),
+            container_id: String::new(),
+            ip_version: 4,
+            remote_addr: "203.0.113.7".into(),
+            remote_port: 443,
+            protocol: "tcp".into(),
+            action: action.into(),
+            verdict: verdict.into(),
+            rule_id: "block-exfil".into(),
+            policy_version: 42,
+            enforcement_point: "kernel".into(),
+            ancestor_pids: Vec::new(),
+            ancestor_exes: Vec::new(),
+            ancestor_argv0: Vec::new(),
+            ancestor_start_ns: Vec::new(),
+            agent_version: "0.1.0".into(),
+            ingested_at: NOW,
+        }
+    }
+
+    #[test]
+    fn a_decision_becomes_a_decisions_row_with_every_field() {
+        let converted = convert_batch(
+            Some(&identity()),
+            &[event(1, T, decision_v4("deny", "denied"))],
+            NOW,
+        );
+        assert_eq!((converted.rejected, converted.first_reason), (0, None));
+        assert!(converted.rows.process_events.is_empty() && converted.rows.gaps.is_empty());
+        assert!(converted.rows.network_events.is_empty());
+        assert!(converted.rows.file_events.is_empty() && converted.rows.dns_events.is_empty());
+        assert_eq!(
+            converted.rows.decisions,
+            vec![decision_base(1, "deny", "denied")]
+        );
+
+        let v6 = decision_row_of(&event(2, T, decision_v6("audit", "would_deny")));
+        assert_eq!(
+            v6,
+            DecisionRow {
+                ip_version: 6,
+                remote_addr: "2001:db8:2::7".into(),
+                ..decision_base(2, "audit", "would_deny")
+            }
+        );
+    }
+
+    #[test]
+    fn decision_rows_carry_the_processs_container_and_ancestry() {
+        let path = format!("/system.slice/docker-{CONTAINER_ID}.scope");
+        let kind = with_decision(decision_v4("allow", "allowed"), |d| {
+            d.cgroup_path = path.clone();
+            d.container_id = CONTAINER_ID.into();
+            d.user_name = "root".into();
+            d.protocol = "udp".into();
+            d.rule_id.clear(); // the policy's default
+        });
+        let e = Event {
+            ancestors: vec![Ancestor {
+                pid: 4200,
+                exe: "/usr/bin/bash".into(),
+                argv0: "-bash".into(),
+                start_unix_ns: T - 1,
+            }],
+            ..event(3, T, kind)
+        };
+        assert_eq!(
+            decision_row_of(&e),
+            DecisionRow {
+                user_name: "root".into(),
+                cgroup_path: path,
+                container_id: CONTAINER_ID.into(),
+                protocol: "udp".into(),
+                rule_id: String::new(),
+                ancestor_pids: vec![4200],
+                ancestor_exes: vec!["/usr/bin/bash".into()],
+                ancestor_argv0: vec!["-bash".into()],
+                ancestor_start_ns: vec![T - 1],
+                ..decision_base(3, "allow", "allowed")
+            }
+        );
+    }
+
+    #[test]
+    fn every_consistent_action_and_verdict_is_stored() {
+        for (action, verdict) in [
+            ("allow", "allowed"),
+            ("deny", "denied"),
+            ("deny", "allowed"),
+            ("audit", "would_deny"),
+            ("audit", "allowed"),
+            ("tunnel", "allowed"),
+        ] {
+            let row = decision_row_of(&event(4, T, decision_v4(action, verdict)));
+            assert_eq!(
+                (row.action.as_str(), row.verdict.as_str()),
+                (action, verdict)
+            );
+        }
+        // A gateway's decision; the limits of the port and the versions;
+        // addresses in canonical text, as on network_events.
+        let kind = with_decision(decision_v6("tunnel", "allowed"), |d| {
+            d.enforcement_point = "gateway".into();
+            d.remote_addr = "2001:0DB8:0000:0000:0000:0000:0000:0007".into();
+            d.remote_port = 65_535;
+            d.policy_version = u64::MAX;
+            d.connection_id.clear();
+        });
+        let row = decision_row_of(&event(5, T, kind));
+        assert_eq!(
+            (
+                row.enforcement_point.as_str(),
+                row.remote_addr.as_str(),
+                row.remote_port,
+                row.policy_version
+            ),
+            ("gateway", "2001:db8::7", u16::MAX, u64::MAX)
+        );
+        assert_eq!(row.connection_id, "");
+        let kind = with_decision(decision_v4("allow", "allowed"), |d| d.remote_port = 0);
+        assert_eq!(decision_row_of(&event(6, T, kind)).remote_port, 0);
+    }
+
+    #[test]
+    fn malformed_decisions_are_refused() {
+        let a = || decision_v4("deny", "denied");
+        let mismatch = |action, verdict, required| RejectReason::DecisionVerdictMismatch {
+            seq: 7,
+            action,
+            verdict,
+            required,
+        };
+        let bad_address = |ip_version, addr: &str| RejectReason::DecisionBadAddress {
+            seq: 7,
+            ip_version,
+            addr: addr.into(),
+        };
+        let cases = [
+            // Values outside their sets, also in another case.
+            (
+                decision_v4("block", "denied"),
+                RejectReason::DecisionUnknownAction {
+                    seq: 7,
+                    action: "block".into(),
+                },
+            ),
+            (
+                decision_v4("Deny", "denied"),
+                RejectReason::DecisionUnknownAction {
+                    seq: 7,
+                    action: "Deny".into(),
+                },
+            ),
+            (
+                decision_v4("", "denied"),
+                RejectReason::DecisionUnknownAction {
+                    seq: 7,
+                    action: String::new(),
+                },
+            ),
+            (
+                decision_v4("deny", "dropped"),
+                RejectReason::DecisionUnknownVerdict {
+                    seq: 7,
+                    verdict: "dropped".into(),
+                },
+            ),
+            (
+                decision_v4("audit", "would-deny"),
+                RejectReason::DecisionUnknownVerdict {
+                    seq: 7,
+                    verdict: "would-deny".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.protocol = "icmp".into()),
+                RejectReason::DecisionUnknownProtocol {
+                    seq: 7,
+                    protocol: "icmp".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.protocol = "TCP".into()),
+                RejectReason::DecisionUnknownProtocol {
+                    seq: 7,
+                    protocol: "TCP".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.enforcement_point = "proxy".into()),
+                RejectReason::DecisionUnknownEnforcementPoint {
+                    seq: 7,
+                    enforcement_point: "proxy".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.enforcement_point.clear()),
+                RejectReason::DecisionUnknownEnforcementPoint {
+                    seq: 7,
+                    enforcement_point: String::new(),
+                },
+            ),
+            // A verdict its action cannot give.
+            (
+                decision_v4("allow", "denied"),
+                mismatch("allow", "denied", "deny"),
+            ),
+            (
+                decision_v4("audit", "denied"),
+                mismatch("audit", "denied", "deny"),
+            ),
+            (
+                decision_v4("tunnel", "denied"),
+                mismatch("tunnel", "denied", "deny"),
+            ),
+            (
+                decision_v4("deny", "would_deny"),
+                mismatch("deny", "would_deny", "audit"),
+            ),
+            (
+                decision_v4("allow", "would_deny"),
+                mismatch("allow", "would_deny", "audit"),
+            ),
+            (
+                decision_v4("tunnel", "would_deny"),
+                mismatch("tunnel", "would_deny", "audit"),
+            ),
+            (
+                with_decision(a(), |d| d.ip_version = 0),
+                RejectReason::DecisionIpVersion {
+                    seq: 7,
+                    ip_version: 0,
+                },
+            ),
+            (
+                with_decision(a(), |d| d.ip_version = 5),
+                RejectReason::DecisionIpVersion {
+                    seq: 7,
+                    ip_version: 5,
+                },
+            ),
+            // An IPv6 address in an IPv4 decision, and the other way round.
+            (
+                with_decision(a(), |d| d.remote_addr = "2001:db8::7".into()),
+                bad_address(4, "2001:db8::7"),
+            ),
+            (
+                with_decision(decision_v6("deny", "denied"), |d| {
+                    d.remote_addr = "203.0.113.7".into()
+                }),
+                bad_address(6, "203.0.113.7"),
+            ),
+            (
+                with_decision(a(), |d| d.remote_addr.clear()),
+                bad_address(4, ""),
+            ),
+            (
+                with_decision(a(), |d| d.remote_addr = "203.0.113.7:443".into()),
+                bad_address(4, "203.0.113.7:443"),
+            ),
+            (
+                with_decision(a(), |d| d.remote_addr = "db.example".into()),
+                bad_address(4, "db.example"),
+            ),
+            (
+                with_decision(a(), |d| d.remote_port = 65_536),
+                RejectReason::DecisionPortOutOfRange {
+                    seq: 7,
+                    port: 65_536,
+                },
+            ),
+            (
+                with_decision(a(), |d| d.remote_port = u32::MAX),
+                RejectReason::DecisionPortOutOfRange {
+                    seq: 7,
+                    port: u32::MAX,
+                },
+            ),
+        ];
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(7, T, kind)), Err(reason));
+        }
+        assert_eq!(
+            RejectReason::DecisionUnknownAction {
+                seq: 7,
+                action: "block".into()
+            }
+            .to_string(),
+            "decision event seq 7 has unknown action \"block\", \
+             not allow, deny, audit or tunnel"
+        );
+        assert_eq!(
+            RejectReason::DecisionUnknownVerdict {
+                seq: 7,
+                verdict: "dropped".into()
+            }
+            .to_string(),
+            "decision event seq 7 has unknown verdict \"dropped\", \
+             not allowed, denied or would_deny"
+        );
+        assert_eq!(
+            mismatch("allow", "denied", "deny").to_string(),
+            "decision event seq 7 has verdict denied with action allow; \
+             denied comes only of action deny"
+        );
+        assert_eq!(
+            RejectReason::DecisionUnknownProtocol {
+                seq: 7,
+                protocol: "icmp".into()
+            }
+            .to_string(),
+            "decision event seq 7 has unknown protocol \"icmp\", not tcp or udp"
+        );
+        assert_eq!(
+            RejectReason::DecisionUnknownEnforcementPoint {
+                seq: 7,
+                enforcement_point: "proxy".into()
+            }
+            .to_string(),
+            "decision event seq 7 has unknown enforcement_point \"proxy\", \
+             not kernel or gateway"
+        );
+        assert_eq!(
+            RejectReason::DecisionIpVersion {
+                seq: 7,
+                ip_version: 5
+            }
+            .to_string(),
+            "decision event seq 7 has ip version 5, not 4 or 6"
+        );
+        assert_eq!(
+            bad_address(6, "203.0.113.7").to_string(),
+            "decision event seq 7 has remote_addr \"203.0.113.7\", not an IPv6 address"
+        );
+        assert_eq!(
+            RejectReason::DecisionPortOutOfRange {
+                seq: 7,
+                port: 65_536
+            }
+            .to_string(),
+            "decision event seq 7 has remote_port 65536, beyond 65535"
+        );
+        // Long refused values are quoted cut.
+        let kind = with_decision(a(), |d| d.action = "x".repeat(500));
+        assert_eq!(
+            convert(&event(8, T, kind)),
+            Err(RejectReason::DecisionUnknownAction {
+                seq: 8,
+                action: format!("{}…", "x".repeat(64)),
+            })
+        );
+        let kind = with_decision(a(), |d| d.remote_addr = "y".repeat(500));
+        assert_eq!(
+            convert(&event(8, T, kind)),
+            Err(RejectReason::DecisionBadAddress {
+                seq: 8,
+                ip_version: 4,
+                addr: format!("{}…", "y".repeat(64)),
             })
         );
     }

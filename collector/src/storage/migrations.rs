@@ -316,6 +316,49 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, pid, seq)";
 
+/// Zero-trust connection decisions (migration 14). Created directly as the
+/// event tables are since migration 13: a `ReplacingMergeTree` whose sorting
+/// key ends with the event's identity, so a decision stored twice (a batch
+/// resent after its acknowledgement was lost) is one decision.
+const CREATE_DECISIONS: &str = "
+CREATE TABLE IF NOT EXISTS decisions
+(
+    org_id            String,
+    time              DateTime,
+    time_ns           UInt64,
+    device_id         String,
+    hostname          String,
+    boot_id           String,
+    seq               UInt64,
+    connection_id     String,
+    pid               UInt32,
+    uid               UInt32,
+    gid               UInt32,
+    cgroup_id         UInt64,
+    exe               String,
+    user_name         String,
+    cgroup_path       String,
+    container_id      String,
+    ip_version        UInt8,
+    remote_addr       String,
+    remote_port       UInt16,
+    protocol          String,
+    action            String,
+    verdict           String,
+    rule_id           String,
+    policy_version    UInt64,
+    enforcement_point String,
+    ancestor_pids     Array(UInt32),
+    ancestor_exes     Array(String),
+    ancestor_argv0    Array(String),
+    ancestor_start_ns Array(UInt64),
+    agent_version     String,
+    ingested_at       DateTime
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (org_id, hostname, time, pid, seq, device_id, boot_id)";
+
 /// Every migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -421,6 +464,11 @@ pub const MIGRATIONS: &[Migration] = &[
             ),
             dedup!("gaps", "(org_id, hostname, time, seq, device_id, boot_id)"),
         ],
+    },
+    Migration {
+        version: 14,
+        name: "decisions",
+        steps: &[Step::Execute(CREATE_DECISIONS)],
     },
 ];
 
@@ -704,7 +752,9 @@ mod tests {
     use clickhouse::Row;
 
     use super::*;
-    use crate::storage::{DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow};
+    use crate::storage::{
+        DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow,
+    };
 
     #[test]
     fn versions_are_strictly_increasing_and_named() {
@@ -847,6 +897,71 @@ mod tests {
             DnsEventRow::COLUMN_NAMES,
             column_list(CREATE_DNS_EVENTS).as_slice()
         );
+        assert_eq!(
+            DecisionRow::COLUMN_NAMES,
+            column_list(CREATE_DECISIONS).as_slice()
+        );
+    }
+
+    /// `decisions` is created keyed by the event's identity, with the same
+    /// engine clause migration 13 gives `dns_events` (and the other tables
+    /// whose rows name a process).
+    #[test]
+    fn decisions_are_created_keyed_by_the_event_identity() {
+        let v14 = MIGRATIONS.iter().find(|m| m.version == 14).unwrap();
+        assert_eq!(v14.name, "decisions");
+        assert_eq!(v14.steps, [Step::Execute(CREATE_DECISIONS)]);
+        let v13 = MIGRATIONS.iter().find(|m| m.version == 13).unwrap();
+        let dns_engine = v13
+            .steps
+            .iter()
+            .find_map(|step| match *step {
+                Step::Rebuild {
+                    table: "dns_events",
+                    engine,
+                    ..
+                } => Some(engine),
+                _ => None,
+            })
+            .unwrap();
+        let clause = CREATE_DECISIONS[CREATE_DECISIONS.find("\n)\n").unwrap() + 3..]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(clause, dns_engine);
+        assert!(CREATE_DECISIONS.starts_with("\nCREATE TABLE IF NOT EXISTS decisions\n"));
+    }
+
+    /// `decisions` spells every column it shares with `dns_events` and
+    /// `network_events` the same way, with the same type (the owner columns,
+    /// `ip_version`, `remote_addr`, `remote_port`, the ancestry), so analysts
+    /// can join them; identity first and ingest last, as in every event
+    /// table.
+    #[test]
+    fn decisions_share_column_types_with_the_other_event_tables() {
+        let decisions = column_types(CREATE_DECISIONS);
+        let mut shared = 0;
+        for sibling in [CREATE_DNS_EVENTS, CREATE_NETWORK_EVENTS] {
+            for (name, ty) in column_types(sibling) {
+                if let Some((_, own)) = decisions.iter().find(|(n, _)| *n == name) {
+                    assert_eq!(*own, ty, "{name}");
+                    shared += 1;
+                }
+            }
+        }
+        assert!(shared >= 2 * 20, "{shared} shared columns");
+        for c in OWNER_V9_COLUMNS {
+            assert!(
+                decisions.contains(&(c.name, c.definition)),
+                "decisions lacks {} {}",
+                c.name,
+                c.definition
+            );
+        }
+        let names: Vec<&str> = decisions.iter().map(|(n, _)| *n).collect();
+        let dns = column_list(CREATE_DNS_EVENTS);
+        assert_eq!(names[..7], dns[..7]);
+        assert_eq!(names[names.len() - 6..], dns[dns.len() - 6..]);
     }
 
     /// The owner columns migration 9 adds to `network_events` and

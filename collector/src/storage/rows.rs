@@ -402,3 +402,99 @@ pub struct DnsEventRow {
 impl TableRow for DnsEventRow {
     const TABLE: &'static str = "dns_events";
 }
+
+/// `decisions.action` values: what the matched rule (or the policy's
+/// default) says to do with a connection.
+pub const DECISION_ALLOW: &str = "allow";
+pub const DECISION_DENY: &str = "deny";
+/// A dry-run rule: the connection goes through, recorded as `would_deny`.
+pub const DECISION_AUDIT: &str = "audit";
+/// The connection is to go through a tunnel gateway.
+pub const DECISION_TUNNEL: &str = "tunnel";
+/// Every `decisions.action`.
+pub const DECISION_ACTIONS: [&str; 4] = [
+    DECISION_ALLOW,
+    DECISION_DENY,
+    DECISION_AUDIT,
+    DECISION_TUNNEL,
+];
+
+/// `decisions.verdict` values: what happened to the connection.
+pub const VERDICT_ALLOWED: &str = "allowed";
+/// Refused; only from an `action = 'deny'` rule.
+pub const VERDICT_DENIED: &str = "denied";
+/// Let through, but a deny had the rule been enforced; only from an
+/// `action = 'audit'` rule.
+pub const VERDICT_WOULD_DENY: &str = "would_deny";
+/// Every `decisions.verdict`.
+pub const DECISION_VERDICTS: [&str; 3] = [VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_WOULD_DENY];
+
+/// Every `decisions.protocol`.
+pub const DECISION_PROTOCOLS: [&str; 2] = ["tcp", "udp"];
+
+/// `decisions.enforcement_point` of a decision made in the endpoint's kernel
+/// (the cgroup connect hook).
+pub const ENFORCEMENT_KERNEL: &str = "kernel";
+/// `decisions.enforcement_point` of a decision made by a tunnel gateway.
+pub const ENFORCEMENT_GATEWAY: &str = "gateway";
+/// Every `decisions.enforcement_point`.
+pub const ENFORCEMENT_POINTS: [&str; 2] = [ENFORCEMENT_KERNEL, ENFORCEMENT_GATEWAY];
+
+/// One row of `decisions`: a zero-trust connection decision, a rule (or the
+/// policy's default) applied to an outbound connection of a process, and
+/// what came of it (`verdict`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
+pub struct DecisionRow {
+    pub org_id: String,
+    /// Event wall time, seconds since the Unix epoch (`DateTime`).
+    pub time: u32,
+    pub time_ns: u64,
+    pub device_id: String,
+    pub hostname: String,
+    pub boot_id: String,
+    pub seq: u64,
+    /// Names the decision in the agent's logs and across both ends of a
+    /// tunnel; stored as sent.
+    pub connection_id: String,
+    /// The connecting process.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    /// The process's program.
+    pub exe: String,
+    /// The process's user name on the endpoint; `''` when unknown.
+    pub user_name: String,
+    /// The process's cgroup v2 path, starting with `/`; `''` when unknown.
+    pub cgroup_path: String,
+    /// The process's container id (64 lowercase hex); `''` outside one.
+    pub container_id: String,
+    /// 4 or 6.
+    pub ip_version: u8,
+    /// The destination, as text: dotted IPv4 or RFC 5952 IPv6.
+    pub remote_addr: String,
+    pub remote_port: u16,
+    /// One of [`DECISION_PROTOCOLS`].
+    pub protocol: String,
+    /// One of [`DECISION_ACTIONS`].
+    pub action: String,
+    /// One of [`DECISION_VERDICTS`].
+    pub verdict: String,
+    /// The matched rule's id; `''` for the policy's default.
+    pub rule_id: String,
+    /// Version of the policy that decided.
+    pub policy_version: u64,
+    /// One of [`ENFORCEMENT_POINTS`].
+    pub enforcement_point: String,
+    /// The process's ancestors, parent first: four parallel arrays.
+    pub ancestor_pids: Vec<u32>,
+    pub ancestor_exes: Vec<String>,
+    pub ancestor_argv0: Vec<String>,
+    pub ancestor_start_ns: Vec<u64>,
+    pub agent_version: String,
+    pub ingested_at: u32,
+}
+
+impl TableRow for DecisionRow {
+    const TABLE: &'static str = "decisions";
+}
