@@ -18,8 +18,9 @@ pub const MAX_HASHED_BYTES: u64 = 512 * 1024 * 1024;
 /// Cached hashes kept at most; the cache starts over beyond it.
 const CACHE_CAPACITY: usize = 16_384;
 
+/// One version of a file: what the cache is keyed by.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-struct FileVersion {
+pub struct FileVersion {
     dev: u64,
     ino: u64,
     mtime_ns: i128,
@@ -50,6 +51,32 @@ pub enum Lookup {
 pub struct NewFile {
     file: File,
     version: FileVersion,
+}
+
+impl NewFile {
+    pub fn version(&self) -> FileVersion {
+        self.version
+    }
+
+    /// Reads and hashes the file, without the cache: the slow part, for a
+    /// blocking thread. Hand the result to [`ExeHasher::remember`].
+    pub fn compute(self) -> (FileVersion, Option<String>) {
+        let NewFile { mut file, version } = self;
+        (version, sha256_hex(&mut file).ok())
+    }
+}
+
+fn sha256_hex(file: &mut File) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
 }
 
 impl ExeHasher {
@@ -102,22 +129,19 @@ impl ExeHasher {
     }
 
     fn read_hash(&mut self, file: &mut File, version: FileVersion) -> io::Result<String> {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let hash = hex(&hasher.finalize());
+        let hash = sha256_hex(file)?;
+        self.remember(version, &hash);
+        Ok(hash)
+    }
+
+    /// Caches the hash of a file version computed elsewhere
+    /// ([`NewFile::compute`]).
+    pub fn remember(&mut self, version: FileVersion, hash: &str) {
         self.files_hashed += 1;
         if self.cache.len() >= CACHE_CAPACITY {
             self.cache.clear();
         }
-        self.cache.insert(version, hash.clone());
-        Ok(hash)
+        self.cache.insert(version, hash.to_owned());
     }
 }
 

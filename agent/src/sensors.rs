@@ -4,7 +4,7 @@
 //! and every loss the kernel counts becomes a gap record.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     path::Path,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -41,7 +41,7 @@ use crate::{
     clock::BootClock,
     config::SensorConfig,
     event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
-    exe_hash::{ExeHasher, Lookup},
+    exe_hash::{ExeHasher, FileVersion, Lookup},
     file_watch,
     guard_policy::CompiledPolicy,
     kernel_offsets::{self, VMLINUX_BTF},
@@ -429,6 +429,9 @@ impl KernelSensors {
             sequencer: sequencer.clone(),
             gaps: Vec::new(),
             policy,
+            hashing: tokio::task::JoinSet::new(),
+            hash_tasks: HashMap::new(),
+            awaiting_hash: HashMap::new(),
         };
         let sampling: Array<MapData, u32> = Array::try_from(
             ebpf.take_map(BULK_SAMPLING_MAP)
@@ -707,6 +710,12 @@ struct Reader {
     gaps: Vec<Event>,
     /// The guard's policy, for the rule ids of decisions.
     policy: Option<Arc<CompiledPolicy>>,
+    /// Executables being hashed on blocking threads (a new binary can take
+    /// a moment to read), so that the rings keep being drained meanwhile.
+    hashing: tokio::task::JoinSet<(FileVersion, Option<String>)>,
+    hash_tasks: HashMap<tokio::task::Id, FileVersion>,
+    /// Exec events waiting for the hash of their file's version.
+    awaiting_hash: HashMap<FileVersion, Vec<Event>>,
 }
 
 impl Reader {
@@ -738,6 +747,10 @@ impl Reader {
                     biased;
                     guard = critical.readable_mut() => guard.map(|mut g| g.clear_ready()),
                     guard = bulk.readable_mut() => guard.map(|mut g| g.clear_ready()),
+                    Some(hashed) = self.hashing.join_next_with_id(), if !self.hashing.is_empty() => {
+                        self.hashed(hashed, &mut batch);
+                        Ok(())
+                    }
                     () = sleep_or_never(matures_in) => Ok(()),
                 };
                 if let Err(err) = woken {
@@ -752,7 +765,7 @@ impl Reader {
                 "critical",
                 usize::MAX,
                 &mut |reader, event| {
-                    batch.push(reader.enrich(event, clock));
+                    batch.extend(reader.enrich(event, clock));
                 },
             );
             bulk_pending = self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, &mut |_, event| {
@@ -764,7 +777,7 @@ impl Reader {
                 .is_some_and(|event| event.boot_ns() <= ripe_before)
             {
                 if let Some(event) = held.pop_front() {
-                    batch.push(self.enrich(event, clock));
+                    batch.extend(self.enrich(event, clock));
                 }
             }
             batch.append(&mut self.gaps);
@@ -823,7 +836,58 @@ impl Reader {
 
     /// Applies `event` to the process table and builds the wire event with
     /// the process's ancestry.
-    fn enrich(&mut self, event: KernelEvent, clock: BootClock) -> Event {
+    /// `None` for an exec whose binary is being hashed: it follows when the
+    /// hash is there ([`Reader::hashed`]).
+    fn enrich(&mut self, event: KernelEvent, clock: BootClock) -> Option<Event> {
+        let mut awaits = None;
+        let event = self.enrich_now(event, clock, &mut awaits);
+        match awaits {
+            Some(version) => {
+                self.awaiting_hash.entry(version).or_default().push(event);
+                None
+            }
+            None => Some(event),
+        }
+    }
+
+    /// A hash computed on a blocking thread: cached, and the exec events
+    /// that waited for it go out.
+    fn hashed(
+        &mut self,
+        done: Result<(tokio::task::Id, (FileVersion, Option<String>)), tokio::task::JoinError>,
+        batch: &mut Vec<Event>,
+    ) {
+        let (version, hash) = match done {
+            Ok((id, result)) => {
+                self.hash_tasks.remove(&id);
+                result
+            }
+            // A hashing thread that panicked: its events go without a hash.
+            Err(err) => match self.hash_tasks.remove(&err.id()) {
+                Some(version) => {
+                    warn!(error = %err, "hashing an executable failed");
+                    (version, None)
+                }
+                None => return,
+            },
+        };
+        if let Some(hash) = &hash {
+            self.hasher.remember(version, hash);
+        }
+        for mut event in self.awaiting_hash.remove(&version).unwrap_or_default() {
+            if let Some(Kind::Exec(exec)) = event.kind.as_mut() {
+                exec.exe_sha256 = hash.clone().unwrap_or_default();
+            }
+            batch.push(event);
+        }
+    }
+
+    fn enrich_now(
+        &mut self,
+        event: KernelEvent,
+        clock: BootClock,
+        awaits: &mut Option<FileVersion>,
+    ) -> Event {
         let to_unix = |boot_ns: u64| clock.to_unix_ns(boot_ns);
         let time_unix_ns = to_unix(event.boot_ns());
         let (ancestry, kind) = match event {
@@ -835,7 +899,15 @@ impl Reader {
                 let exe_sha256 = match self.hasher.lookup(e.pid, &e.filename) {
                     Lookup::Cached(hash) => hash,
                     Lookup::New(file) => {
-                        blocking(|| self.hasher.hash_new(file)).unwrap_or_default()
+                        // Read on a blocking thread; the event waits for
+                        // its hash, the rings do not.
+                        let version = file.version();
+                        if !self.awaiting_hash.contains_key(&version) {
+                            let task = self.hashing.spawn_blocking(move || file.compute());
+                            self.hash_tasks.insert(task.id(), version);
+                        }
+                        *awaits = Some(version);
+                        String::new()
                     }
                     Lookup::Unreadable => String::new(),
                 };
@@ -1097,16 +1169,6 @@ async fn sleep_or_never(duration: Option<Duration>) {
     match duration {
         Some(duration) => tokio::time::sleep(duration).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Runs file IO that may take a while (hashing a new binary) without
-/// stalling the runtime's other tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 
