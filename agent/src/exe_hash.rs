@@ -39,7 +39,7 @@ pub struct ExeHasher {
 pub enum Lookup {
     /// This version of the file was hashed before.
     Cached(String),
-    /// A version not hashed yet: [`ExeHasher::hash_new`] reads it.
+    /// A version not hashed yet: [`NewFile::compute`] reads it.
     New(NewFile),
     /// Neither the process image nor the path can be read, or it is not a
     /// regular file of hashable size.
@@ -85,13 +85,19 @@ impl ExeHasher {
     pub fn hash(&mut self, pid: u32, filename: &str) -> Option<String> {
         match self.lookup(pid, filename) {
             Lookup::Cached(hash) => Some(hash),
-            Lookup::New(file) => self.hash_new(file),
+            Lookup::New(file) => {
+                let (version, hash) = file.compute();
+                if let Some(hash) = &hash {
+                    self.remember(version, hash);
+                }
+                hash
+            }
             Lookup::Unreadable => None,
         }
     }
 
     /// The cache's answer for what `pid` executes: a `stat`, no reading.
-    /// Only [`Lookup::New`] needs the (slow) [`ExeHasher::hash_new`].
+    /// Only [`Lookup::New`] needs the (slow) [`NewFile::compute`].
     pub fn lookup(&self, pid: u32, filename: &str) -> Lookup {
         let file = File::open(format!("/proc/{pid}/exe"))
             .or_else(|_| {
@@ -119,19 +125,6 @@ impl ExeHasher {
             (None, Some(file)) => Lookup::New(NewFile { file, version }),
             (None, None) => Lookup::Unreadable,
         }
-    }
-
-    /// Reads and hashes a file [`ExeHasher::lookup`] did not know, and
-    /// caches the result.
-    pub fn hash_new(&mut self, new: NewFile) -> Option<String> {
-        let NewFile { mut file, version } = new;
-        self.read_hash(&mut file, version).ok()
-    }
-
-    fn read_hash(&mut self, file: &mut File, version: FileVersion) -> io::Result<String> {
-        let hash = sha256_hex(file)?;
-        self.remember(version, &hash);
-        Ok(hash)
     }
 
     /// Caches the hash of a file version computed elsewhere

@@ -266,28 +266,8 @@ pub enum TokenCommand {
     },
 }
 
-/// `90s`, `30m`, `1h`, `7d`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 1h or 7d"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (s, m, h, d)")),
-    };
-    number
-        .checked_mul(seconds)
-        .map(std::time::Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
-}
+/// `90s`, `30m`, `1h`, `7d`, or plain seconds (shared with `ztctl`).
+pub use zt_identity::parse_lifetime as parse_duration;
 
 /// The raw configuration sources, as read from the outside world.
 #[derive(Debug, Clone, Default)]

@@ -33,6 +33,23 @@ pub fn caller_identity<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))
 }
 
+/// The caller, which must be a device whose identity is not revoked (the
+/// handshake already refused revoked certificates; this catches a device
+/// revoked since, and users calling device services).
+#[allow(clippy::result_large_err)] // as above
+pub fn caller_device<T>(request: &Request<T>, plane: &ControlPlane) -> Result<SpiffeId, Status> {
+    let id = caller_identity(request)?;
+    if id.device_id().is_none() {
+        return Err(Status::permission_denied(format!(
+            "{id} is not a device; only devices use this service"
+        )));
+    }
+    if plane.is_revoked(&id) {
+        return Err(Status::permission_denied(format!("{id} is revoked")));
+    }
+    Ok(id)
+}
+
 fn status(error: EnrollError) -> Status {
     match &error {
         EnrollError::BadRequest(_) | EnrollError::NotADevice(_) => {

@@ -22,7 +22,7 @@ use zt_identity::SpiffeId;
 
 use crate::{
     control_plane::ControlPlane,
-    enrollment::caller_identity,
+    enrollment::caller_device,
     storage::{AgentRow, Storage},
 };
 
@@ -93,19 +93,6 @@ impl FleetService {
             shutdown,
         }
     }
-
-    /// The caller, which must be a device that is not revoked.
-    #[allow(clippy::result_large_err)] // tonic's Status, as every handler
-    fn device<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
-        let id = caller_identity(request)?;
-        if id.device_id().is_none() {
-            return Err(Status::permission_denied(format!("{id} is not a device")));
-        }
-        if self.plane.is_revoked(&id) {
-            return Err(Status::permission_denied(format!("{id} is revoked")));
-        }
-        Ok(id)
-    }
 }
 
 fn revocation_update(plane: &ControlPlane) -> ControlUpdate {
@@ -127,7 +114,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<AgentHeartbeat>,
     ) -> Result<Response<HeartbeatReply>, Status> {
-        let id = self.device(&request)?;
+        let id = caller_device(&request, &self.plane)?;
         let remote = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -182,7 +169,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let id = self.device(&request)?;
+        let id = caller_device(&request, &self.plane)?;
         let have = request.into_inner().revocation_version;
         let plane = self.plane.clone();
         let mut versions = plane.watch_revocations();

@@ -266,20 +266,13 @@ impl Telemetry for TelemetryService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".to_owned());
-        let id = crate::enrollment::caller_identity(&request)?;
-        let Some(device) = id.device_id() else {
-            return Err(Status::permission_denied(format!(
-                "{id} is not a device; only devices send telemetry"
-            )));
-        };
+        let id = crate::enrollment::caller_device(&request, &self.plane)?;
+        let device = id.device_id().unwrap_or_default();
         let hostname = self
             .plane
             .device(&id)
             .map(|record| record.hostname)
             .unwrap_or_default();
-        if self.plane.is_revoked(&id) {
-            return Err(Status::permission_denied(format!("{id} is revoked")));
-        }
         let sender = AuthenticatedAgent {
             id: id.clone(),
             org_id: id.org().to_owned(),

@@ -185,10 +185,6 @@ fn handshake(
     (in_server, kind)
 }
 
-fn buf_for_check() -> Vec<u8> {
-    Vec::with_capacity(16 << 10)
-}
-
 fn handshakes(c: &mut Criterion) {
     let Pki { server, client } = pki();
     let server = Arc::new(server);
@@ -200,19 +196,19 @@ fn handshakes(c: &mut Criterion) {
     // Sessions shared across connections, as one agent's reconnections.
     let resuming = Arc::new(client);
 
+    let mut group = c.benchmark_group("handshake");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(8));
+    let mut buf = Vec::with_capacity(16 << 10);
+
     // A client that would resume still gets a full handshake.
-    handshake(&resuming, &server, &name, &mut buf_for_check());
-    let (_, kind) = handshake(&resuming, &server, &name, &mut buf_for_check());
+    handshake(&resuming, &server, &name, &mut buf);
+    let (_, kind) = handshake(&resuming, &server, &name, &mut buf);
     assert_eq!(
         kind,
         HandshakeKind::Full,
         "the server must not resume sessions"
     );
-
-    let mut group = c.benchmark_group("handshake");
-    group.throughput(Throughput::Elements(1));
-    group.measurement_time(Duration::from_secs(8));
-    let mut buf = Vec::with_capacity(16 << 10);
 
     group.bench_function("mutual_tls_in_memory", |b| {
         b.iter(|| {

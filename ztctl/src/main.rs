@@ -60,7 +60,7 @@ enum EnrollTokenCommand {
         #[arg(long)]
         device: String,
         /// How long the token works: 90s, 30m, 1h, 7d [default: 1h].
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = zt_identity::parse_lifetime)]
         ttl: Duration,
         #[arg(long)]
         json: bool,
@@ -89,28 +89,6 @@ enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// `90s`, `30m`, `1h`, `7d`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 1h or 7d"))?;
-    let unit = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} (s, m, h, d)")),
-    };
-    number
-        .checked_mul(unit)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[tokio::main]

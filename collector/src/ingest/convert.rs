@@ -680,12 +680,7 @@ fn tcp_row(header: &Header<'_>, tcp: &TcpConnection) -> Result<NetworkEventRow, 
         }
     };
     let address = |field: &'static str, text: &str| -> Result<String, RejectReason> {
-        let parsed = if ip_version == 4 {
-            text.parse::<Ipv4Addr>().map(|a| a.to_string())
-        } else {
-            text.parse::<Ipv6Addr>().map(|a| a.to_string())
-        };
-        parsed.map_err(|_| RejectReason::TcpBadAddress {
+        canonical_address(ip_version, text).ok_or_else(|| RejectReason::TcpBadAddress {
             seq,
             field,
             ip_version,
@@ -852,12 +847,7 @@ fn dns_row(header: &Header<'_>, dns: &DnsQuery) -> Result<DnsEventRow, RejectRea
         }
     };
     let address = |field: &'static str, text: &str| -> Result<String, RejectReason> {
-        let parsed = if ip_version == 4 {
-            text.parse::<Ipv4Addr>().map(|a| a.to_string())
-        } else {
-            text.parse::<Ipv6Addr>().map(|a| a.to_string())
-        };
-        parsed.map_err(|_| RejectReason::DnsBadAddress {
+        canonical_address(ip_version, text).ok_or_else(|| RejectReason::DnsBadAddress {
             seq,
             field,
             ip_version,
@@ -955,6 +945,16 @@ fn one_of(
 /// address is stored as the canonical text of the parsed address, as on
 /// `network_events`; `connection_id` and `rule_id` (`''`: the policy's
 /// default) as sent.
+/// `text` as an address of IP version `ip_version` (4 or 6), in canonical
+/// form; `None` when it is not one.
+fn canonical_address(ip_version: u8, text: &str) -> Option<String> {
+    if ip_version == 4 {
+        text.parse::<Ipv4Addr>().ok().map(|a| a.to_string())
+    } else {
+        text.parse::<Ipv6Addr>().ok().map(|a| a.to_string())
+    }
+}
+
 fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow, RejectReason> {
     let Received {
         sender,
@@ -1003,16 +1003,12 @@ fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow,
         }
     };
     let text = &decision.remote_addr;
-    let parsed = if ip_version == 4 {
-        text.parse::<Ipv4Addr>().map(|a| a.to_string())
-    } else {
-        text.parse::<Ipv6Addr>().map(|a| a.to_string())
-    };
-    let remote_addr = parsed.map_err(|_| RejectReason::DecisionBadAddress {
-        seq,
-        ip_version,
-        addr: excerpt(text),
-    })?;
+    let remote_addr =
+        canonical_address(ip_version, text).ok_or_else(|| RejectReason::DecisionBadAddress {
+            seq,
+            ip_version,
+            addr: excerpt(text),
+        })?;
     let remote_port =
         u16::try_from(decision.remote_port).map_err(|_| RejectReason::DecisionPortOutOfRange {
             seq,
