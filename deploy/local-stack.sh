@@ -88,6 +88,7 @@ up() {
   fi
   start_daemon agent "telemetry stream open" \
     env ZT_AGENT_GUARD__POLICY_FILE="$root/deploy/local/guard.toml" \
+    ZT_AGENT_TUNNEL__GATEWAY_LISTEN=127.0.0.1:15443 \
     "$bin/zt-agent" --config "$root/deploy/local/agent.toml" --state-dir "$state/agent"
 
   # ztctl's credential: an admin of 'local', reissued on every `up` so it
@@ -113,6 +114,8 @@ The stack is up.
 
 Try:
   $bin/ztctl status
+  curl http://127.0.0.68:8080/     # "Ok." from ClickHouse, through the zero-trust tunnel
+  clickhouse-client --query "SELECT time, exe, action, verdict, rule_id, enforcement_point, reason FROM zt.decisions ORDER BY time DESC LIMIT 10"
   clickhouse-client --query "SELECT time, hostname, pid, ppid, uid, filename, argv FROM zt.process_events ORDER BY time DESC LIMIT 10"
 
 Stop everything with: make down

@@ -408,6 +408,10 @@ pub enum VerdictAction {
     Deny = 2,
     /// Passes, and is recorded as a would-be denial (dry run).
     Audit = 3,
+    /// TCP: rewritten to the agent's tunnel listener, the original
+    /// destination kept in [`TUNNEL_PENDING_MAP`]; other protocols cannot be
+    /// tunnelled and fail with EPERM.
+    Tunnel = 4,
 }
 
 impl VerdictAction {
@@ -416,6 +420,7 @@ impl VerdictAction {
             1 => Some(Self::Allow),
             2 => Some(Self::Deny),
             3 => Some(Self::Audit),
+            4 => Some(Self::Tunnel),
             _ => None,
         }
     }
@@ -455,10 +460,75 @@ pub struct GuardSettings {
     /// 1: emit a decision event for allowed connections as well.
     pub record_allows: u32,
     pub policy_version: u64,
+    /// The agent's tunnel listener port (network order) on 127.0.0.1 and
+    /// ::1; 0 when the agent runs no listener, and then `tunnel` verdicts
+    /// fail closed (EPERM).
+    pub tunnel_port: u16,
+    pub _reserved: u16,
+    /// The agent's own process: its connections are never redirected or
+    /// denied (the tunnel's own connections to gateways and services).
+    pub agent_tgid: u32,
 }
 
 /// The rule index of a default verdict.
 pub const DEFAULT_RULE: u32 = u32::MAX;
+
+/// Name of the `sock_ops` program that files a redirected socket's original
+/// destination under its local address once the kernel picked its port.
+pub const TUNNEL_SOCK_OPS_PROGRAM: &str = "tunnel_sock_ops";
+/// LRU hash: socket cookie → [`TunnelOrigin`], written at `connect()`.
+pub const TUNNEL_PENDING_MAP: &str = "TUNNEL_PENDING";
+/// LRU hash: [`TunnelPeerKey`] (the redirected socket's local address, i.e.
+/// the peer the tunnel listener accepts) → [`TunnelOrigin`].
+pub const TUNNEL_ORIGINS_MAP: &str = "TUNNEL_ORIGINS";
+/// Redirected connections in flight at most (both maps).
+pub const TUNNEL_ORIGINS_CAPACITY: u32 = 65_536;
+
+/// Name of the `cgroup_skb/ingress` program that keeps the network away from
+/// protected services: TCP to a port in [`PROTECTED_PORTS_MAP`] is dropped
+/// unless it arrives over loopback (i.e. from this host: the gateway).
+pub const GUARD_INGRESS_PROGRAM: &str = "guard_ingress";
+/// Hash: TCP port (host order) → index of the service's rule.
+pub const PROTECTED_PORTS_MAP: &str = "PROTECTED_PORTS";
+pub const PROTECTED_PORTS_CAPACITY: u32 = 1_024;
+/// [`EventHeader::flags`] bit of a [`DecisionEvent`] about an inbound
+/// connection (`addr` is then the remote source, `port` the local port).
+pub const DECISION_FLAG_INBOUND: u32 = 1;
+
+/// Where a redirected connection was going, and who made it: what the tunnel
+/// listener needs to carry it on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelOrigin {
+    /// Original destination (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Original destination port, host order.
+    pub port: u16,
+    /// 4 or 6.
+    pub ip_version: u16,
+    /// Index of the rule that chose the tunnel.
+    pub rule: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub policy_version: u64,
+    /// When the process called `connect()`, boot-clock nanoseconds.
+    pub boot_ns: u64,
+}
+
+/// A redirected socket's local end, as the tunnel listener sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TunnelPeerKey {
+    /// Local address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Local port, host order.
+    pub port: u16,
+    /// 4 or 6.
+    pub ip_version: u16,
+}
 
 /// A connection the guard decided, as the kernel saw it at `connect()`.
 #[repr(C)]
@@ -607,7 +677,9 @@ const _: () = assert!(
 );
 const _: () = assert!(size_of::<VerdictKey>() == 20);
 const _: () = assert!(size_of::<Verdict>() == 8);
-const _: () = assert!(size_of::<GuardSettings>() == 16);
+const _: () = assert!(size_of::<GuardSettings>() == 24);
+const _: () = assert!(size_of::<TunnelOrigin>() == 16 + 2 * 2 + 5 * 4 + 3 * 8);
+const _: () = assert!(size_of::<TunnelPeerKey>() == 20);
 const _: () = assert!(size_of::<DecisionEvent>() == 16 + 4 * 4 + 2 * 8 + 3 * 4 + 2 * 2 + 16);
 const _: () = assert!(size_of::<TcpEvent>() == 16 + 4 * 4 + 8 + 4 * 2 + 2 * 16 + 3 * 8);
 const _: () = assert!(ARGS_CAPACITY.is_power_of_two());
@@ -627,4 +699,8 @@ mod user {
     unsafe impl aya::Pod for super::Verdict {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardSettings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TunnelOrigin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TunnelPeerKey {}
 }

@@ -35,6 +35,7 @@ pub struct AgentConfig {
     /// How often the agent reports its state to the collector (`zt.agents`).
     pub heartbeat_interval_secs: u64,
     pub guard: GuardConfig,
+    pub tunnel: TunnelConfig,
     pub uplink: UplinkConfig,
     pub sensors: SensorConfig,
     pub budget: crate::budget::BudgetConfig,
@@ -92,8 +93,45 @@ impl SpoolConfig {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
+    /// Re-read when it changes: the kernel maps are rewritten and live
+    /// tunnelled streams the new policy no longer allows are closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_file: Option<PathBuf>,
+}
+
+/// The zero-trust tunnel (`tunnel.rs`): connections the policy sends through
+/// a gateway, and, on a gateway host, the endpoint peers tunnel to.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// Port of the loopback listener (127.0.0.1 and ::1) the kernel
+    /// redirects tunnelled connections to; 0: a free port picked at start.
+    pub listen_port: u16,
+    /// Gateway mode: where peers' QUIC tunnels arrive (UDP), e.g.
+    /// `0.0.0.0:4433`. Unset: this host serves nothing through the tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_listen: Option<std::net::SocketAddr>,
+    /// Local UDP address of the client side's QUIC endpoint.
+    pub client_bind: std::net::SocketAddr,
+    /// How long a gateway trusts its revocation list once the control
+    /// channel is down. Beyond it, `protected` services refuse new
+    /// connections (fail closed) and `standard` ones admit them recorded as
+    /// unverified (fail open, audited).
+    pub revocations_max_age_secs: u64,
+    /// How often the policy file is checked for changes.
+    pub policy_poll_ms: u64,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: 0,
+            gateway_listen: None,
+            client_bind: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            revocations_max_age_secs: 300,
+            policy_poll_ms: 250,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -194,6 +232,7 @@ impl Default for AgentConfig {
             guarded_cgroup: None,
             heartbeat_interval_secs: 30,
             guard: GuardConfig::default(),
+            tunnel: TunnelConfig::default(),
             uplink: UplinkConfig::default(),
             sensors: SensorConfig::default(),
             budget: crate::budget::BudgetConfig::default(),

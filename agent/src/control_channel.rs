@@ -109,7 +109,7 @@ impl ControlChannel {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             kernel: kernel(),
             active_sensors: sensors.to_vec(),
-            policy_version: 0,
+            policy_version: AgentMetrics::get(&m.policy_version),
             certificate_not_after_unix: i64::try_from(m.renewal.not_after_unix.load(Relaxed))
                 .unwrap_or(i64::MAX),
             certificate_renewals: m.renewal.renewals.load(Relaxed),
@@ -158,7 +158,11 @@ impl ControlChannel {
             .await?
             .into_inner();
         info!("control channel open");
+        let _open = ChannelOpen::new(&self.metrics);
         while let Some(update) = updates.message().await? {
+            self.metrics
+                .control_channel_seen_unix
+                .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
             let Some(Update::Revocations(wire)) = update.update else {
                 continue;
             };
@@ -183,6 +187,34 @@ impl ControlChannel {
         }
         Ok(())
     }
+}
+
+/// Marks the control channel open while it lives, and when it was last
+/// seen open.
+struct ChannelOpen<'a>(&'a AgentMetrics);
+
+impl<'a> ChannelOpen<'a> {
+    fn new(metrics: &'a AgentMetrics) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        metrics.control_channel_seen_unix.store(unix_now(), Relaxed);
+        metrics.control_channel_up.store(true, Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for ChannelOpen<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.control_channel_seen_unix.store(unix_now(), Relaxed);
+        self.0.control_channel_up.store(false, Relaxed);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn kernel() -> String {

@@ -163,6 +163,44 @@ impl DeviceIdentity {
             self.key_pem.as_bytes(),
         )
     }
+
+    /// The tunnel's calling side: presents this identity, accepts a gateway
+    /// of the same trust domain that the revocation list does not name.
+    pub fn tunnel_client_tls(
+        &self,
+        revocations: zt_identity::SharedRevocationList,
+    ) -> Result<rustls::ClientConfig, zt_identity::Error> {
+        let identity = zt_identity::tls::TlsIdentity::from_pem(
+            self.certificate_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+        )?;
+        zt_identity::tls::spiffe_client_config(
+            &certificates_from_pem(self.ca_pem.as_bytes())?,
+            identity.chain,
+            identity.key,
+            zt_identity::PeerMatcher::TrustDomain(self.id.trust_domain().clone()),
+            Some(revocations),
+        )
+    }
+
+    /// The tunnel's gateway side: presents this identity, requires a client
+    /// certificate of the trust bundle whose SPIFFE id is not revoked.
+    pub fn tunnel_server_tls(
+        &self,
+        revocations: zt_identity::SharedRevocationList,
+    ) -> Result<rustls::ServerConfig, zt_identity::Error> {
+        let identity = zt_identity::tls::TlsIdentity::from_pem(
+            self.certificate_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+        )?;
+        zt_identity::tls::server_config_with_revocation(
+            &certificates_from_pem(self.ca_pem.as_bytes())?,
+            identity.chain,
+            identity.key,
+            true,
+            revocations,
+        )
+    }
 }
 
 /// `<private key PEM><certificate PEM>` split in two.

@@ -181,6 +181,9 @@ pub struct GuardDecision {
     pub remote: std::net::SocketAddr,
     /// "tcp" or "udp".
     pub protocol: &'static str,
+    /// A direct connection to a protected port, dropped on arrival:
+    /// `remote` is its source, with the local port; no process.
+    pub inbound: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,6 +321,7 @@ fn decode_decision(record: &[u8]) -> Result<GuardDecision, DecodeError> {
         rule: raw.rule,
         remote: (ip, raw.port).into(),
         protocol: if raw.protocol == 17 { "udp" } else { "tcp" },
+        inbound: raw.header.flags & agent_common::DECISION_FLAG_INBOUND != 0,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The endpoint agent (`zt-agent`): kernel sensors, event decoding and
 //! enrichment, and the uplink that streams telemetry to the collector.
 
+pub mod access;
 pub mod budget;
 pub mod cgroups;
 pub mod clock;
@@ -11,6 +12,7 @@ pub mod enrollment;
 pub mod event;
 pub mod exe_hash;
 pub mod file_watch;
+pub mod guard;
 pub mod guard_policy;
 pub mod identity;
 pub mod kernel_offsets;
@@ -22,6 +24,7 @@ pub mod sensors;
 pub mod spool;
 pub mod sysfs;
 pub mod tracefs_format;
+pub mod tunnel;
 pub mod uplink;
 pub mod users;
 
@@ -83,16 +86,32 @@ pub async fn run(
             let policy = guard_policy::compile(&text)
                 .with_context(|| format!("guard policy {}", path.display()))?;
             info!(path = %path.display(), version = policy.version(), rules = policy.rule_ids.len(), "guard policy loaded");
+            metrics
+                .policy_version
+                .store(policy.version(), std::sync::atomic::Ordering::Relaxed);
             Some(Arc::new(policy))
         }
         None => None,
     };
-    let sensors = KernelSensors::start(
+    // With a policy, the tunnel's loopback listener comes first: the guard
+    // redirects to its port.
+    let tunnel_listener = match &policy {
+        Some(_) => Some(
+            tunnel::TunnelListener::bind(config.tunnel.listen_port)
+                .await
+                .context("binding the tunnel listener")?,
+        ),
+        None => None,
+    };
+    let mut sensors = KernelSensors::start(
         &config.sensors,
         &guarded_cgroup,
         &config.budget,
-        policy,
-        tx,
+        policy.map(|policy| sensors::GuardSetup {
+            policy,
+            tunnel_port: tunnel_listener.as_ref().map_or(0, |l| l.port()),
+        }),
+        tx.clone(),
         metrics.clone(),
         sequencer.clone(),
     )
@@ -107,6 +126,24 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
     };
     let revocations = control.saved_revocations().shared();
+    let zero_trust = match (sensors.take_guard(), &config.guard.policy_file) {
+        (Some(guard), Some(policy_file)) => Some(tunnel::start(tunnel::ZeroTrustSetup {
+            config: config.tunnel.clone(),
+            policy_file: policy_file.clone(),
+            guard,
+            origins: sensors.tunnel_origins(),
+            listener: tunnel_listener,
+            device: device.clone(),
+            revocations: revocations.clone(),
+            state_dir: config.state_dir.clone(),
+            decisions: tunnel::DecisionSink {
+                events: tx,
+                sequencer: sequencer.clone(),
+                metrics: metrics.clone(),
+            },
+        })?),
+        _ => None,
+    };
     let watch = tokio::spawn(control.clone().watch(revocations));
     let heartbeats = tokio::spawn(
         control.heartbeats(
@@ -144,6 +181,7 @@ pub async fn run(
     renewal.abort();
     watch.abort();
     heartbeats.abort();
+    drop(zero_trust);
     // Detaches every program; the reader ends and closes the channel.
     drop(sensors);
     if tokio::time::timeout(STOP_TIMEOUT, uplink_task)

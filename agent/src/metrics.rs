@@ -34,6 +34,20 @@ pub struct AgentMetrics {
     pub spool_write_errors: AtomicU64,
     /// Certificate expiry and renewal outcomes.
     pub renewal: std::sync::Arc<crate::enrollment::RenewalMetrics>,
+    /// Whether the control channel (revocations) is open now.
+    pub control_channel_up: std::sync::atomic::AtomicBool,
+    /// When the control channel was last known open (unix seconds; 0:
+    /// never in this run).
+    pub control_channel_seen_unix: AtomicU64,
+    /// The guard policy in force (0: none).
+    pub policy_version: AtomicU64,
+    /// Connections carried through the tunnel (client side), refused by a
+    /// gateway, and failed for want of a gateway.
+    pub tunnel_opened: AtomicU64,
+    pub tunnel_refused: AtomicU64,
+    pub tunnel_failed: AtomicU64,
+    /// Decision records dropped because the event queue was full.
+    pub decisions_dropped: AtomicU64,
 }
 
 impl AgentMetrics {

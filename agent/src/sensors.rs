@@ -14,14 +14,13 @@ use std::{
 };
 
 use agent_common::{
-    DropReason, GuardSettings, KernelOffsets, SocketOwner, Verdict, VerdictKey, WatchPrefix,
-    BULK_EVENTS_MAP, BULK_SAMPLING_MAP, COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP,
-    DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS, EXEC_PROGRAM, EXIT_PROGRAM,
-    FILE_WATCH_MAP, FORK_PROGRAM, GUARD_CONNECT4_PROGRAM, GUARD_CONNECT6_PROGRAM,
-    GUARD_SETTINGS_MAP, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP, TCP_STATE_PROGRAM, VERDICTS_MAP,
+    DropReason, KernelOffsets, SocketOwner, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
+    COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP, DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS,
+    EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM, GUARD_CONNECT4_PROGRAM,
+    GUARD_CONNECT6_PROGRAM, GUARD_INGRESS_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP,
+    TCP_STATE_PROGRAM, TUNNEL_SOCK_OPS_PROGRAM,
 };
 use aya::{
-    maps::lpm_trie::{Key, LpmTrie},
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, Program,
@@ -43,6 +42,7 @@ use crate::{
     event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
     exe_hash::{ExeHasher, FileVersion, Lookup},
     file_watch,
+    guard::{GuardError, KernelGuard, SharedPolicy, TunnelOrigins},
     guard_policy::CompiledPolicy,
     kernel_offsets::{self, VMLINUX_BTF},
     metrics::AgentMetrics,
@@ -279,6 +279,8 @@ pub enum SensorError {
     },
     #[error("no sensor could be attached")]
     NoneActive,
+    #[error(transparent)]
+    Guard(#[from] GuardError),
 }
 
 /// Event sequence numbers of this agent run: 1, 2, 3, ... shared by every
@@ -292,12 +294,21 @@ impl Sequencer {
     }
 }
 
+/// The connection guard's start: its policy, and the tunnel listener's port
+/// (0: none; `tunnel` verdicts then fail closed).
+pub struct GuardSetup {
+    pub policy: Arc<CompiledPolicy>,
+    pub tunnel_port: u16,
+}
+
 /// The loaded programs. Dropping it detaches every program and frees the
 /// maps; the reader tasks end with it.
 pub struct KernelSensors {
     _ebpf: Ebpf,
     active: Vec<ActiveSensor>,
     tasks: Vec<JoinHandle<()>>,
+    guard: Option<KernelGuard>,
+    tunnel_origins: Option<TunnelOrigins>,
 }
 
 impl Drop for KernelSensors {
@@ -314,7 +325,7 @@ impl KernelSensors {
         config: &SensorConfig,
         guarded_cgroup: &Path,
         budget: &crate::budget::BudgetConfig,
-        policy: Option<Arc<CompiledPolicy>>,
+        guard: Option<GuardSetup>,
         out: mpsc::Sender<Event>,
         metrics: Arc<AgentMetrics>,
         sequencer: Sequencer,
@@ -375,24 +386,39 @@ impl KernelSensors {
         }
         // The guard decides connections only where a policy says how; a
         // policy that cannot be enforced is an error, not a silent allow.
-        if let Some(policy) = &policy {
-            load_policy(&mut ebpf, policy)?;
+        let mut kernel_guard = None;
+        let mut tunnel_origins = None;
+        if let Some(GuardSetup {
+            policy,
+            tunnel_port,
+        }) = guard
+        {
+            kernel_guard = Some(KernelGuard::take(&mut ebpf, policy.clone(), tunnel_port)?);
             for program in [GUARD_CONNECT4_PROGRAM, GUARD_CONNECT6_PROGRAM] {
                 attach_guard(&mut ebpf, program, guarded_cgroup)?;
             }
+            attach_cgroup_program(&mut ebpf, GUARD_INGRESS_PROGRAM, guarded_cgroup)?;
+            let mut hook = "cgroup connect4/connect6, cgroup_skb ingress";
+            if tunnel_port != 0 {
+                attach_cgroup_program(&mut ebpf, TUNNEL_SOCK_OPS_PROGRAM, guarded_cgroup)?;
+                tunnel_origins = Some(TunnelOrigins::take(&mut ebpf)?);
+                hook = "cgroup connect4/connect6, cgroup_skb ingress, sock_ops";
+            }
             info!(
                 sensor = "guard",
-                hook = "cgroup connect4/connect6",
+                hook,
                 cgroup = %guarded_cgroup.display(),
                 policy_version = policy.version(),
                 rules = policy.rule_ids.len(),
                 entries = policy.entries.len(),
+                protected_ports = policy.protected_ports.len(),
+                tunnel_port,
                 "connection guard active"
             );
             active.push(ActiveSensor {
                 sensor: "guard",
-                hook: "cgroup connect4/connect6",
-                programs: 2,
+                hook,
+                programs: if tunnel_port != 0 { 4 } else { 3 },
                 passed_over: Vec::new(),
             });
         }
@@ -428,7 +454,7 @@ impl KernelSensors {
             metrics: metrics.clone(),
             sequencer: sequencer.clone(),
             gaps: Vec::new(),
-            policy,
+            policy: kernel_guard.as_ref().map(KernelGuard::policy),
             hashing: tokio::task::JoinSet::new(),
             hash_tasks: HashMap::new(),
             awaiting_hash: HashMap::new(),
@@ -450,7 +476,25 @@ impl KernelSensors {
             _ebpf: ebpf,
             active,
             tasks,
+            guard: kernel_guard,
+            tunnel_origins,
         })
+    }
+
+    /// The connection guard's maps (with a policy), for whoever applies
+    /// new policies.
+    pub fn take_guard(&mut self) -> Option<KernelGuard> {
+        self.guard.take()
+    }
+
+    /// The policy in force, when the guard runs.
+    pub fn policy(&self) -> Option<SharedPolicy> {
+        self.guard.as_ref().map(KernelGuard::policy)
+    }
+
+    /// Where redirected connections were going (with a tunnel listener).
+    pub fn tunnel_origins(&self) -> Option<TunnelOrigins> {
+        self.tunnel_origins.clone()
     }
 
     /// The sensors attached on this kernel, and through which hook.
@@ -635,28 +679,41 @@ fn attach_program(
     Ok(())
 }
 
-/// Writes the policy's settings and verdicts into the guard's maps.
-fn load_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), SensorError> {
-    let map_err = |map| move |source| SensorError::Map { map, source };
-    let mut verdicts: LpmTrie<&mut MapData, VerdictKey, Verdict> = LpmTrie::try_from(
-        ebpf.map_mut(VERDICTS_MAP)
-            .ok_or(SensorError::Missing(VERDICTS_MAP))?,
-    )
-    .map_err(map_err(VERDICTS_MAP))?;
-    for (prefix, key, verdict) in &policy.entries {
-        verdicts
-            .insert(&Key::new(*prefix, *key), *verdict, 0)
-            .map_err(map_err(VERDICTS_MAP))?;
+/// Attaches the guard's `sock_ops` or `cgroup_skb/ingress` program to the
+/// guarded cgroup.
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &Path,
+) -> Result<(), SensorError> {
+    let program_error = |source| SensorError::Program {
+        program: name,
+        source,
+    };
+    let cgroup_file = std::fs::File::open(cgroup).map_err(|source| SensorError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    match ebpf.program_mut(name).ok_or(SensorError::Missing(name))? {
+        Program::SockOps(program) => {
+            program.load().map_err(program_error)?;
+            program
+                .attach(cgroup_file, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+        }
+        Program::CgroupSkb(program) => {
+            program.load().map_err(program_error)?;
+            program
+                .attach(
+                    cgroup_file,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
+                .map_err(program_error)?;
+        }
+        _ => return Err(SensorError::Missing(name)),
     }
-    let mut settings: Array<&mut MapData, GuardSettings> = Array::try_from(
-        ebpf.map_mut(GUARD_SETTINGS_MAP)
-            .ok_or(SensorError::Missing(GUARD_SETTINGS_MAP))?,
-    )
-    .map_err(map_err(GUARD_SETTINGS_MAP))?;
-    // Last: the programs enforce nothing until the settings name a default.
-    settings
-        .set(0, policy.settings, 0)
-        .map_err(map_err(GUARD_SETTINGS_MAP))
+    Ok(())
 }
 
 fn attach_guard(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<(), SensorError> {
@@ -709,7 +766,7 @@ struct Reader {
     /// Gap records for undecodable records, sent with the round's events.
     gaps: Vec<Event>,
     /// The guard's policy, for the rule ids of decisions.
-    policy: Option<Arc<CompiledPolicy>>,
+    policy: Option<SharedPolicy>,
     /// Executables being hashed on blocking threads (a new binary can take
     /// a moment to read), so that the rings keep being drained meanwhile.
     hashing: tokio::task::JoinSet<(FileVersion, Option<String>)>,
@@ -1054,15 +1111,26 @@ impl Reader {
                 let rule_id = self
                     .policy
                     .as_ref()
-                    .map(|p| p.rule_id(d.rule).to_owned())
+                    .map(|p| {
+                        p.read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .rule_id(d.rule)
+                            .to_owned()
+                    })
                     .unwrap_or_default();
-                let (action, verdict) = match d.action {
-                    agent_common::VerdictAction::Allow => ("allow", "allowed"),
-                    agent_common::VerdictAction::Deny => ("deny", "denied"),
-                    agent_common::VerdictAction::Audit => ("audit", "would_deny"),
+                let (action, verdict, reason) = match (d.action, d.inbound) {
+                    (agent_common::VerdictAction::Allow, _) => ("allow", "allowed", ""),
+                    (agent_common::VerdictAction::Deny, false) => ("deny", "denied", "policy"),
+                    (agent_common::VerdictAction::Deny, true) => {
+                        ("deny", "denied", "protected_port")
+                    }
+                    (agent_common::VerdictAction::Audit, _) => ("audit", "would_deny", ""),
+                    // The kernel records a tunnel verdict only when it could
+                    // not redirect (not TCP, no tunnel listener, map full).
+                    (agent_common::VerdictAction::Tunnel, _) => ("tunnel", "denied", "fail_closed"),
                 };
-                if d.action == agent_common::VerdictAction::Deny {
-                    info!(pid = d.pid, exe = %exe, remote = %d.remote, rule = %rule_id, "connection denied");
+                if verdict == "denied" {
+                    info!(pid = d.pid, exe = %exe, remote = %d.remote, rule = %rule_id, inbound = d.inbound, "connection denied");
                 }
                 let kind = Kind::Decision(WireDecision {
                     connection_id: uuid::Uuid::new_v4().simple().to_string(),
@@ -1082,7 +1150,15 @@ impl Reader {
                     verdict: verdict.to_owned(),
                     rule_id,
                     policy_version: d.policy_version,
-                    enforcement_point: "kernel".to_owned(),
+                    enforcement_point: if d.inbound {
+                        "kernel_ingress"
+                    } else {
+                        "kernel"
+                    }
+                    .to_owned(),
+                    direction: if d.inbound { "inbound" } else { "outbound" }.to_owned(),
+                    reason: reason.to_owned(),
+                    ..WireDecision::default()
                 });
                 (ancestry, kind)
             }

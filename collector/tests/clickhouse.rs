@@ -290,7 +290,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
 }
 
 /// Every migration's version: what a rerun finds recorded.
-const ALL_VERSIONS: [u32; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+const ALL_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -469,7 +469,7 @@ const DNS_EVENTS_COLUMNS: &[(&str, &str)] = &[
     ("ingested_at", "DateTime"),
 ];
 
-/// Columns of `zt.decisions` (migration 14), with their types.
+/// Columns of `zt.decisions` (migrations 14 and 15), with their types.
 const DECISIONS_COLUMNS: &[(&str, &str)] = &[
     ("org_id", "String"),
     ("time", "DateTime"),
@@ -502,6 +502,14 @@ const DECISIONS_COLUMNS: &[(&str, &str)] = &[
     ("ancestor_start_ns", "Array(UInt64)"),
     ("agent_version", "String"),
     ("ingested_at", "DateTime"),
+    // Migration 15.
+    ("exe_sha256", "String"),
+    ("peer_id", "String"),
+    ("service", "String"),
+    ("direction", "String"),
+    ("reason", "String"),
+    ("nearest_rules", "Array(String)"),
+    ("gateway", "String"),
 ];
 
 fn sorted(columns: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -603,7 +611,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     let report = storage.migrate().await.unwrap();
     assert_eq!(
         report.applied,
-        vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+        vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     );
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
@@ -702,7 +710,10 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(
+        report.applied,
+        vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    );
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
         table_columns(&server, &database, "network_events").await,
@@ -779,7 +790,7 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -1073,7 +1084,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1217,7 +1228,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13, 14, 15]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1341,7 +1352,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13, 14, 15]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1456,6 +1467,8 @@ fn decision_kind(action: &str, verdict: &str, pid: u32) -> Kind {
         rule_id: "block-exfil".into(),
         policy_version: 42,
         enforcement_point: "kernel".into(),
+        direction: "outbound".into(),
+        ..Default::default()
     })
 }
 
@@ -1540,7 +1553,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, vec![9, 10, 11, 12, 13, 14, 15]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     for (table, columns) in [
         ("process_events", PROCESS_EVENTS_COLUMNS),
@@ -1629,6 +1642,211 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
     assert_eq!(
         stored_dns_events(&server, &database).await,
         new.rows.dns_events
+    );
+
+    let rerun = storage.migrate().await.unwrap();
+    assert!(rerun.applied.is_empty());
+    assert_eq!(rerun.already_applied, ALL_VERSIONS);
+}
+
+/// Columns migration 15 adds to `decisions`.
+const DECISIONS_V15: [&str; 7] = [
+    "exe_sha256",
+    "peer_id",
+    "service",
+    "direction",
+    "reason",
+    "nearest_rules",
+    "gateway",
+];
+
+/// Inserts decisions into a database older than migration 15, whose
+/// `decisions` lacks [`DECISIONS_V15`]: through a staging database at the
+/// current schema, copying the columns the old table has. The rows must have
+/// those columns at their neutral value ('', [], 'outbound').
+async fn insert_decisions_before_v15(
+    server: &ClickHouseServer,
+    database: &str,
+    rows: &[DecisionRow],
+) {
+    let staging = format!("{database}_staging");
+    let storage = Storage::new(&config_for(server, &staging).clickhouse).expect("staging storage");
+    storage
+        .migrate()
+        .await
+        .expect("migrate the staging database");
+    storage
+        .insert(rows)
+        .await
+        .expect("insert into the staging database");
+    let client = server.client();
+    let with_tunnel: u64 = client
+        .query(&format!(
+            "SELECT count() FROM {staging}.decisions \
+             WHERE exe_sha256 != '' OR peer_id != '' OR service != '' \
+             OR direction != 'outbound' OR reason != '' OR notEmpty(nearest_rules) \
+             OR gateway != ''"
+        ))
+        .fetch_one()
+        .await
+        .expect("count staged decisions with tunnel columns");
+    assert_eq!(with_tunnel, 0, "decisions with migration-15 columns set");
+    let columns: Vec<&str> = DecisionRow::COLUMN_NAMES
+        .iter()
+        .copied()
+        .filter(|c| !DECISIONS_V15.contains(c))
+        .collect();
+    let columns = columns.join(", ");
+    let sql = format!(
+        "INSERT INTO {database}.decisions ({columns}) SELECT {columns} FROM {staging}.decisions"
+    );
+    client
+        .query(&sql)
+        .execute()
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+    client
+        .query(&format!("DROP DATABASE {staging}"))
+        .execute()
+        .await
+        .expect("drop the staging database");
+}
+
+#[tokio::test]
+async fn a_database_at_migration_14_gains_tunnel_columns_and_keeps_its_decisions() {
+    init_logs();
+    let server = ClickHouseServer::start().await.unwrap();
+    let database = fresh_database_name("upgrade14");
+    let storage = Storage::new(&config_for(&server, &database).clickhouse).unwrap();
+    let client = server.client().with_database(&database);
+
+    // A database as a collector of migration 14 left it, with decisions of
+    // an agent that knew none of the new fields.
+    assert_eq!(
+        storage.migrate_to(14).await.unwrap().applied,
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    );
+    let mut legacy = decision_kind("deny", "denied", 4300);
+    if let Kind::Decision(d) = &mut legacy {
+        d.direction.clear();
+    }
+    let old = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[
+            at(1, legacy),
+            at(2, decision_kind("audit", "would_deny", 4301)),
+        ],
+        1_750_000_100,
+    );
+    assert_eq!((old.rejected, old.rows.decisions.len()), (0, 2));
+    insert_decisions_before_v15(&server, &database, &old.rows.decisions).await;
+    let before = table_columns(&server, &database, "decisions").await;
+    assert!(
+        before
+            .iter()
+            .all(|(name, _)| !DECISIONS_V15.contains(&name.as_str())),
+        "{before:?}"
+    );
+    // As if a collector had died half-way through migration 15.
+    client
+        .query("ALTER TABLE decisions ADD COLUMN exe_sha256 String")
+        .execute()
+        .await
+        .unwrap();
+
+    let report = storage.migrate().await.unwrap();
+    assert_eq!(report.applied, vec![15]);
+    assert_eq!(report.already_applied, ALL_VERSIONS[..14]);
+    assert_eq!(
+        table_columns(&server, &database, "decisions").await,
+        sorted(DECISIONS_COLUMNS)
+    );
+    assert_keys(
+        &server,
+        &database,
+        "decisions",
+        "org_id, hostname, time, pid, seq, device_id, boot_id",
+    )
+    .await;
+
+    // The old rows keep every value, read 'outbound' and neutral values.
+    assert_eq!(
+        stored_decisions(&server, &database).await,
+        old.rows.decisions
+    );
+    let outbound: u64 = client
+        .query(
+            "SELECT count() FROM decisions WHERE direction = 'outbound' \
+             AND exe_sha256 = '' AND peer_id = '' AND service = '' AND reason = '' \
+             AND empty(nearest_rules) AND gateway = ''",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(outbound, 2);
+
+    // Tunnelled decisions, a gateway's and an inbound drop go in beside them.
+    let tunnel = |seq: u64, verdict: &str, reason: &str| {
+        let mut kind = decision_kind("tunnel", verdict, 4400);
+        if let Kind::Decision(d) = &mut kind {
+            d.enforcement_point = "tunnel".into();
+            d.exe_sha256 = LS_SHA256.into();
+            d.peer_id = "spiffe://pref.example/org/pref-test/device/gw-1".into();
+            d.service = "staff-web".into();
+            d.reason = reason.into();
+            d.gateway = "[2001:db8::0001]:4433".into();
+            d.rule_id.clear();
+            d.nearest_rules = vec![
+                "staff-web: user alice is not one of [bob]".into(),
+                "é".repeat(300),
+            ];
+        }
+        at(seq, kind)
+    };
+    let mut ingress = decision_kind("deny", "denied", 0);
+    if let Kind::Decision(d) = &mut ingress {
+        d.enforcement_point = "kernel_ingress".into();
+        d.direction = "inbound".into();
+        d.reason = "protected_port".into();
+        d.remote_port = 8080;
+    }
+    let mut gateway = decision_kind("tunnel", "closed", 4500);
+    if let Kind::Decision(d) = &mut gateway {
+        d.enforcement_point = "gateway".into();
+        d.direction = "inbound".into();
+        d.peer_id = "spiffe://pref.example/org/pref-test/device/device-7".into();
+        d.reason = "revoked".into();
+    }
+    let new = zt_collector::ingest::convert_batch(
+        Some(&identity()),
+        &[
+            tunnel(20, "tunnelled", ""),
+            tunnel(21, "denied", "no_service"),
+            at(22, ingress),
+            at(23, gateway),
+        ],
+        1_750_000_200,
+    );
+    assert_eq!(
+        (new.rejected, new.first_reason.clone(), new.rows.len()),
+        (0, None, 4)
+    );
+    storage.insert(&new.rows.decisions).await.unwrap();
+    let stored = stored_decisions(&server, &database).await;
+    assert_eq!(stored[..2], old.rows.decisions[..]);
+    assert_eq!(stored[2..], new.rows.decisions[..]);
+    assert_eq!(stored[2].gateway, "[2001:db8::1]:4433");
+    assert_eq!(stored[2].nearest_rules[1], "é".repeat(256));
+    assert_eq!(
+        (stored[3].verdict.as_str(), stored[3].reason.as_str()),
+        ("denied", "no_service")
+    );
+    assert_eq!(
+        (
+            stored[4].enforcement_point.as_str(),
+            stored[4].direction.as_str()
+        ),
+        ("kernel_ingress", "inbound")
     );
 
     let rerun = storage.migrate().await.unwrap();
@@ -2343,6 +2561,13 @@ async fn a_batch_of_every_kind_is_stored_in_its_tables_then_acked() {
         ancestor_start_ns: vec![T0_NS - 60_000_000_000, 0],
         agent_version: "0.1.0-test".into(),
         ingested_at,
+        exe_sha256: String::new(),
+        peer_id: String::new(),
+        service: String::new(),
+        direction: "outbound".into(),
+        reason: String::new(),
+        nearest_rules: Vec::new(),
+        gateway: String::new(),
     };
     assert_eq!(
         stored_decisions(&server, &database).await,
@@ -3043,7 +3268,7 @@ async fn events_stored_twice_are_one_event_and_the_rebuild_resumes() {
     }
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![13, 14]);
+    assert_eq!(report.applied, vec![13, 14, 15]);
     let count = |sql: &'static str| {
         let client = client.clone();
         async move { client.query(sql).fetch_one::<u64>().await.unwrap() }

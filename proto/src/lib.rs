@@ -2,6 +2,11 @@
 //! `.proto` files under `proto/` and the tonic/prost code generated from them.
 
 /// Agent → collector telemetry (`zt.telemetry.v1`).
+///
+/// `Event.kind` is a oneof of messages of very different sizes (a decision
+/// carries a dozen strings); boxing the large ones would cost an allocation
+/// per event for no gain, since events live only as long as a batch.
+#[allow(clippy::large_enum_variant)]
 pub mod telemetry {
     tonic::include_proto!("zt.telemetry.v1");
 }

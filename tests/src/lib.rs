@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod clickhouse;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod stack;

@@ -45,6 +45,41 @@ pub fn device_tls_issued(
     )?)
 }
 
+/// A tunnel peer's TLS client configuration for device `device` of `org`:
+/// trusting the CA in `collector_state` (the gateway's), and presenting a
+/// certificate from that CA, or, with `foreign_ca_dir`, from a CA of its own
+/// made there (same trust domain name, another key).
+pub fn tunnel_peer_tls(
+    collector_state: &Path,
+    foreign_ca_dir: Option<&Path>,
+    org: &str,
+    device: &str,
+) -> Result<rustls::ClientConfig> {
+    let ours = CertificateAuthority::load(&collector_state.join("ca"))
+        .with_context(|| format!("loading the CA in {}", collector_state.display()))?;
+    let issuer = match foreign_ca_dir {
+        Some(dir) => CertificateAuthority::load_or_create(&dir.join("ca"), ours.trust_domain())?,
+        None => CertificateAuthority::load(&collector_state.join("ca"))?,
+    };
+    let id = SpiffeId::device(issuer.trust_domain(), org, device)?;
+    let key = DeviceKey::generate()?;
+    let issued = issuer.sign_csr(
+        &key.csr_pem()?,
+        &id,
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    )?;
+    let identity =
+        zt_identity::TlsIdentity::from_pem(issued.pem.as_bytes(), key.to_pem().as_bytes())?;
+    Ok(zt_identity::tls::spiffe_client_config(
+        &zt_identity::pem::certificates_from_pem(ours.bundle_pem().as_bytes())?,
+        identity.chain,
+        identity.key,
+        zt_identity::PeerMatcher::TrustDomain(ours.trust_domain().clone()),
+        None,
+    )?)
+}
+
 /// Creates a one-time token with `collector_binary token create`.
 pub fn create_token(
     collector_binary: &Path,

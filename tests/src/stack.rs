@@ -28,16 +28,26 @@ pub struct Stack {
     pub database: String,
     pub dir: tempfile::TempDir,
     pub collector_port: u16,
+    /// Where the collector listens (loopback, or a test LAN's address in
+    /// the root namespace for agents in network namespaces).
+    pub collector_ip: std::net::IpAddr,
 }
 
 impl Stack {
     pub async fn new(name: &str) -> Result<Self> {
+        Self::with_collector_on(name, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// A stack whose collector listens on `collector_ip` (its certificate
+    /// names it).
+    pub async fn with_collector_on(name: &str, collector_ip: std::net::IpAddr) -> Result<Self> {
         Ok(Self {
             clickhouse: ClickHouseServer::start().await?,
             guarded: TestCgroup::create(&format!("guard-{name}"))?,
             database: fresh_database_name(name),
             dir: tempfile::tempdir()?,
             collector_port: free_port()?,
+            collector_ip,
         })
     }
 
@@ -46,9 +56,12 @@ impl Stack {
         self.dir.path().join("collector-state")
     }
 
-    /// `https://127.0.0.1:<port>`, where agents reach the collector.
+    /// `https://<collector ip>:<port>`, where agents reach the collector.
     pub fn collector_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.collector_port)
+        format!(
+            "https://{}",
+            std::net::SocketAddr::new(self.collector_ip, self.collector_port)
+        )
     }
 
     /// The state directory of the agent called `name`.
@@ -92,7 +105,13 @@ impl Stack {
 
     /// Starts the collector with extra environment.
     pub async fn start_collector_with(&self, env: &[(&str, String)]) -> Result<Process> {
-        let mut envs = vec![("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned())];
+        let mut envs = vec![
+            ("ZT_COLLECTOR_BATCH__MAX_DELAY_MS", "200".to_owned()),
+            (
+                "ZT_COLLECTOR_IDENTITY__SERVER_ADDRESSES",
+                format!("[\"{}\"]", self.collector_ip),
+            ),
+        ];
         envs.extend(env.iter().cloned());
         let mut collector = Process::spawn(
             "collector",
@@ -101,7 +120,7 @@ impl Stack {
                 "--state-dir",
                 &self.collector_state().display().to_string(),
                 "--listen",
-                &format!("127.0.0.1:{}", self.collector_port),
+                &std::net::SocketAddr::new(self.collector_ip, self.collector_port).to_string(),
                 "--clickhouse-url",
                 &self.clickhouse.http_url(),
                 "--database",
@@ -121,6 +140,17 @@ impl Stack {
     /// agent not enrolled yet is enrolled first (device `name`); the
     /// collector must be running then.
     pub async fn start_agent_named(&self, name: &str, env: &[(&str, String)]) -> Result<Process> {
+        self.start_agent_in(name, None, env).await
+    }
+
+    /// [`Self::start_agent_named`] inside `host`'s network namespace (the
+    /// agent's process itself: `nsenter` executes it in place).
+    pub async fn start_agent_in(
+        &self,
+        name: &str,
+        host: Option<&crate::netns::Host>,
+        env: &[(&str, String)],
+    ) -> Result<Process> {
         if !self.agent_state(name).join("identity").exists() {
             self.enroll_agent(name)?;
         }
@@ -137,13 +167,17 @@ impl Stack {
             ),
         ];
         envs.extend(env.iter().cloned());
-        let mut agent = Process::spawn(
-            name,
-            &workspace_binary("zt-agent")?,
-            ["--state-dir", &self.agent_state(name).display().to_string()],
-            &envs,
-            self.dir.path(),
-        )?;
+        let agent_binary = workspace_binary("zt-agent")?.display().to_string();
+        let state_dir = self.agent_state(name).display().to_string();
+        let (program, mut args) = match host {
+            Some(host) => {
+                let [nsenter, net] = host.exec_prefix();
+                (std::path::PathBuf::from(nsenter), vec![net, agent_binary])
+            }
+            None => (workspace_binary("zt-agent")?, Vec::new()),
+        };
+        args.extend(["--state-dir".to_owned(), state_dir]);
+        let mut agent = Process::spawn(name, &program, &args, &envs, self.dir.path())?;
         agent
             .wait_for_log("process table seeded", Duration::from_secs(30))
             .await?;

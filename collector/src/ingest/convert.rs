@@ -17,21 +17,24 @@
 //! (`user_name`, `cgroup_path`, `container_id`); those three are checked the
 //! same way on every kind ([`check_owner`]).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proto::telemetry::{
     event::Kind, AgentIdentity, Ancestor, CredentialChange, Decision, DnsQuery, Event,
     FileActivity, Gap, ProcessExec, ProcessExit, ProcessFork, TcpConnection,
 };
 
+use zt_identity::{SpiffeId, SpiffeIdError};
+
 use crate::storage::{
     DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow,
-    CRED_SYSCALLS, DECISION_ACTIONS, DECISION_AUDIT, DECISION_DENY, DECISION_PROTOCOLS,
-    DECISION_VERDICTS, DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN,
-    ENFORCEMENT_POINTS, EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK,
-    FILE_CHMOD, FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS,
-    NO_LOGINUID, TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED,
-    TCP_LISTEN, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    CRED_SYSCALLS, DECISION_ACTIONS, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
+    DECISION_DIRECTIONS, DECISION_PROTOCOLS, DECISION_REASONS, DECISION_TUNNEL, DECISION_VERDICTS,
+    DIRECTION_INBOUND, DIRECTION_LISTEN, DIRECTION_OUTBOUND, DIRECTION_UNKNOWN, ENFORCEMENT_POINTS,
+    EVENT_TYPE_CRED_CHANGE, EVENT_TYPE_EXEC, EVENT_TYPE_EXIT, EVENT_TYPE_FORK, FILE_CHMOD,
+    FILE_OPEN_READ, FILE_OPEN_WRITE, FILE_RENAME, FILE_UNLINK, NO_EXIT_STATUS, NO_LOGINUID,
+    TCP_ACCEPTED, TCP_CLOSED, TCP_CONNECTED, TCP_CONNECT_ATTEMPT, TCP_CONNECT_FAILED, TCP_LISTEN,
+    VERDICT_CLOSED, VERDICT_DENIED, VERDICT_TUNNELLED, VERDICT_WOULD_DENY,
 };
 
 /// Longest excerpt of a refused text value quoted in a [`RejectReason`].
@@ -44,6 +47,11 @@ const MAX_USER_NAME_BYTES: usize = 256;
 /// Longest `cgroup_path` stored (every table that has one), in bytes
 /// (`PATH_MAX`).
 const MAX_CGROUP_PATH_BYTES: usize = 4096;
+/// Most `decisions.nearest_rules` stored per decision; the rest are dropped.
+pub const MAX_NEAREST_RULES: usize = 16;
+/// Longest `decisions.nearest_rules` entry stored, in characters; longer
+/// ones are cut.
+pub const MAX_NEAREST_RULE_CHARS: usize = 256;
 
 /// Why an event was refused. Refused events are counted and reported in the
 /// acknowledgement, never stored and never retried.
@@ -182,24 +190,28 @@ pub enum RejectReason {
     },
     #[error(
         "decision event seq {seq} has unknown verdict {verdict:?}, \
-         not allowed, denied or would_deny"
+         not allowed, denied, would_deny, tunnelled or closed"
     )]
     DecisionUnknownVerdict {
         seq: u64,
         /// The refused text, cut to 64 characters.
         verdict: String,
     },
-    /// `denied` from a rule that is not `deny`, or `would_deny` from one that
-    /// is not `audit`.
+    /// A verdict its action cannot give: `denied` from a rule that is not
+    /// `deny` or `tunnel`, `would_deny` from one that is not `audit`,
+    /// `tunnelled` from one that is not `tunnel`, `closed` from one that is
+    /// not `allow` or `tunnel`.
     #[error(
         "decision event seq {seq} has verdict {verdict} with action {action}; \
-         {verdict} comes only of action {required}"
+         {verdict} comes only of action {}",
+        or_list(.required)
     )]
     DecisionVerdictMismatch {
         seq: u64,
         action: &'static str,
         verdict: &'static str,
-        required: &'static str,
+        /// The actions that can give `verdict`.
+        required: &'static [&'static str],
     },
     #[error("decision event seq {seq} has unknown protocol {protocol:?}, not tcp or udp")]
     DecisionUnknownProtocol {
@@ -209,7 +221,7 @@ pub enum RejectReason {
     },
     #[error(
         "decision event seq {seq} has unknown enforcement_point {enforcement_point:?}, \
-         not kernel or gateway"
+         not kernel, kernel_ingress, tunnel or gateway"
     )]
     DecisionUnknownEnforcementPoint {
         seq: u64,
@@ -227,6 +239,59 @@ pub enum RejectReason {
     },
     #[error("decision event seq {seq} has remote_port {port}, beyond 65535")]
     DecisionPortOutOfRange { seq: u64, port: u32 },
+    #[error(
+        "decision event seq {seq} has exe_sha256 {exe_sha256:?}, \
+         not empty or 64 lowercase hex characters"
+    )]
+    DecisionBadSha256 {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        exe_sha256: String,
+    },
+    #[error("decision event seq {seq} has peer_id {peer_id:?}, not empty or a SPIFFE id: {error}")]
+    DecisionBadPeerId {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        peer_id: String,
+        error: SpiffeIdError,
+    },
+    #[error(
+        "decision event seq {seq} has unknown direction {direction:?}, \
+         not outbound, inbound or empty"
+    )]
+    DecisionUnknownDirection {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        direction: String,
+    },
+    #[error(
+        "decision event seq {seq} has unknown reason {reason:?}, \
+         not policy, no_service, revoked, fail_closed, service_unreachable, \
+         gateway_unreachable, protected_port, bad_request or empty"
+    )]
+    DecisionUnknownReason {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        reason: String,
+    },
+    #[error(
+        "decision event seq {seq} has gateway {gateway:?}, \
+         not empty or an address and port (ip:port, [ipv6]:port)"
+    )]
+    DecisionBadGateway {
+        seq: u64,
+        /// The refused text, cut to 64 characters.
+        gateway: String,
+    },
+}
+
+/// `a`, `a or b`, `a, b or c`: the values of `values` for a reason.
+fn or_list(values: &[&str]) -> String {
+    match values {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
 }
 
 /// The sender of a batch, checked once per batch.
@@ -934,17 +999,6 @@ fn one_of(
         .ok_or_else(|| refuse(excerpt(value)))
 }
 
-/// Refuses an action other than `allow`, `deny`, `audit` or `tunnel`, a
-/// verdict other than `allowed`, `denied` or `would_deny`, a `denied` verdict
-/// of an action other than `deny` and a `would_deny` of one other than
-/// `audit`, a protocol other than `tcp` or `udp`, an enforcement point other
-/// than `kernel` or `gateway`, an IP version other than 4 or 6, a
-/// `remote_addr` that is not an address of that version, a port beyond
-/// 65535, and an owner that [`check_owner`] refuses. Every value is matched
-/// exactly (lower case), so each has one spelling and `=` finds it. The
-/// address is stored as the canonical text of the parsed address, as on
-/// `network_events`; `connection_id` and `rule_id` (`''`: the policy's
-/// default) as sent.
 /// `text` as an address of IP version `ip_version` (4 or 6), in canonical
 /// form; `None` when it is not one.
 fn canonical_address(ip_version: u8, text: &str) -> Option<String> {
@@ -955,6 +1009,38 @@ fn canonical_address(ip_version: u8, text: &str) -> Option<String> {
     }
 }
 
+/// The actions that can give `verdict`; `None`: any action.
+fn actions_giving(verdict: &str) -> Option<&'static [&'static str]> {
+    match verdict {
+        // A deny rule, or a tunnel whose gateway (or the agent, failing
+        // closed) refused the connection.
+        VERDICT_DENIED => Some(&[DECISION_DENY, DECISION_TUNNEL]),
+        VERDICT_WOULD_DENY => Some(&[DECISION_AUDIT]),
+        VERDICT_TUNNELLED => Some(&[DECISION_TUNNEL]),
+        VERDICT_CLOSED => Some(&[DECISION_ALLOW, DECISION_TUNNEL]),
+        _ => None,
+    }
+}
+
+/// Refuses an action other than `allow`, `deny`, `audit` or `tunnel`, a
+/// verdict other than `allowed`, `denied`, `would_deny`, `tunnelled` or
+/// `closed`, a verdict its action cannot give ([`actions_giving`]: `denied`
+/// only of `deny` or `tunnel`, `would_deny` only of `audit`, `tunnelled`
+/// only of `tunnel`, `closed` only of `allow` or `tunnel`), a protocol other
+/// than `tcp` or `udp`, an enforcement point other than `kernel`,
+/// `kernel_ingress`, `tunnel` or `gateway`, an IP version other than 4 or 6,
+/// a `remote_addr` that is not an address of that version, a port beyond
+/// 65535, an owner that [`check_owner`] refuses, an `exe_sha256` neither
+/// empty nor 64 lowercase hex, a `peer_id` neither empty nor a SPIFFE id, a
+/// direction other than `outbound`, `inbound` or empty (older agents: stored
+/// as `outbound`), a reason outside [`DECISION_REASONS`] and not empty, and a
+/// `gateway` neither empty nor an address and port. Every value is matched
+/// exactly (lower case), so each has one spelling and `=` finds it. The
+/// addresses are stored as the canonical text of the parsed address, as on
+/// `network_events` (`gateway` as `ip:port`, `[ipv6]:port`);
+/// `nearest_rules` cut to [`MAX_NEAREST_RULES`] entries of
+/// [`MAX_NEAREST_RULE_CHARS`] characters; `connection_id`, `rule_id` (`''`:
+/// the policy's default) and `service` as sent.
 fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow, RejectReason> {
     let Received {
         sender,
@@ -968,12 +1054,7 @@ fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow,
     let verdict = one_of(&DECISION_VERDICTS, &decision.verdict, |verdict| {
         RejectReason::DecisionUnknownVerdict { seq, verdict }
     })?;
-    let required = match verdict {
-        VERDICT_DENIED => Some(DECISION_DENY),
-        VERDICT_WOULD_DENY => Some(DECISION_AUDIT),
-        _ => None,
-    };
-    if let Some(required) = required.filter(|required| *required != action) {
+    if let Some(required) = actions_giving(verdict).filter(|required| !required.contains(&action)) {
         return Err(RejectReason::DecisionVerdictMismatch {
             seq,
             action,
@@ -1023,6 +1104,56 @@ fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow,
             container_id: &decision.container_id,
         },
     )?;
+    if !is_sha256_hex_or_empty(&decision.exe_sha256) {
+        return Err(RejectReason::DecisionBadSha256 {
+            seq,
+            exe_sha256: excerpt(&decision.exe_sha256),
+        });
+    }
+    let peer_id = match decision.peer_id.as_str() {
+        "" => String::new(),
+        text => SpiffeId::parse(text)
+            .map_err(|error| RejectReason::DecisionBadPeerId {
+                seq,
+                peer_id: excerpt(text),
+                error,
+            })?
+            .to_string(),
+    };
+    let direction = match decision.direction.as_str() {
+        // Agents older than the field decided outbound connections only.
+        "" => DIRECTION_OUTBOUND,
+        text => one_of(&DECISION_DIRECTIONS, text, |direction| {
+            RejectReason::DecisionUnknownDirection { seq, direction }
+        })?,
+    };
+    let reason = match decision.reason.as_str() {
+        "" => "",
+        text => one_of(&DECISION_REASONS, text, |reason| {
+            RejectReason::DecisionUnknownReason { seq, reason }
+        })?,
+    };
+    let gateway = match decision.gateway.as_str() {
+        "" => String::new(),
+        text => text
+            .parse::<SocketAddr>()
+            .map_err(|_| RejectReason::DecisionBadGateway {
+                seq,
+                gateway: excerpt(text),
+            })?
+            .to_string(),
+    };
+    let nearest_rules = decision
+        .nearest_rules
+        .iter()
+        .take(MAX_NEAREST_RULES)
+        .map(
+            |rule| match rule.char_indices().nth(MAX_NEAREST_RULE_CHARS) {
+                Some((end, _)) => rule[..end].to_owned(),
+                None => rule.clone(),
+            },
+        )
+        .collect();
     let ancestry = Ancestry::of(&event.ancestors);
     Ok(DecisionRow {
         org_id: sender.org_id.to_owned(),
@@ -1056,6 +1187,13 @@ fn decision_row(header: &Header<'_>, decision: &Decision) -> Result<DecisionRow,
         ancestor_start_ns: ancestry.start_ns,
         agent_version: sender.agent_version.to_owned(),
         ingested_at,
+        exe_sha256: decision.exe_sha256.clone(),
+        peer_id,
+        service: decision.service.clone(),
+        direction: direction.to_owned(),
+        reason: reason.to_owned(),
+        nearest_rules,
+        gateway,
     })
 }
 
@@ -3268,7 +3406,8 @@ mod tests {
 
     /// `/usr/bin/curl` (pid 4300, alice) connecting over TCP to
     /// 203.0.113.7:443, decided in the kernel by rule `block-exfil` of
-    /// policy version 42 with `action` and `verdict`.
+    /// policy version 42 with `action` and `verdict`: no peer, service,
+    /// gateway or reason, an executable of unknown hash.
     fn decision_v4(action: &str, verdict: &str) -> Kind {
         Kind::Decision(Decision {
             connection_id: "6f1d2c3b4a5948e7a6b5c4d3e2f10987".into(),
@@ -3289,6 +3428,13 @@ mod tests {
             rule_id: "block-exfil".into(),
             policy_version: 42,
             enforcement_point: "kernel".into(),
+            exe_sha256: String::new(),
+            peer_id: String::new(),
+            service: String::new(),
+            direction: "outbound".into(),
+            reason: String::new(),
+            nearest_rules: Vec::new(),
+            gateway: String::new(),
         })
     }
 
@@ -3348,6 +3494,13 @@ mod tests {
             ancestor_start_ns: Vec::new(),
             agent_version: "0.1.0".into(),
             ingested_at: NOW,
+            exe_sha256: String::new(),
+            peer_id: String::new(),
+            service: String::new(),
+            direction: "outbound".into(),
+            reason: String::new(),
+            nearest_rules: Vec::new(),
+            gateway: String::new(),
         }
     }
 
@@ -3423,6 +3576,13 @@ mod tests {
             ("audit", "would_deny"),
             ("audit", "allowed"),
             ("tunnel", "allowed"),
+            // The gateway refused a tunnelled connection, or the agent could
+            // not tunnel it and failed closed.
+            ("tunnel", "denied"),
+            ("tunnel", "tunnelled"),
+            // A live connection ended by a policy change or a revocation.
+            ("tunnel", "closed"),
+            ("allow", "closed"),
         ] {
             let row = decision_row_of(&event(4, T, decision_v4(action, verdict)));
             assert_eq!(
@@ -3457,11 +3617,13 @@ mod tests {
     #[test]
     fn malformed_decisions_are_refused() {
         let a = || decision_v4("deny", "denied");
-        let mismatch = |action, verdict, required| RejectReason::DecisionVerdictMismatch {
-            seq: 7,
-            action,
-            verdict,
-            required,
+        let mismatch = |action, verdict, required: &'static [&'static str]| {
+            RejectReason::DecisionVerdictMismatch {
+                seq: 7,
+                action,
+                verdict,
+                required,
+            }
         };
         let bad_address = |ip_version, addr: &str| RejectReason::DecisionBadAddress {
             seq: 7,
@@ -3533,30 +3695,60 @@ mod tests {
                     enforcement_point: String::new(),
                 },
             ),
+            (
+                decision_v4("tunnel", "Tunnelled"),
+                RejectReason::DecisionUnknownVerdict {
+                    seq: 7,
+                    verdict: "Tunnelled".into(),
+                },
+            ),
+            (
+                decision_v4("tunnel", "tunneled"),
+                RejectReason::DecisionUnknownVerdict {
+                    seq: 7,
+                    verdict: "tunneled".into(),
+                },
+            ),
             // A verdict its action cannot give.
             (
                 decision_v4("allow", "denied"),
-                mismatch("allow", "denied", "deny"),
+                mismatch("allow", "denied", &["deny", "tunnel"]),
             ),
             (
                 decision_v4("audit", "denied"),
-                mismatch("audit", "denied", "deny"),
-            ),
-            (
-                decision_v4("tunnel", "denied"),
-                mismatch("tunnel", "denied", "deny"),
+                mismatch("audit", "denied", &["deny", "tunnel"]),
             ),
             (
                 decision_v4("deny", "would_deny"),
-                mismatch("deny", "would_deny", "audit"),
+                mismatch("deny", "would_deny", &["audit"]),
             ),
             (
                 decision_v4("allow", "would_deny"),
-                mismatch("allow", "would_deny", "audit"),
+                mismatch("allow", "would_deny", &["audit"]),
             ),
             (
                 decision_v4("tunnel", "would_deny"),
-                mismatch("tunnel", "would_deny", "audit"),
+                mismatch("tunnel", "would_deny", &["audit"]),
+            ),
+            (
+                decision_v4("allow", "tunnelled"),
+                mismatch("allow", "tunnelled", &["tunnel"]),
+            ),
+            (
+                decision_v4("deny", "tunnelled"),
+                mismatch("deny", "tunnelled", &["tunnel"]),
+            ),
+            (
+                decision_v4("audit", "tunnelled"),
+                mismatch("audit", "tunnelled", &["tunnel"]),
+            ),
+            (
+                decision_v4("deny", "closed"),
+                mismatch("deny", "closed", &["allow", "tunnel"]),
+            ),
+            (
+                decision_v4("audit", "closed"),
+                mismatch("audit", "closed", &["allow", "tunnel"]),
             ),
             (
                 with_decision(a(), |d| d.ip_version = 0),
@@ -3629,12 +3821,17 @@ mod tests {
             }
             .to_string(),
             "decision event seq 7 has unknown verdict \"dropped\", \
-             not allowed, denied or would_deny"
+             not allowed, denied, would_deny, tunnelled or closed"
         );
         assert_eq!(
-            mismatch("allow", "denied", "deny").to_string(),
+            mismatch("allow", "denied", &["deny", "tunnel"]).to_string(),
             "decision event seq 7 has verdict denied with action allow; \
-             denied comes only of action deny"
+             denied comes only of action deny or tunnel"
+        );
+        assert_eq!(
+            mismatch("deny", "would_deny", &["audit"]).to_string(),
+            "decision event seq 7 has verdict would_deny with action deny; \
+             would_deny comes only of action audit"
         );
         assert_eq!(
             RejectReason::DecisionUnknownProtocol {
@@ -3651,7 +3848,7 @@ mod tests {
             }
             .to_string(),
             "decision event seq 7 has unknown enforcement_point \"proxy\", \
-             not kernel or gateway"
+             not kernel, kernel_ingress, tunnel or gateway"
         );
         assert_eq!(
             RejectReason::DecisionIpVersion {
@@ -3691,5 +3888,418 @@ mod tests {
                 addr: format!("{}…", "y".repeat(64)),
             })
         );
+    }
+
+    /// Which action can give which verdict, every pair: `denied` of `deny`
+    /// or `tunnel`, `would_deny` of `audit`, `tunnelled` of `tunnel`,
+    /// `closed` of `allow` or `tunnel`, `allowed` of any.
+    #[test]
+    fn verdicts_come_only_of_the_actions_that_can_give_them() {
+        for action in DECISION_ACTIONS {
+            for verdict in DECISION_VERDICTS {
+                let consistent = match verdict {
+                    "allowed" => true,
+                    "denied" => ["deny", "tunnel"].contains(&action),
+                    "would_deny" => action == "audit",
+                    "tunnelled" => action == "tunnel",
+                    "closed" => ["allow", "tunnel"].contains(&action),
+                    other => panic!("untested verdict {other}"),
+                };
+                let converted = convert(&event(9, T, decision_v4(action, verdict)));
+                match converted {
+                    Ok(EventRow::Decision(row)) if consistent => {
+                        assert_eq!((row.action, row.verdict), (action.into(), verdict.into()));
+                    }
+                    Err(RejectReason::DecisionVerdictMismatch {
+                        action: a,
+                        verdict: v,
+                        required,
+                        ..
+                    }) if !consistent => {
+                        assert_eq!((a, v), (action, verdict));
+                        assert!(!required.contains(&action), "{required:?}");
+                    }
+                    other => panic!("{action}/{verdict}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    const EXE_SHA256: &str = "cb30d69b24245bf2ecdc9e7f53bbad19159999970b6d82c0c00c7d32d9e37aa4";
+    const GATEWAY_ID: &str = "spiffe://pref.example/org/pref/device/gw-1";
+    const CALLER_ID: &str = "spiffe://pref.example/org/pref/device/dev-1";
+
+    /// The calling device's record of a tunnelled connection: the gateway's
+    /// answer, its id and address, the service and the executable's hash.
+    #[test]
+    fn a_tunnelled_decision_stores_its_peer_service_gateway_and_hash() {
+        let kind = with_decision(decision_v4("tunnel", "tunnelled"), |d| {
+            d.enforcement_point = "tunnel".into();
+            d.exe_sha256 = EXE_SHA256.into();
+            d.peer_id = GATEWAY_ID.into();
+            d.service = "staff-web".into();
+            d.gateway = "192.0.2.1:4433".into();
+            d.rule_id = "staff-web".into();
+        });
+        assert_eq!(
+            decision_row_of(&event(10, T, kind)),
+            DecisionRow {
+                rule_id: "staff-web".into(),
+                enforcement_point: "tunnel".into(),
+                exe_sha256: EXE_SHA256.into(),
+                peer_id: GATEWAY_ID.into(),
+                service: "staff-web".into(),
+                gateway: "192.0.2.1:4433".into(),
+                ..decision_base(10, "tunnel", "tunnelled")
+            }
+        );
+
+        // The gateway refused it: why, and which rules came nearest.
+        let kind = with_decision(decision_v6("tunnel", "denied"), |d| {
+            d.enforcement_point = "tunnel".into();
+            d.peer_id = GATEWAY_ID.into();
+            d.service = "staff-web".into();
+            d.gateway = "[2001:db8::1]:4433".into();
+            d.reason = "policy".into();
+            d.rule_id.clear();
+            d.nearest_rules = vec!["staff-web: user alice is not one of [bob]".into()];
+        });
+        let row = decision_row_of(&event(11, T, kind));
+        assert_eq!(
+            (
+                row.verdict.as_str(),
+                row.reason.as_str(),
+                row.gateway.as_str(),
+                row.rule_id.as_str()
+            ),
+            ("denied", "policy", "[2001:db8::1]:4433", "")
+        );
+        assert_eq!(
+            row.nearest_rules,
+            ["staff-web: user alice is not one of [bob]"]
+        );
+
+        // At the gateway: the calling device's id; a stream closed later.
+        let kind = with_decision(decision_v4("tunnel", "closed"), |d| {
+            d.enforcement_point = "gateway".into();
+            d.direction = "inbound".into();
+            d.peer_id = CALLER_ID.into();
+            d.service = "staff-web".into();
+            d.reason = "revoked".into();
+        });
+        let row = decision_row_of(&event(12, T, kind));
+        assert_eq!(
+            (
+                row.enforcement_point.as_str(),
+                row.direction.as_str(),
+                row.peer_id.as_str(),
+                row.reason.as_str(),
+                row.gateway.as_str()
+            ),
+            ("gateway", "inbound", CALLER_ID, "revoked", "")
+        );
+    }
+
+    /// A direct connection from the network to a protected port, dropped in
+    /// the kernel, as the agent reports it.
+    #[test]
+    fn a_protected_port_drop_is_an_inbound_kernel_ingress_denial() {
+        let kind = with_decision(decision_v4("deny", "denied"), |d| {
+            d.enforcement_point = "kernel_ingress".into();
+            d.direction = "inbound".into();
+            d.reason = "protected_port".into();
+            d.remote_port = 8080;
+        });
+        assert_eq!(
+            decision_row_of(&event(13, T, kind)),
+            DecisionRow {
+                enforcement_point: "kernel_ingress".into(),
+                direction: "inbound".into(),
+                reason: "protected_port".into(),
+                remote_port: 8080,
+                ..decision_base(13, "deny", "denied")
+            }
+        );
+    }
+
+    /// Agents older than the new fields send none of them: stored as an
+    /// outbound decision with no peer, service, reason, rules or gateway.
+    #[test]
+    fn a_decision_without_the_new_fields_is_outbound() {
+        let kind = with_decision(decision_v4("deny", "denied"), |d| d.direction.clear());
+        assert_eq!(
+            decision_row_of(&event(14, T, kind)),
+            decision_base(14, "deny", "denied")
+        );
+    }
+
+    #[test]
+    fn every_enforcement_point_direction_and_reason_is_stored() {
+        for point in ["kernel", "kernel_ingress", "tunnel", "gateway"] {
+            let kind = with_decision(decision_v4("deny", "denied"), |d| {
+                d.enforcement_point = point.into();
+            });
+            assert_eq!(
+                decision_row_of(&event(15, T, kind)).enforcement_point,
+                point
+            );
+        }
+        for direction in ["outbound", "inbound"] {
+            let kind = with_decision(decision_v4("deny", "denied"), |d| {
+                d.direction = direction.into();
+            });
+            assert_eq!(decision_row_of(&event(15, T, kind)).direction, direction);
+        }
+        for reason in [
+            "policy",
+            "no_service",
+            "revoked",
+            "fail_closed",
+            "service_unreachable",
+            "gateway_unreachable",
+            "protected_port",
+            "bad_request",
+            "",
+        ] {
+            let kind = with_decision(decision_v4("tunnel", "denied"), |d| {
+                d.reason = reason.into();
+            });
+            assert_eq!(decision_row_of(&event(15, T, kind)).reason, reason);
+        }
+    }
+
+    /// The gateway's address is stored as the canonical text of the parsed
+    /// socket address, one spelling per gateway.
+    #[test]
+    fn gateways_are_stored_in_canonical_form() {
+        for (sent, stored) in [
+            ("192.0.2.1:4433", "192.0.2.1:4433"),
+            ("[2001:0DB8:0000::0001]:4433", "[2001:db8::1]:4433"),
+            ("[::ffff:192.0.2.1]:443", "[::ffff:192.0.2.1]:443"),
+            ("", ""),
+        ] {
+            let kind = with_decision(decision_v4("tunnel", "tunnelled"), |d| {
+                d.gateway = sent.into();
+            });
+            assert_eq!(
+                decision_row_of(&event(16, T, kind)).gateway,
+                stored,
+                "{sent}"
+            );
+        }
+    }
+
+    /// `nearest_rules` is cut, never refused: the first 16 entries, each of
+    /// at most 256 characters (cut on a character boundary).
+    #[test]
+    fn nearest_rules_are_cut_to_16_entries_of_256_characters() {
+        let long_ascii = "r".repeat(300);
+        let long_wide = "é".repeat(300);
+        let exact = "x".repeat(256);
+        let mut rules = vec![long_ascii, long_wide, exact.clone(), String::new()];
+        rules.extend((0..20).map(|i| format!("rule-{i}: no match")));
+        let kind = with_decision(decision_v4("deny", "denied"), |d| {
+            d.rule_id.clear();
+            d.nearest_rules = rules.clone();
+        });
+        let row = decision_row_of(&event(17, T, kind));
+        assert_eq!(row.nearest_rules.len(), MAX_NEAREST_RULES);
+        assert_eq!(row.nearest_rules[0], "r".repeat(MAX_NEAREST_RULE_CHARS));
+        assert_eq!(row.nearest_rules[1], "é".repeat(MAX_NEAREST_RULE_CHARS));
+        assert_eq!(row.nearest_rules[2], exact);
+        assert_eq!(row.nearest_rules[3], "");
+        assert_eq!(row.nearest_rules[4..], rules[4..MAX_NEAREST_RULES]);
+        assert_eq!(row.nearest_rules[15], "rule-11: no match");
+    }
+
+    #[test]
+    fn malformed_tunnel_fields_are_refused() {
+        let a = || decision_v4("tunnel", "tunnelled");
+        let bad_sha = |text: &str| RejectReason::DecisionBadSha256 {
+            seq: 18,
+            exe_sha256: text.into(),
+        };
+        let bad_peer = |text: &str, error| RejectReason::DecisionBadPeerId {
+            seq: 18,
+            peer_id: text.into(),
+            error,
+        };
+        let bad_gateway = |text: &str| RejectReason::DecisionBadGateway {
+            seq: 18,
+            gateway: text.into(),
+        };
+        let upper = EXE_SHA256.to_ascii_uppercase();
+        let short = &EXE_SHA256[..63];
+        let cases = [
+            // Not 64 lowercase hex.
+            (
+                with_decision(a(), |d| d.exe_sha256 = upper.clone()),
+                bad_sha(&upper),
+            ),
+            (
+                with_decision(a(), |d| d.exe_sha256 = short.into()),
+                bad_sha(short),
+            ),
+            (
+                with_decision(a(), |d| d.exe_sha256 = format!("{EXE_SHA256}0")),
+                // Quoted cut, as every refused value.
+                bad_sha(&format!("{EXE_SHA256}…")),
+            ),
+            (
+                with_decision(a(), |d| {
+                    d.exe_sha256 = format!("sha256:{}", &EXE_SHA256[7..])
+                }),
+                bad_sha(&format!("sha256:{}", &EXE_SHA256[7..])),
+            ),
+            // Not a SPIFFE id (of the one spelling the identity crate knows).
+            (
+                with_decision(a(), |d| d.peer_id = "https://gw-1.example".into()),
+                bad_peer("https://gw-1.example", SpiffeIdError::WrongScheme),
+            ),
+            (
+                with_decision(a(), |d| {
+                    d.peer_id = "SPIFFE://pref.example/org/pref/device/gw-1".into()
+                }),
+                bad_peer(
+                    "SPIFFE://pref.example/org/pref/device/gw-1",
+                    SpiffeIdError::WrongScheme,
+                ),
+            ),
+            (
+                with_decision(a(), |d| d.peer_id = "spiffe://pref.example/gw-1".into()),
+                bad_peer(
+                    "spiffe://pref.example/gw-1",
+                    SpiffeIdError::UnknownPath {
+                        path: "/gw-1".into(),
+                    },
+                ),
+            ),
+            (
+                with_decision(a(), |d| d.peer_id = "gw-1".into()),
+                bad_peer("gw-1", SpiffeIdError::WrongScheme),
+            ),
+            // Values outside their sets, also in another case.
+            (
+                with_decision(a(), |d| d.direction = "Inbound".into()),
+                RejectReason::DecisionUnknownDirection {
+                    seq: 18,
+                    direction: "Inbound".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.direction = "listen".into()),
+                RejectReason::DecisionUnknownDirection {
+                    seq: 18,
+                    direction: "listen".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.reason = "unspecified".into()),
+                RejectReason::DecisionUnknownReason {
+                    seq: 18,
+                    reason: "unspecified".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.reason = "Policy".into()),
+                RejectReason::DecisionUnknownReason {
+                    seq: 18,
+                    reason: "Policy".into(),
+                },
+            ),
+            (
+                with_decision(a(), |d| d.enforcement_point = "kernel-ingress".into()),
+                RejectReason::DecisionUnknownEnforcementPoint {
+                    seq: 18,
+                    enforcement_point: "kernel-ingress".into(),
+                },
+            ),
+            // Not an address and port.
+            (
+                with_decision(a(), |d| d.gateway = "192.0.2.1".into()),
+                bad_gateway("192.0.2.1"),
+            ),
+            (
+                with_decision(a(), |d| d.gateway = "gw-1.example:4433".into()),
+                bad_gateway("gw-1.example:4433"),
+            ),
+            (
+                with_decision(a(), |d| d.gateway = "192.0.2.1:65536".into()),
+                bad_gateway("192.0.2.1:65536"),
+            ),
+            (
+                with_decision(a(), |d| d.gateway = "2001:db8::1:4433".into()),
+                bad_gateway("2001:db8::1:4433"),
+            ),
+            (
+                with_decision(a(), |d| d.gateway = " 192.0.2.1:4433".into()),
+                bad_gateway(" 192.0.2.1:4433"),
+            ),
+        ];
+        for (kind, reason) in cases {
+            assert_eq!(convert(&event(18, T, kind)), Err(reason));
+        }
+        assert_eq!(
+            bad_sha("ABC").to_string(),
+            "decision event seq 18 has exe_sha256 \"ABC\", \
+             not empty or 64 lowercase hex characters"
+        );
+        assert_eq!(
+            bad_peer("gw-1", SpiffeIdError::WrongScheme).to_string(),
+            "decision event seq 18 has peer_id \"gw-1\", not empty or a SPIFFE id: \
+             SPIFFE id must start with \"spiffe://\" (lowercase)"
+        );
+        assert_eq!(
+            RejectReason::DecisionUnknownDirection {
+                seq: 18,
+                direction: "in".into()
+            }
+            .to_string(),
+            "decision event seq 18 has unknown direction \"in\", \
+             not outbound, inbound or empty"
+        );
+        assert_eq!(
+            RejectReason::DecisionUnknownReason {
+                seq: 18,
+                reason: "oops".into()
+            }
+            .to_string(),
+            "decision event seq 18 has unknown reason \"oops\", \
+             not policy, no_service, revoked, fail_closed, service_unreachable, \
+             gateway_unreachable, protected_port, bad_request or empty"
+        );
+        assert_eq!(
+            bad_gateway("gw").to_string(),
+            "decision event seq 18 has gateway \"gw\", \
+             not empty or an address and port (ip:port, [ipv6]:port)"
+        );
+        // Long refused values are quoted cut.
+        let kind = with_decision(a(), |d| {
+            d.peer_id = format!("spiffe://{}", "z".repeat(500));
+        });
+        match convert(&event(19, T, kind)) {
+            Err(RejectReason::DecisionBadPeerId {
+                seq: 19, peer_id, ..
+            }) => {
+                assert_eq!(peer_id, format!("spiffe://{}…", "z".repeat(55)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let kind = with_decision(a(), |d| d.gateway = "g".repeat(500));
+        assert_eq!(
+            convert(&event(19, T, kind)),
+            Err(RejectReason::DecisionBadGateway {
+                seq: 19,
+                gateway: format!("{}…", "g".repeat(64)),
+            })
+        );
+    }
+
+    #[test]
+    fn or_lists_read_as_english() {
+        assert_eq!(or_list(&[]), "");
+        assert_eq!(or_list(&["audit"]), "audit");
+        assert_eq!(or_list(&["deny", "tunnel"]), "deny or tunnel");
+        assert_eq!(or_list(&["a", "b", "c"]), "a, b or c");
     }
 }

@@ -359,6 +359,22 @@ ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY (org_id, hostname, time, pid, seq, device_id, boot_id)";
 
+/// Columns of migration 15 on `decisions`: tunnels, gateways and why. The
+/// executable's hash (as `process_events.exe_sha256`), the other end's
+/// SPIFFE id, the gateway service, the direction (`'outbound'` for the rows
+/// stored before: only outbound connections were decided then), why a
+/// connection was refused or closed, the nearest rules of a default verdict,
+/// and the tunnel's gateway.
+pub const DECISIONS_V15_COLUMNS: &[Column] = &[
+    column("exe_sha256", "String"),
+    column("peer_id", "String"),
+    column("service", "String"),
+    column("direction", "String DEFAULT 'outbound'"),
+    column("reason", "String"),
+    column("nearest_rules", "Array(String)"),
+    column("gateway", "String"),
+];
+
 /// Every migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -469,6 +485,14 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 14,
         name: "decisions",
         steps: &[Step::Execute(CREATE_DECISIONS)],
+    },
+    Migration {
+        version: 15,
+        name: "decision_tunnels",
+        steps: &[Step::AddColumns {
+            table: "decisions",
+            columns: DECISIONS_V15_COLUMNS,
+        }],
     },
 ];
 
@@ -754,6 +778,7 @@ mod tests {
     use super::*;
     use crate::storage::{
         DecisionRow, DnsEventRow, FileEventRow, GapRow, NetworkEventRow, ProcessEventRow,
+        DIRECTION_OUTBOUND,
     };
 
     #[test]
@@ -897,10 +922,11 @@ mod tests {
             DnsEventRow::COLUMN_NAMES,
             column_list(CREATE_DNS_EVENTS).as_slice()
         );
-        assert_eq!(
-            DecisionRow::COLUMN_NAMES,
-            column_list(CREATE_DECISIONS).as_slice()
-        );
+        let decisions: Vec<&str> = column_list(CREATE_DECISIONS)
+            .into_iter()
+            .chain(DECISIONS_V15_COLUMNS.iter().map(|c| c.name))
+            .collect();
+        assert_eq!(DecisionRow::COLUMN_NAMES, decisions.as_slice());
     }
 
     /// `decisions` is created keyed by the event's identity, with the same
@@ -932,36 +958,130 @@ mod tests {
         assert!(CREATE_DECISIONS.starts_with("\nCREATE TABLE IF NOT EXISTS decisions\n"));
     }
 
-    /// `decisions` spells every column it shares with `dns_events` and
-    /// `network_events` the same way, with the same type (the owner columns,
-    /// `ip_version`, `remote_addr`, `remote_port`, the ancestry), so analysts
-    /// can join them; identity first and ingest last, as in every event
-    /// table.
+    /// `decisions`, after every migration, spells every column it shares
+    /// with `dns_events`, `network_events` and `process_events` the same
+    /// way, with the same type (the owner columns, `ip_version`,
+    /// `remote_addr`, `remote_port`, the ancestry; since migration 15
+    /// `direction` as on `network_events` and `exe_sha256` as on
+    /// `process_events`), so analysts can join them; identity first and
+    /// ingest last in the created table, as in every event table (migration
+    /// 15 appends after them, as migration 9 does on `network_events`).
     #[test]
     fn decisions_share_column_types_with_the_other_event_tables() {
-        let decisions = column_types(CREATE_DECISIONS);
-        let mut shared = 0;
-        for sibling in [CREATE_DNS_EVENTS, CREATE_NETWORK_EVENTS] {
-            for (name, ty) in column_types(sibling) {
+        let created = column_types(CREATE_DECISIONS);
+        let decisions: Vec<(&str, &str)> = created
+            .iter()
+            .copied()
+            .chain(typed(DECISIONS_V15_COLUMNS))
+            .collect();
+        let process_events: Vec<(&str, &str)> = column_types(CREATE_PROCESS_EVENTS)
+            .into_iter()
+            .chain(typed(PROCESS_EVENTS_V2_COLUMNS))
+            .chain(typed(PROCESS_EVENTS_V6_COLUMNS))
+            .chain(typed(PROCESS_EVENTS_V7_COLUMNS))
+            .chain(typed(PROCESS_EVENTS_V8_COLUMNS))
+            .collect();
+        let network_events: Vec<(&str, &str)> = column_types(CREATE_NETWORK_EVENTS)
+            .into_iter()
+            .chain(typed(OWNER_V9_COLUMNS))
+            .collect();
+        let mut shared = Vec::new();
+        for (table, sibling) in [
+            ("dns_events", column_types(CREATE_DNS_EVENTS)),
+            ("network_events", network_events),
+            ("process_events", process_events),
+        ] {
+            for (name, ty) in sibling {
                 if let Some((_, own)) = decisions.iter().find(|(n, _)| *n == name) {
-                    assert_eq!(*own, ty, "{name}");
-                    shared += 1;
+                    assert_eq!(*own, ty, "{table}.{name}");
+                    shared.push((table, name));
                 }
             }
         }
-        assert!(shared >= 2 * 20, "{shared} shared columns");
+        assert!(shared.len() >= 3 * 20, "{} shared columns", shared.len());
+        for column in [
+            ("network_events", "direction"),
+            ("process_events", "exe_sha256"),
+        ] {
+            assert!(shared.contains(&column), "{column:?} not shared");
+        }
         for c in OWNER_V9_COLUMNS {
             assert!(
-                decisions.contains(&(c.name, c.definition)),
+                created.contains(&(c.name, c.definition)),
                 "decisions lacks {} {}",
                 c.name,
                 c.definition
             );
         }
-        let names: Vec<&str> = decisions.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = created.iter().map(|(n, _)| *n).collect();
         let dns = column_list(CREATE_DNS_EVENTS);
         assert_eq!(names[..7], dns[..7]);
         assert_eq!(names[names.len() - 6..], dns[dns.len() - 6..]);
+    }
+
+    /// Migration 15 only adds columns to `decisions`, each new to it (a
+    /// column step skips a name the table has, whatever its type), once;
+    /// rows stored before read `direction = 'outbound'` (only outbound
+    /// connections were decided then) and neutral values elsewhere.
+    #[test]
+    fn decision_tunnel_columns_are_added_once_with_neutral_defaults() {
+        let v15 = MIGRATIONS.iter().find(|m| m.version == 15).unwrap();
+        assert_eq!(v15.name, "decision_tunnels");
+        assert_eq!(
+            v15.steps,
+            [Step::AddColumns {
+                table: "decisions",
+                columns: DECISIONS_V15_COLUMNS,
+            }]
+        );
+        let created = column_list(CREATE_DECISIONS);
+        for (i, c) in DECISIONS_V15_COLUMNS.iter().enumerate() {
+            assert!(!created.contains(&c.name), "decisions has {}", c.name);
+            assert!(
+                !DECISIONS_V15_COLUMNS[..i].iter().any(|o| o.name == c.name),
+                "{} twice",
+                c.name
+            );
+        }
+        let names: Vec<&str> = DECISIONS_V15_COLUMNS.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "exe_sha256",
+                "peer_id",
+                "service",
+                "direction",
+                "reason",
+                "nearest_rules",
+                "gateway"
+            ]
+        );
+        for c in DECISIONS_V15_COLUMNS {
+            let expected = match c.name {
+                "direction" => format!("String DEFAULT '{DIRECTION_OUTBOUND}'"),
+                "nearest_rules" => "Array(String)".to_owned(),
+                _ => "String".to_owned(),
+            };
+            assert_eq!(c.definition, expected, "{}", c.name);
+        }
+        assert_eq!(
+            add_columns_statement("decisions", DECISIONS_V15_COLUMNS, &[]).as_deref(),
+            Some(
+                "ALTER TABLE decisions ADD COLUMN exe_sha256 String, \
+                 ADD COLUMN peer_id String, ADD COLUMN service String, \
+                 ADD COLUMN direction String DEFAULT 'outbound', \
+                 ADD COLUMN reason String, ADD COLUMN nearest_rules Array(String), \
+                 ADD COLUMN gateway String"
+            )
+        );
+    }
+
+    /// `(name, type)` of added columns: their definition without a default.
+    fn typed(columns: &[Column]) -> impl Iterator<Item = (&str, &str)> {
+        columns.iter().map(|c| {
+            let ty = c.definition.split(" DEFAULT ").next().unwrap_or_default();
+            (c.name, ty)
+        })
     }
 
     /// The owner columns migration 9 adds to `network_events` and

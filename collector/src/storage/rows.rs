@@ -421,13 +421,26 @@ pub const DECISION_ACTIONS: [&str; 4] = [
 
 /// `decisions.verdict` values: what happened to the connection.
 pub const VERDICT_ALLOWED: &str = "allowed";
-/// Refused; only from an `action = 'deny'` rule.
+/// Refused; only from an `action = 'deny'` rule, or from a `tunnel` one
+/// whose gateway refused the connection.
 pub const VERDICT_DENIED: &str = "denied";
 /// Let through, but a deny had the rule been enforced; only from an
 /// `action = 'audit'` rule.
 pub const VERDICT_WOULD_DENY: &str = "would_deny";
+/// Carried through a tunnel: the gateway let it through; only from an
+/// `action = 'tunnel'` rule.
+pub const VERDICT_TUNNELLED: &str = "tunnelled";
+/// A live connection ended by a policy change or a revocation; only from an
+/// `action = 'allow'` or `'tunnel'` rule.
+pub const VERDICT_CLOSED: &str = "closed";
 /// Every `decisions.verdict`.
-pub const DECISION_VERDICTS: [&str; 3] = [VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_WOULD_DENY];
+pub const DECISION_VERDICTS: [&str; 5] = [
+    VERDICT_ALLOWED,
+    VERDICT_DENIED,
+    VERDICT_WOULD_DENY,
+    VERDICT_TUNNELLED,
+    VERDICT_CLOSED,
+];
 
 /// Every `decisions.protocol`.
 pub const DECISION_PROTOCOLS: [&str; 2] = ["tcp", "udp"];
@@ -435,14 +448,55 @@ pub const DECISION_PROTOCOLS: [&str; 2] = ["tcp", "udp"];
 /// `decisions.enforcement_point` of a decision made in the endpoint's kernel
 /// (the cgroup connect hook).
 pub const ENFORCEMENT_KERNEL: &str = "kernel";
-/// `decisions.enforcement_point` of a decision made by a tunnel gateway.
+/// `decisions.enforcement_point` of a direct connection from the network to
+/// a protected port, dropped in the kernel (inbound).
+pub const ENFORCEMENT_KERNEL_INGRESS: &str = "kernel_ingress";
+/// `decisions.enforcement_point` of a tunnelled connection as the calling
+/// device's agent reports it, with the gateway's answer.
+pub const ENFORCEMENT_TUNNEL: &str = "tunnel";
+/// `decisions.enforcement_point` of a decision made by a tunnel gateway (the
+/// far side's agent, before it connects to the service).
 pub const ENFORCEMENT_GATEWAY: &str = "gateway";
 /// Every `decisions.enforcement_point`.
-pub const ENFORCEMENT_POINTS: [&str; 2] = [ENFORCEMENT_KERNEL, ENFORCEMENT_GATEWAY];
+pub const ENFORCEMENT_POINTS: [&str; 4] = [
+    ENFORCEMENT_KERNEL,
+    ENFORCEMENT_KERNEL_INGRESS,
+    ENFORCEMENT_TUNNEL,
+    ENFORCEMENT_GATEWAY,
+];
+
+/// Every `decisions.direction`: the device connects out, or a connection
+/// comes in to this host (as `network_events.direction` spells them). Agents
+/// older than the column send none: stored as `outbound`.
+pub const DECISION_DIRECTIONS: [&str; 2] = [DIRECTION_OUTBOUND, DIRECTION_INBOUND];
+
+/// Every non-empty `decisions.reason`: why a connection was refused or
+/// closed, or why one was let through unverified. `''` otherwise.
+pub const DECISION_REASONS: [&str; 9] = [
+    // A rule (or the policy's default) said no.
+    "policy",
+    // The destination matched no service of the gateway.
+    "no_service",
+    // The calling device is revoked.
+    "revoked",
+    // No usable policy, or a tunnel that could not be set up: refused.
+    "fail_closed",
+    // The gateway could not reach the service.
+    "service_unreachable",
+    // The calling side could not reach the gateway.
+    "gateway_unreachable",
+    // A direct connection to a port only the gateway may serve.
+    "protected_port",
+    // The tunnel request was malformed (e.g. a bad destination).
+    "bad_request",
+    // Allowed at a gateway that cannot confirm revocations (the control
+    // plane is unreachable) for a service that fails open, audited.
+    "fail_open",
+];
 
 /// One row of `decisions`: a zero-trust connection decision, a rule (or the
-/// policy's default) applied to an outbound connection of a process, and
-/// what came of it (`verdict`).
+/// policy's default) applied to a connection of a process (outbound, or
+/// inbound to a protected port), and what came of it (`verdict`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clickhouse::Row)]
 pub struct DecisionRow {
     pub org_id: String,
@@ -493,6 +547,24 @@ pub struct DecisionRow {
     pub ancestor_start_ns: Vec<u64>,
     pub agent_version: String,
     pub ingested_at: u32,
+    // Migration 15: tunnels, gateways and why.
+    /// SHA-256 of the process's executable, 64 lowercase hex; `''` when
+    /// unknown.
+    pub exe_sha256: String,
+    /// The other end's SPIFFE id (the gateway's on the calling side, the
+    /// calling device's at the gateway); `''` for kernel decisions.
+    pub peer_id: String,
+    /// The gateway service the destination matched; `''` when none.
+    pub service: String,
+    /// One of [`DECISION_DIRECTIONS`].
+    pub direction: String,
+    /// One of [`DECISION_REASONS`], or `''`.
+    pub reason: String,
+    /// For a default verdict: the nearest rules and why each did not match.
+    pub nearest_rules: Vec<String>,
+    /// The tunnel's gateway, `ip:port` (`[ip]:port` for IPv6); `''` when not
+    /// tunnelled.
+    pub gateway: String,
 }
 
 impl TableRow for DecisionRow {

@@ -1,0 +1,852 @@
+//! The zero-trust tunnel end to end, on a LAN of network namespaces: a
+//! staff PC, a server and an outsider, each a namespace; the collector in
+//! the root namespace on the LAN's bridge address. Both agents are real
+//! `zt-agent` processes guarding a cgroup of the test's own (the PC's
+//! callers run in one, the server's services in another).
+//!
+//! * `curl` as an allowed user reaches the server's web service through the
+//!   tunnel; a non-allowed binary and a non-allowed user are refused at the
+//!   gateway, the decisions naming the rule (or the nearest rules);
+//! * a denied destination fails with EPERM in the kernel;
+//! * direct connections to the protected port, from the outsider and from
+//!   the PC outside the tunnel, are dropped by the server's kernel;
+//! * a peer with a certificate from another CA is refused at the gateway;
+//! * 1,000 concurrent tunnelled connections carry their bytes intact;
+//! * a policy change closes a live tunnelled stream within a second, and a
+//!   revoked device is refused.
+
+use std::{
+    process::Stdio,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{ensure, Context as _, Result};
+use zt_e2e::{
+    cgroup::TestCgroup,
+    eventually,
+    netns::{Host, Lan},
+    pki,
+    process::{workspace_binary, Process},
+    stack::{spawn_in_cgroup_with, Stack, TEST_ORG},
+};
+
+const WEB_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7000;
+const DENIED_PORT: u16 = 9999;
+const GATEWAY_PORT: u16 = 4433;
+
+/// Echoes every connection's bytes back, then half-closes.
+const ECHO_SERVER: &str = r#"
+import asyncio, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+async def handle(r, w):
+    try:
+        while True:
+            data = await r.read(65536)
+            if not data:
+                break
+            w.write(data)
+            await w.drain()
+        w.write_eof()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def main():
+    server = await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]), backlog=4096)
+    print("listening", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"#;
+
+/// Opens N connections at once, each sending its own random bytes and
+/// checking the SHA-256 of what comes back.
+const ECHO_FLOOD: &str = r#"
+import asyncio, hashlib, os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+host, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+async def one():
+    data = os.urandom(size)
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+    async def send():
+        w.write(data)
+        await w.drain()
+        w.write_eof()
+    async def receive():
+        got = bytearray()
+        while True:
+            chunk = await asyncio.wait_for(r.read(65536), 30)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+    sent, got = await asyncio.gather(send(), receive(), return_exceptions=True)
+    w.close()
+    for outcome in (sent, got):
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+async def main():
+    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    ok = sum(1 for r in results if r is True)
+    errors = sorted({repr(r) for r in results if r is not True})[:5]
+    print(f"ok={ok} failed={n - ok} {errors}", flush=True)
+asyncio.run(main())
+"#;
+
+/// Holds one connection open after an echo round trip; prints when the far
+/// side closed it (unix time), or that it did not within 20 s.
+const LONG_LIVED: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"ping")
+assert s.recv(4) == b"ping"
+print("ready", flush=True)
+s.settimeout(20)
+try:
+    data = s.recv(1)
+    print("closed_at=%f eof=%s" % (time.time(), data == b""), flush=True)
+except socket.timeout:
+    print("still open", flush=True)
+except OSError as e:
+    print("closed_at=%f error=%s" % (time.time(), e), flush=True)
+"#;
+
+/// Connects once; prints `connected`, or the errno name.
+const CONNECT_ONCE: &str = r#"
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    data = s.recv(100)
+    print("answered" if data else "closed", flush=True)
+except socket.timeout:
+    print("timeout", flush=True)
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"#;
+
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+struct DecisionRow {
+    device_id: String,
+    connection_id: String,
+    exe: String,
+    user_name: String,
+    exe_sha256: String,
+    remote_addr: String,
+    remote_port: u16,
+    action: String,
+    verdict: String,
+    rule_id: String,
+    enforcement_point: String,
+    peer_id: String,
+    service: String,
+    direction: String,
+    reason: String,
+    nearest_rules: Vec<String>,
+}
+
+async fn decisions(stack: &Stack) -> Result<Vec<DecisionRow>> {
+    Ok(stack
+        .db()
+        .query(
+            "SELECT device_id, connection_id, exe, user_name, exe_sha256, remote_addr, \
+             remote_port, action, verdict, rule_id, enforcement_point, peer_id, service, \
+             direction, reason, nearest_rules FROM decisions FINAL ORDER BY time_ns",
+        )
+        .fetch_all::<DecisionRow>()
+        .await?)
+}
+
+/// The LAN, the stack on it, and both agents running.
+///
+/// Fields drop in order: processes first, then the cgroups they ran in,
+/// the stack, and the LAN last.
+struct Site {
+    pc_agent: Process,
+    server_agent: Process,
+    _collector: Process,
+    services: Vec<std::process::Child>,
+    /// The server's services run here (the server agent guards it).
+    _server_cgroup: TestCgroup,
+    server_policy: std::path::PathBuf,
+    stack: Stack,
+    pc: Host,
+    server: Host,
+    outsider: Host,
+    _lan: Lan,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for service in &mut self.services {
+            let _ = service.kill();
+            let _ = service.wait();
+        }
+    }
+}
+
+impl Site {
+    async fn start(name: &str) -> Result<Self> {
+        let mut lan = Lan::create(name)?;
+        let pc = lan.add_host("pc")?;
+        let server = lan.add_host("srv")?;
+        let outsider = lan.add_host("out")?;
+        let stack = Stack::with_collector_on(name, lan.bridge_addr().into()).await?;
+        let server_cgroup = TestCgroup::create(&format!("{name}-srv"))?;
+        let collector = stack.start_collector().await?;
+        let web_root = stack.dir.path().join("www");
+        std::fs::create_dir_all(&web_root)?;
+        std::fs::write(web_root.join("hello.txt"), b"hello through the tunnel\n")?;
+
+        let srv = server.addr();
+        let pc_policy = stack.dir.path().join("pc-policy.toml");
+        std::fs::write(
+            &pc_policy,
+            format!(
+                r#"
+version = 1
+default = "allow"
+
+[[rule]]
+id = "intranet-via-gateway"
+action = "tunnel"
+destinations = ["{srv}"]
+ports = [{WEB_PORT}, {ECHO_PORT}]
+gateway = "{srv}:{GATEWAY_PORT}"
+
+[[rule]]
+id = "no-admin-port"
+action = "deny"
+destinations = ["{srv}"]
+ports = [{DENIED_PORT}]
+"#
+            ),
+        )?;
+        let server_policy = stack.dir.path().join("server-policy.toml");
+        std::fs::write(&server_policy, server_policy_text(srv, true))?;
+
+        let services = vec![
+            spawn_in(
+                &server,
+                &server_cgroup,
+                &[
+                    "/usr/bin/python3",
+                    "-m",
+                    "http.server",
+                    &WEB_PORT.to_string(),
+                    "--bind",
+                    "0.0.0.0",
+                    "--directory",
+                    &web_root.display().to_string(),
+                ],
+                Stdio::null(),
+            )?,
+            spawn_in(
+                &server,
+                &server_cgroup,
+                &[
+                    "/usr/bin/python3",
+                    "-c",
+                    ECHO_SERVER,
+                    &ECHO_PORT.to_string(),
+                ],
+                Stdio::null(),
+            )?,
+        ];
+
+        let server_agent = stack
+            .start_agent_in(
+                "srv",
+                Some(&server),
+                &[
+                    (
+                        "ZT_AGENT_GUARDED_CGROUP",
+                        server_cgroup.path().display().to_string(),
+                    ),
+                    (
+                        "ZT_AGENT_GUARD__POLICY_FILE",
+                        server_policy.display().to_string(),
+                    ),
+                    (
+                        "ZT_AGENT_TUNNEL__GATEWAY_LISTEN",
+                        format!("{srv}:{GATEWAY_PORT}"),
+                    ),
+                ],
+            )
+            .await?;
+        let pc_agent = stack
+            .start_agent_in(
+                "pc",
+                Some(&pc),
+                &[(
+                    "ZT_AGENT_GUARD__POLICY_FILE",
+                    pc_policy.display().to_string(),
+                )],
+            )
+            .await?;
+        let mut site = Self {
+            pc_agent,
+            server_agent,
+            _collector: collector,
+            services,
+            _server_cgroup: server_cgroup,
+            server_policy,
+            stack,
+            pc,
+            server,
+            outsider,
+            _lan: lan,
+        };
+        site.server_agent
+            .wait_for_log("tunnel gateway listening", Duration::from_secs(20))
+            .await?;
+        site.pc_agent
+            .wait_for_log("tunnel listener ready", Duration::from_secs(20))
+            .await?;
+        site.wait_for_service(WEB_PORT).await?;
+        site.wait_for_service(ECHO_PORT).await?;
+        Ok(site)
+    }
+
+    /// Waits until a service answers on the server's loopback.
+    async fn wait_for_service(&self, port: u16) -> Result<()> {
+        let server = self.server.clone();
+        let up = eventually(Duration::from_secs(15), || {
+            let server = server.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    server
+                        .run_in(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+                        .unwrap_or(false)
+                })
+                .await
+                .unwrap_or(false)
+                .then_some(())
+            }
+        })
+        .await;
+        up.with_context(|| format!("service on port {port} did not come up"))
+    }
+
+    /// Runs `program args` on the PC inside its guarded cgroup (or outside
+    /// it, `in_cgroup = false`), as `uid` when given; returns stdout.
+    fn run_on_pc(&self, in_cgroup: bool, uid: Option<u32>, argv: &[&str]) -> Result<String> {
+        run_on(
+            &self.pc,
+            in_cgroup.then_some(&self.stack.guarded),
+            uid,
+            argv,
+        )
+    }
+
+    fn logs(&self) -> String {
+        self.stack.logs()
+    }
+}
+
+/// Runs `argv` in `host`'s namespace (inside `cgroup` when given, as `uid`
+/// when given); its stdout.
+fn run_on(
+    host: &Host,
+    cgroup: Option<&TestCgroup>,
+    uid: Option<u32>,
+    argv: &[&str],
+) -> Result<String> {
+    let [nsenter, net] = host.exec_prefix();
+    let uid_arg = uid.map(|uid| format!("--reuid={uid}"));
+    let gid_arg = uid.map(|uid| format!("--regid={uid}"));
+    let mut full: Vec<&str> = vec![&net];
+    if let (Some(u), Some(g)) = (&uid_arg, &gid_arg) {
+        full.extend(["/usr/bin/setpriv", u, g, "--clear-groups"]);
+    }
+    full.extend(argv);
+    let output = match cgroup {
+        Some(cgroup) => {
+            spawn_in_cgroup_with(cgroup, &nsenter, &full, Stdio::piped())?.wait_with_output()?
+        }
+        None => std::process::Command::new(&nsenter)
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()?,
+    };
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Starts `argv` in `host`'s namespace inside `cgroup`.
+fn spawn_in(
+    host: &Host,
+    cgroup: &TestCgroup,
+    argv: &[&str],
+    stdout: Stdio,
+) -> Result<std::process::Child> {
+    let [nsenter, net] = host.exec_prefix();
+    let mut full: Vec<&str> = vec![&net];
+    full.extend(argv);
+    spawn_in_cgroup_with(cgroup, &nsenter, &full, stdout)
+}
+
+fn server_policy_text(srv: std::net::Ipv4Addr, echo_allowed: bool) -> String {
+    let echo_rule = if echo_allowed {
+        format!(
+            r#"
+[[access]]
+id = "echo-for-python"
+service = "echo"
+action = "allow"
+orgs = ["{TEST_ORG}"]
+exes = ["/usr/bin/python3.11"]
+"#
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"
+version = {version}
+default = "allow"
+
+[[service]]
+name = "intranet-web"
+destinations = ["{srv}"]
+ports = [{WEB_PORT}]
+target = "127.0.0.1:{WEB_PORT}"
+class = "protected"
+
+[[service]]
+name = "echo"
+destinations = ["{srv}"]
+ports = [{ECHO_PORT}]
+target = "127.0.0.1:{ECHO_PORT}"
+class = "protected"
+
+[[access]]
+id = "staff-curl"
+service = "intranet-web"
+action = "allow"
+orgs = ["{TEST_ORG}"]
+users = ["root"]
+exes = ["/usr/bin/curl"]
+{echo_rule}"#,
+        version = if echo_allowed { 1 } else { 2 },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_carries_allowed_callers_and_refuses_everyone_else() -> Result<()> {
+    let site = Site::start("e2e_tunnel").await?;
+    let srv = site.server.addr();
+    let url = format!("http://{srv}:{WEB_PORT}/hello.txt");
+
+    // The allowed caller: root's curl, through the tunnel.
+    let body = site.run_on_pc(
+        true,
+        None,
+        &["/usr/bin/curl", "-sS", "--max-time", "10", &url],
+    )?;
+    assert_eq!(body, "hello through the tunnel\n", "{}", site.logs());
+
+    // A binary the gateway does not allow, and a user it does not allow.
+    let python = site.run_on_pc(
+        true,
+        None,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            CONNECT_ONCE,
+            &srv.to_string(),
+            &WEB_PORT.to_string(),
+        ],
+    )?;
+    assert!(
+        python.contains("closed") || python.contains("ECONNRESET"),
+        "python must be refused: {python}\n{}",
+        site.logs()
+    );
+    let nobody = site.run_on_pc(
+        true,
+        Some(65534),
+        &["/usr/bin/curl", "-sS", "--max-time", "10", &url],
+    )?;
+    assert_eq!(nobody, "", "nobody must get nothing");
+
+    // A denied destination: EPERM in the PC's kernel.
+    let denied = site.run_on_pc(
+        true,
+        None,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            CONNECT_ONCE,
+            &srv.to_string(),
+            &DENIED_PORT.to_string(),
+        ],
+    )?;
+    assert_eq!(denied.trim(), "EPERM");
+
+    // Around the tunnel: the protected port is dropped by the server's
+    // kernel, from the outsider and from the PC outside its guarded cgroup.
+    let outsider = run_on(
+        &site.outsider,
+        None,
+        None,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            CONNECT_ONCE,
+            &srv.to_string(),
+            &WEB_PORT.to_string(),
+        ],
+    )?;
+    assert_eq!(
+        outsider.trim(),
+        "timeout",
+        "outsider must not reach the service"
+    );
+    let bypass = site.run_on_pc(
+        false,
+        None,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            CONNECT_ONCE,
+            &srv.to_string(),
+            &WEB_PORT.to_string(),
+        ],
+    )?;
+    assert_eq!(
+        bypass.trim(),
+        "timeout",
+        "the PC must not reach the service around the tunnel"
+    );
+
+    // A peer whose certificate comes from another CA is refused at the
+    // handshake, where one of ours gets as far as the policy.
+    gateway_checks_the_peers_ca(&site).await?;
+
+    // The decisions, from both ends.
+    let pc_id = format!("/org/{TEST_ORG}/device/pc");
+    let rows = eventually(Duration::from_secs(30), || async {
+        let rows = decisions(&site.stack).await.ok()?;
+        let gateway_refusals = rows
+            .iter()
+            .filter(|r| r.enforcement_point == "gateway" && r.verdict == "denied")
+            .count();
+        let ingress = rows
+            .iter()
+            .filter(|r| r.enforcement_point == "kernel_ingress")
+            .count();
+        (gateway_refusals >= 2 && ingress >= 2 && rows.iter().any(|r| r.verdict == "tunnelled"))
+            .then_some(rows)
+    })
+    .await
+    .with_context(|| format!("decisions did not arrive\n{}", site.logs()))?;
+
+    let tunnelled = rows
+        .iter()
+        .find(|r| r.enforcement_point == "tunnel" && r.verdict == "tunnelled")
+        .context("no tunnel record")?;
+    assert_eq!(tunnelled.device_id, "pc");
+    assert_eq!(tunnelled.rule_id, "intranet-via-gateway");
+    assert_eq!(tunnelled.exe, "/usr/bin/curl");
+    assert_eq!(tunnelled.exe_sha256.len(), 64);
+    assert_eq!(
+        (tunnelled.remote_addr.as_str(), tunnelled.remote_port),
+        (srv.to_string().as_str(), WEB_PORT)
+    );
+    assert!(tunnelled.peer_id.ends_with("/device/srv"), "{tunnelled:?}");
+    let allowed = rows
+        .iter()
+        .find(|r| r.connection_id == tunnelled.connection_id && r.enforcement_point == "gateway")
+        .context("the gateway's record of the same connection")?;
+    assert_eq!(
+        (
+            allowed.device_id.as_str(),
+            allowed.verdict.as_str(),
+            allowed.rule_id.as_str()
+        ),
+        ("srv", "allowed", "staff-curl")
+    );
+    assert!(allowed.peer_id.ends_with(&pc_id), "{allowed:?}");
+    assert_eq!(
+        (allowed.user_name.as_str(), allowed.service.as_str()),
+        ("root", "intranet-web")
+    );
+    assert_eq!(allowed.direction, "inbound");
+
+    let refused_python = rows
+        .iter()
+        .find(|r| {
+            r.enforcement_point == "gateway"
+                && r.verdict == "denied"
+                && r.exe.starts_with("/usr/bin/python3")
+        })
+        .context("the gateway's refusal of python")?;
+    assert_eq!(refused_python.rule_id, "", "a default denial");
+    assert_eq!(refused_python.reason, "policy");
+    assert!(
+        refused_python
+            .nearest_rules
+            .iter()
+            .any(|n| n.starts_with("staff-curl: executable /usr/bin/python3")),
+        "{refused_python:?}"
+    );
+    let refused_nobody = rows
+        .iter()
+        .find(|r| {
+            r.enforcement_point == "gateway" && r.verdict == "denied" && r.user_name == "nobody"
+        })
+        .context("the gateway's refusal of nobody")?;
+    assert!(
+        refused_nobody
+            .nearest_rules
+            .iter()
+            .any(|n| n.contains("user nobody is not one of [root]")),
+        "{refused_nobody:?}"
+    );
+    // The caller's side records the refusal too, under the same id.
+    assert!(rows
+        .iter()
+        .any(|r| r.connection_id == refused_nobody.connection_id
+            && r.enforcement_point == "tunnel"
+            && r.verdict == "denied"
+            && r.reason == "policy"));
+
+    let kernel_denial = rows
+        .iter()
+        .find(|r| r.enforcement_point == "kernel" && r.remote_port == DENIED_PORT)
+        .context("the kernel's denial")?;
+    assert_eq!(
+        (
+            kernel_denial.action.as_str(),
+            kernel_denial.verdict.as_str(),
+            kernel_denial.rule_id.as_str()
+        ),
+        ("deny", "denied", "no-admin-port")
+    );
+    let dropped: Vec<&DecisionRow> = rows
+        .iter()
+        .filter(|r| r.enforcement_point == "kernel_ingress")
+        .collect();
+    assert!(dropped.iter().all(|r| r.device_id == "srv"
+        && r.direction == "inbound"
+        && r.reason == "protected_port"
+        && r.rule_id == "protect:intranet-web"
+        && r.remote_port == WEB_PORT));
+    let sources: std::collections::BTreeSet<&str> =
+        dropped.iter().map(|r| r.remote_addr.as_str()).collect();
+    assert!(
+        sources.contains(site.outsider.addr().to_string().as_str()),
+        "{sources:?}"
+    );
+    assert!(
+        sources.contains(site.pc.addr().to_string().as_str()),
+        "{sources:?}"
+    );
+    Ok(())
+}
+
+/// QUIC clients from the root namespace (on the LAN through its bridge):
+/// a device of our CA reaches the gateway's policy (and is refused there,
+/// being no caller the policy names); a device of another CA, trusting
+/// ours, is refused at the handshake.
+async fn gateway_checks_the_peers_ca(site: &Site) -> Result<()> {
+    let gateway = std::net::SocketAddr::new(site.server.addr().into(), GATEWAY_PORT);
+    let request = zt_tunnel::OpenRequest::to(std::net::SocketAddr::new(
+        site.server.addr().into(),
+        WEB_PORT,
+    ));
+    let state = site.stack.collector_state();
+    let ours = zt_tunnel::TunnelClient::new(
+        "0.0.0.0:0".parse()?,
+        pki::tunnel_peer_tls(&state, None, TEST_ORG, "visitor")?,
+    )?;
+    match tokio::time::timeout(Duration::from_secs(15), ours.open(gateway, &request)).await? {
+        Err(zt_tunnel::TunnelError::Denied { .. }) => {}
+        other => anyhow::bail!("a device of our CA: {:?}", other.map(|_| "opened")),
+    }
+    let dir = tempfile::tempdir()?;
+    let foreign = zt_tunnel::TunnelClient::new(
+        "0.0.0.0:0".parse()?,
+        pki::tunnel_peer_tls(&state, Some(dir.path()), TEST_ORG, "intruder")?,
+    )?;
+    match tokio::time::timeout(Duration::from_secs(15), foreign.open(gateway, &request)).await? {
+        Err(zt_tunnel::TunnelError::Denied { .. }) | Ok(_) => {
+            anyhow::bail!("a device of another CA got past the handshake")
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_flow_and_policy_changes_and_revocation_close_them() -> Result<()> {
+    let site = Site::start("e2e_tunnel_live").await?;
+    let srv = site.server.addr().to_string();
+    let echo = ECHO_PORT.to_string();
+
+    // 1,000 concurrent tunnelled connections, 32 KiB each way.
+    let flood = site.run_on_pc(
+        true,
+        None,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            ECHO_FLOOD,
+            &srv,
+            &echo,
+            "1000",
+            "32768",
+        ],
+    )?;
+    assert!(
+        flood.starts_with("ok=1000 failed=0"),
+        "{flood}\n{}",
+        site.logs()
+    );
+
+    // A live stream, then a policy that no longer allows it.
+    let mut long = spawn_in(
+        &site.pc,
+        &site.stack.guarded,
+        &["/usr/bin/python3", "-c", LONG_LIVED, &srv, &echo],
+        Stdio::piped(),
+    )?;
+    let mut out = std::io::BufReader::new(long.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(
+        line.trim() == "ready",
+        "long-lived stream did not start: {line:?}\n{}",
+        site.logs()
+    );
+    let changed_at = unix_now();
+    std::fs::write(
+        &site.server_policy,
+        server_policy_text(site.server.addr(), false),
+    )?;
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    let _ = long.wait();
+    let closed_at: f64 = line
+        .trim()
+        .strip_prefix("closed_at=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .with_context(|| format!("the stream was not closed: {line:?}\n{}", site.logs()))?;
+    let took = closed_at - changed_at;
+    assert!(
+        took < 1.5,
+        "closed {took:.3} s after the policy change (poll 250 ms + teardown)"
+    );
+
+    // The new policy refuses new echo connections; restore it, then revoke
+    // the PC: the gateway refuses it.
+    let refused = site.run_on_pc(
+        true,
+        None,
+        &["/usr/bin/python3", "-c", ECHO_FLOOD, &srv, &echo, "1", "16"],
+    )?;
+    assert!(refused.starts_with("ok=0 failed=1"), "{refused}");
+    std::fs::write(
+        &site.server_policy,
+        server_policy_text(site.server.addr(), true),
+    )?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let again = site.run_on_pc(
+        true,
+        None,
+        &["/usr/bin/python3", "-c", ECHO_FLOOD, &srv, &echo, "1", "16"],
+    )?;
+    assert!(
+        again.starts_with("ok=1 failed=0"),
+        "{again}\n{}",
+        site.logs()
+    );
+
+    revoke(&site.stack, "pc")?;
+    let refused_after_revocation = eventually(Duration::from_secs(20), || async {
+        let out = site
+            .run_on_pc(
+                true,
+                None,
+                &["/usr/bin/python3", "-c", ECHO_FLOOD, &srv, &echo, "1", "16"],
+            )
+            .ok()?;
+        out.starts_with("ok=0 failed=1").then_some(())
+    })
+    .await;
+    ensure!(
+        refused_after_revocation.is_some(),
+        "a revoked device still tunnels\n{}",
+        site.logs()
+    );
+
+    let rows = eventually(Duration::from_secs(30), || async {
+        let rows = decisions(&site.stack).await.ok()?;
+        rows.iter()
+            .any(|r| r.enforcement_point == "gateway" && r.verdict == "closed")
+            .then_some(rows)
+    })
+    .await
+    .with_context(|| format!("no record of the closed stream\n{}", site.logs()))?;
+    let opened = rows
+        .iter()
+        .filter(|r| {
+            r.enforcement_point == "gateway" && r.verdict == "allowed" && r.service == "echo"
+        })
+        .count();
+    assert!(
+        opened >= 1001,
+        "every tunnelled connection is recorded: {opened}"
+    );
+    Ok(())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Revokes `device` as an admin would: `ztctl device revoke`.
+fn revoke(stack: &Stack, device: &str) -> Result<()> {
+    let dir = stack.dir.path().join("admin");
+    let output = std::process::Command::new(workspace_binary("zt-collector")?)
+        .arg("--state-dir")
+        .arg(stack.collector_state())
+        .args([
+            "credential",
+            "create",
+            "--org",
+            TEST_ORG,
+            "--user",
+            "admin",
+            "--role",
+            "admin",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()?;
+    ensure!(output.status.success(), "credential create: {output:?}");
+    let config = dir.join("ztctl.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "collector_url = \"{}\"\ncredential = \"{}\"\nca_bundle = \"{}\"\n",
+            stack.collector_url(),
+            dir.join("credential.pem").display(),
+            dir.join("ca.pem").display()
+        ),
+    )?;
+    let output = std::process::Command::new(workspace_binary("ztctl")?)
+        .env("ZTCTL_CONFIG", &config)
+        .args(["device", "revoke", device])
+        .output()?;
+    ensure!(output.status.success(), "ztctl device revoke: {output:?}");
+    Ok(())
+}
