@@ -391,6 +391,10 @@ pub struct DnsEvent {
 /// connections of the guarded cgroup.
 pub const GUARD_CONNECT4_PROGRAM: &str = "guard_connect4";
 pub const GUARD_CONNECT6_PROGRAM: &str = "guard_connect6";
+/// Names of the cgroup `sendmsg4`/`sendmsg6` programs that decide UDP
+/// datagrams sent without `connect()` (with an explicit address).
+pub const GUARD_SENDMSG4_PROGRAM: &str = "guard_sendmsg4";
+pub const GUARD_SENDMSG6_PROGRAM: &str = "guard_sendmsg6";
 /// Longest-prefix-match map of verdicts: [`VerdictKey`] → [`Verdict`].
 pub const VERDICTS_MAP: &str = "VERDICTS";
 /// One-entry array: the [`GuardSettings`] of the loaded policy.

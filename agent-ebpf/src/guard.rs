@@ -74,21 +74,52 @@ static TUNNEL_ORIGINS: LruHashMap<TunnelPeerKey, TunnelOrigin> =
 #[map(name = "PROTECTED_PORTS")]
 static PROTECTED_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(PROTECTED_PORTS_CAPACITY, 0);
 
+/// How a connection reached the guard.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `connect()`: once per connection (TCP, or a connected UDP socket).
+    Connect,
+    /// `sendmsg()` with an address: once per UDP datagram, so allowed ones
+    /// are never recorded (they would be every datagram).
+    Datagram,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn guard_connect4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the context the kernel passed; connect4 may read these fields.
+    decide_v4(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
+    decide_v6(&ctx, Call::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn guard_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide_v4(&ctx, Call::Datagram)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn guard_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide_v6(&ctx, Call::Datagram)
+}
+
+#[inline(always)]
+fn decide_v4(ctx: &SockAddrContext, call: Call) -> i32 {
+    // SAFETY: the context the kernel passed; connect4 and sendmsg4 may read
+    // these fields.
     let (port, ip, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_port, sa.user_ip4, sa.protocol)
     };
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&ip.to_ne_bytes());
-    decide(&ctx, port as u16, AF_INET, addr, 32, protocol)
+    decide(ctx, call, port as u16, AF_INET, addr, 32, protocol)
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as above; connect6 may read the IPv6 words.
+#[inline(always)]
+fn decide_v6(ctx: &SockAddrContext, call: Call) -> i32 {
+    // SAFETY: as above; the v6 hooks may read the IPv6 words.
     let (port, ip, protocol) = unsafe {
         let sa = &*ctx.sock_addr;
         (
@@ -106,13 +137,14 @@ pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
     for (i, word) in ip.iter().enumerate() {
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    decide(&ctx, port as u16, AF_INET6, addr, 128, protocol)
+    decide(ctx, call, port as u16, AF_INET6, addr, 128, protocol)
 }
 
 /// `port_be` in network order, as the kernel hands it over.
 #[inline(always)]
 fn decide(
     ctx: &SockAddrContext,
+    call: Call,
     port_be: u16,
     family: u16,
     addr: [u8; 16],
@@ -155,7 +187,10 @@ fn decide(
         });
     let action = VerdictAction::from_u32(verdict.action).unwrap_or(VerdictAction::Allow);
     if action == VerdictAction::Tunnel {
-        if protocol == IPPROTO_TCP && redirect(ctx, &settings, &verdict, port_be, family, addr) {
+        if call == Call::Connect
+            && protocol == IPPROTO_TCP
+            && redirect(ctx, &settings, &verdict, port_be, family, addr)
+        {
             return PASS;
         }
         // Not TCP, no listener, or no room to remember the destination:
@@ -164,7 +199,7 @@ fn decide(
         record(&settings, &verdict, port_be, family, addr, protocol);
         return REFUSE;
     }
-    if action != VerdictAction::Allow || settings.record_allows != 0 {
+    if action != VerdictAction::Allow || (settings.record_allows != 0 && call == Call::Connect) {
         record(&settings, &verdict, port_be, family, addr, protocol);
     }
     match action {

@@ -17,8 +17,8 @@ use agent_common::{
     DropReason, KernelOffsets, SocketOwner, WatchPrefix, BULK_EVENTS_MAP, BULK_SAMPLING_MAP,
     COMMIT_CREDS_PROGRAM, CRITICAL_EVENTS_MAP, DNS_EGRESS_PROGRAM, DROP_COUNTERS_MAP, DROP_REASONS,
     EXEC_PROGRAM, EXIT_PROGRAM, FILE_WATCH_MAP, FORK_PROGRAM, GUARD_CONNECT4_PROGRAM,
-    GUARD_CONNECT6_PROGRAM, GUARD_INGRESS_PROGRAM, KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP,
-    TCP_STATE_PROGRAM, TUNNEL_SOCK_OPS_PROGRAM,
+    GUARD_CONNECT6_PROGRAM, GUARD_INGRESS_PROGRAM, GUARD_SENDMSG4_PROGRAM, GUARD_SENDMSG6_PROGRAM,
+    KERNEL_OFFSETS_GLOBAL, TCP_LISTENERS_MAP, TCP_STATE_PROGRAM, TUNNEL_SOCK_OPS_PROGRAM,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -394,15 +394,20 @@ impl KernelSensors {
         }) = guard
         {
             kernel_guard = Some(KernelGuard::take(&mut ebpf, policy.clone(), tunnel_port)?);
-            for program in [GUARD_CONNECT4_PROGRAM, GUARD_CONNECT6_PROGRAM] {
+            for program in [
+                GUARD_CONNECT4_PROGRAM,
+                GUARD_CONNECT6_PROGRAM,
+                GUARD_SENDMSG4_PROGRAM,
+                GUARD_SENDMSG6_PROGRAM,
+            ] {
                 attach_guard(&mut ebpf, program, guarded_cgroup)?;
             }
             attach_cgroup_program(&mut ebpf, GUARD_INGRESS_PROGRAM, guarded_cgroup)?;
-            let mut hook = "cgroup connect4/connect6, cgroup_skb ingress";
+            let mut hook = "cgroup connect4/6, sendmsg4/6, cgroup_skb ingress";
             if tunnel_port != 0 {
                 attach_cgroup_program(&mut ebpf, TUNNEL_SOCK_OPS_PROGRAM, guarded_cgroup)?;
                 tunnel_origins = Some(TunnelOrigins::take(&mut ebpf)?);
-                hook = "cgroup connect4/connect6, cgroup_skb ingress, sock_ops";
+                hook = "cgroup connect4/6, sendmsg4/6, cgroup_skb ingress, sock_ops";
             }
             info!(
                 sensor = "guard",
@@ -418,7 +423,7 @@ impl KernelSensors {
             active.push(ActiveSensor {
                 sensor: "guard",
                 hook,
-                programs: if tunnel_port != 0 { 4 } else { 3 },
+                programs: if tunnel_port != 0 { 6 } else { 5 },
                 passed_over: Vec::new(),
             });
         }

@@ -15,16 +15,22 @@ use zt_e2e::{
     stack::{spawn_in_cgroup_with, Stack},
 };
 
-/// Connects to each `host:port` argument, prints `host:port result`.
+/// Connects to each `host:port` argument (TCP), or sends one datagram to
+/// each `udp:host:port` (without connecting); prints `target result`.
 const CONNECTOR: &str = r#"
 import errno, socket, sys
 for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    s = socket.socket()
+    udp = target.startswith("udp:")
+    host, port = target.removeprefix("udp:").rsplit(":", 1)
+    s = socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     s.settimeout(2)
     try:
-        s.connect((host, int(port)))
-        print(target, "connected", flush=True)
+        if udp:
+            s.sendto(b"x", (host, int(port)))
+            print(target, "sent", flush=True)
+        else:
+            s.connect((host, int(port)))
+            print(target, "connected", flush=True)
     except OSError as e:
         print(target, errno.errorcode.get(e.errno, str(e.errno)), flush=True)
     finally:
@@ -95,6 +101,9 @@ destinations = ["127.0.0.82"]
         format!("127.0.0.80:{denied_port}"),
         format!("127.0.0.81:{audited_port}"),
         format!("127.0.0.82:{allowed_port}"),
+        // A datagram without connect(): decided per datagram (sendmsg4).
+        format!("udp:127.0.0.80:{denied_port}"),
+        format!("udp:127.0.0.82:{allowed_port}"),
     ];
     let mut args = vec!["-c", CONNECTOR];
     args.extend(targets.iter().map(String::as_str));
@@ -115,6 +124,14 @@ destinations = ["127.0.0.82"]
         results.contains(&format!("{} connected", targets[2])),
         "{results}"
     );
+    assert!(
+        results.contains(&format!("{} EPERM", targets[3])),
+        "{results}"
+    );
+    assert!(
+        results.contains(&format!("{} sent", targets[4])),
+        "{results}"
+    );
 
     // Outside the guarded cgroup the same connection is not the guard's.
     let outside = std::net::TcpStream::connect(("127.0.0.80", denied_port));
@@ -131,14 +148,24 @@ destinations = ["127.0.0.82"]
             .fetch_all::<DecisionRow>()
             .await
             .ok()?;
-        (rows.len() >= 2).then_some(rows)
+        (rows.len() >= 3).then_some(rows)
     })
     .await
     .with_context(|| format!("decisions not stored\n{}", stack.logs()))?;
     assert_eq!(
         rows.len(),
-        2,
-        "the allowed connection is not recorded: {rows:#?}"
+        3,
+        "the allowed connection and datagram are not recorded: {rows:#?}"
+    );
+    let datagram = &rows[2];
+    assert_eq!(
+        (
+            datagram.protocol.as_str(),
+            datagram.verdict.as_str(),
+            datagram.rule_id.as_str(),
+            datagram.remote_port
+        ),
+        ("udp", "denied", "deny-test-service", denied_port)
     );
     let denied = &rows[0];
     assert_eq!(
@@ -166,11 +193,14 @@ destinations = ["127.0.0.82"]
         assert_eq!(row.pid, pid);
         assert_eq!(row.policy_version, 42);
         assert_eq!(row.enforcement_point, "kernel");
-        assert_eq!(row.protocol, "tcp");
         assert!(row.exe.ends_with("python3"), "{row:?}");
         assert_eq!(row.ancestor_pids.first(), Some(&std::process::id()));
         assert_eq!(row.connection_id.len(), 32);
     }
+    assert_eq!(
+        (rows[0].protocol.as_str(), rows[1].protocol.as_str()),
+        ("tcp", "tcp")
+    );
     assert_ne!(rows[0].connection_id, rows[1].connection_id);
     drop((audited, allowed));
     Ok(())
