@@ -25,6 +25,12 @@ use zt_identity::{RevocationList, SharedRevocationList};
 use crate::{enrollment::SharedIdentity, metrics::AgentMetrics};
 
 const REVOCATIONS_FILE: &str = "revocations.json";
+/// When the control channel was last known open (unix seconds, text): kept
+/// across restarts, so a gateway restarted during a short collector outage
+/// still knows how current its revocation list is.
+const CHANNEL_SEEN_FILE: &str = "control-channel-seen";
+/// How often an open channel refreshes that file.
+const CHANNEL_SEEN_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -47,6 +53,22 @@ impl ControlChannel {
         Ok(FleetClient::new(
             zt_grpc_tls::channel(&self.collector_url, tls).await?,
         ))
+    }
+
+    /// When an earlier run last knew the control channel open (unix
+    /// seconds; 0: never), into the metrics the gateway reads.
+    pub fn restore_channel_seen(&self) {
+        self.metrics.control_channel_seen_unix.store(
+            read_channel_seen(&self.state_dir),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn save_channel_seen(&self) {
+        let path = self.state_dir.join(CHANNEL_SEEN_FILE);
+        if let Err(err) = std::fs::write(&path, format!("{}\n", unix_now())) {
+            debug!(path = %path.display(), error = %err, "cannot record when the control channel was open");
+        }
     }
 
     /// The revocation list saved by an earlier run, if any.
@@ -158,8 +180,20 @@ impl ControlChannel {
             .await?
             .into_inner();
         info!("control channel open");
-        let _open = ChannelOpen::new(&self.metrics);
-        while let Some(update) = updates.message().await? {
+        let _open = ChannelOpen::new(self);
+        let mut save = tokio::time::interval(CHANNEL_SEEN_SAVE_INTERVAL);
+        loop {
+            let update = tokio::select! {
+                update = updates.message() => update?,
+                _ = save.tick() => {
+                    self.metrics
+                        .control_channel_seen_unix
+                        .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+                    self.save_channel_seen();
+                    continue;
+                }
+            };
+            let Some(update) = update else { break };
             self.metrics
                 .control_channel_seen_unix
                 .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
@@ -190,24 +224,38 @@ impl ControlChannel {
 }
 
 /// Marks the control channel open while it lives, and when it was last
-/// seen open.
-struct ChannelOpen<'a>(&'a AgentMetrics);
+/// seen open (in the metrics and on disk).
+struct ChannelOpen<'a>(&'a ControlChannel);
 
 impl<'a> ChannelOpen<'a> {
-    fn new(metrics: &'a AgentMetrics) -> Self {
+    fn new(channel: &'a ControlChannel) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
+        let metrics = &channel.metrics;
         metrics.control_channel_seen_unix.store(unix_now(), Relaxed);
         metrics.control_channel_up.store(true, Relaxed);
-        Self(metrics)
+        channel.save_channel_seen();
+        Self(channel)
     }
 }
 
 impl Drop for ChannelOpen<'_> {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.0.control_channel_seen_unix.store(unix_now(), Relaxed);
-        self.0.control_channel_up.store(false, Relaxed);
+        let metrics = &self.0.metrics;
+        metrics.control_channel_seen_unix.store(unix_now(), Relaxed);
+        metrics.control_channel_up.store(false, Relaxed);
+        self.0.save_channel_seen();
     }
+}
+
+/// The saved time the channel was last open; 0 when missing, unreadable, or
+/// in the future (a clock that went back must not extend the trust).
+fn read_channel_seen(state_dir: &std::path::Path) -> u64 {
+    std::fs::read_to_string(state_dir.join(CHANNEL_SEEN_FILE))
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|seen| *seen <= unix_now())
+        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {
@@ -230,4 +278,22 @@ fn unix(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_open_time_survives_a_restart_but_not_a_future_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_channel_seen(dir.path()), 0, "never open");
+        let path = dir.path().join(CHANNEL_SEEN_FILE);
+        std::fs::write(&path, "1700000000\n").unwrap();
+        assert_eq!(read_channel_seen(dir.path()), 1_700_000_000);
+        std::fs::write(&path, format!("{}\n", unix_now() + 3600)).unwrap();
+        assert_eq!(read_channel_seen(dir.path()), 0);
+        std::fs::write(&path, "garbage").unwrap();
+        assert_eq!(read_channel_seen(dir.path()), 0);
+    }
 }

@@ -126,6 +126,7 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
     };
     let revocations = control.saved_revocations().shared();
+    control.restore_channel_seen();
     let zero_trust = match (sensors.take_guard(), &config.guard.policy_file) {
         (Some(guard), Some(policy_file)) => Some(tunnel::start(tunnel::ZeroTrustSetup {
             config: config.tunnel.clone(),
