@@ -27,6 +27,11 @@ pub struct FileVersion {
     size: u64,
 }
 
+/// One cache for the whole agent: the exec sensor fills it as programs
+/// start, and the tunnel finds a caller's hash there instead of reading the
+/// binary again on its first connection.
+pub type SharedExeHasher = std::sync::Arc<std::sync::Mutex<ExeHasher>>;
+
 #[derive(Debug, Default)]
 pub struct ExeHasher {
     cache: HashMap<FileVersion, String>,

@@ -137,6 +137,7 @@ pub async fn run(
             device: device.clone(),
             revocations: revocations.clone(),
             state_dir: config.state_dir.clone(),
+            exe_hashes: sensors.exe_hashes(),
             decisions: tunnel::DecisionSink {
                 events: tx,
                 sequencer: sequencer.clone(),

@@ -40,7 +40,7 @@ use crate::{
     clock::BootClock,
     config::SensorConfig,
     event::{cred_syscall_name, decode, file_action_name, tcp_action_name, KernelEvent},
-    exe_hash::{ExeHasher, FileVersion, Lookup},
+    exe_hash::{ExeHasher, FileVersion, Lookup, SharedExeHasher},
     file_watch,
     guard::{GuardError, KernelGuard, SharedPolicy, TunnelOrigins},
     guard_policy::CompiledPolicy,
@@ -309,6 +309,7 @@ pub struct KernelSensors {
     tasks: Vec<JoinHandle<()>>,
     guard: Option<KernelGuard>,
     tunnel_origins: Option<TunnelOrigins>,
+    exe_hashes: SharedExeHasher,
 }
 
 impl Drop for KernelSensors {
@@ -448,9 +449,10 @@ impl KernelSensors {
         table.seed(scan_proc(Path::new("/proc")));
         info!(processes = table.len(), "process table seeded from /proc");
 
+        let exe_hashes = SharedExeHasher::default();
         let reader = Reader {
             table,
-            hasher: ExeHasher::default(),
+            hasher: exe_hashes.clone(),
             cgroups: sysfs::cgroup2_mount()
                 .ok()
                 .map(crate::cgroups::CgroupResolver::new),
@@ -483,6 +485,7 @@ impl KernelSensors {
             tasks,
             guard: kernel_guard,
             tunnel_origins,
+            exe_hashes,
         })
     }
 
@@ -495,6 +498,11 @@ impl KernelSensors {
     /// The policy in force, when the guard runs.
     pub fn policy(&self) -> Option<SharedPolicy> {
         self.guard.as_ref().map(KernelGuard::policy)
+    }
+
+    /// The executables' hashes the exec sensor has computed.
+    pub fn exe_hashes(&self) -> SharedExeHasher {
+        self.exe_hashes.clone()
     }
 
     /// Where redirected connections were going (with a tunnel listener).
@@ -761,7 +769,7 @@ fn unload(ebpf: &mut Ebpf, hook: &ProgramHook) {
 /// Drains the critical ring buffer: decode, keep the process table, enrich.
 struct Reader {
     table: ProcessTable,
-    hasher: ExeHasher,
+    hasher: SharedExeHasher,
     users: UserNames,
     /// cgroup ids to paths; `None` without a cgroup v2 hierarchy.
     cgroups: Option<crate::cgroups::CgroupResolver>,
@@ -934,7 +942,7 @@ impl Reader {
             },
         };
         if let Some(hash) = &hash {
-            self.hasher.remember(version, hash);
+            lock(&self.hasher).remember(version, hash);
         }
         for mut event in self.awaiting_hash.remove(&version).unwrap_or_default() {
             if let Some(Kind::Exec(exec)) = event.kind.as_mut() {
@@ -958,7 +966,8 @@ impl Reader {
                 let ancestry = self.table.ancestry(e.pid);
                 // Only a binary not seen before is read, off the runtime's
                 // worker; the usual case is one stat.
-                let exe_sha256 = match self.hasher.lookup(e.pid, &e.filename) {
+                let lookup = lock(&self.hasher).lookup(e.pid, &e.filename);
+                let exe_sha256 = match lookup {
                     Lookup::Cached(hash) => hash,
                     Lookup::New(file) => {
                         // Read on a blocking thread; the event waits for
@@ -1243,6 +1252,10 @@ impl Reader {
             container_id,
         }
     }
+}
+
+fn lock(hasher: &SharedExeHasher) -> std::sync::MutexGuard<'_, ExeHasher> {
+    hasher.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Sleeps for `duration`, or forever without one.

@@ -37,7 +37,7 @@ use zt_tunnel::{
 
 use crate::{
     access::{Flow, ServiceClass},
-    exe_hash::{ExeHasher, Lookup},
+    exe_hash::{Lookup, SharedExeHasher},
     guard::{self, SharedPolicy, TunnelOrigins},
     metrics::AgentMetrics,
     sensors::Sequencer,
@@ -130,15 +130,22 @@ pub struct Caller {
 }
 
 /// Resolves callers: executable through `/proc/<pid>/exe` (the running
-/// image, even when the file was replaced), its hash cached by file
-/// version, user names from the passwd file.
-#[derive(Default)]
+/// image, even when the file was replaced), its hash from the agent's cache
+/// by file version (the exec sensor hashed it when the program started),
+/// user names from the passwd file.
 pub struct CallerResolver {
-    hasher: Mutex<ExeHasher>,
+    hasher: SharedExeHasher,
     users: Mutex<UserNames>,
 }
 
 impl CallerResolver {
+    pub fn new(hasher: SharedExeHasher) -> Self {
+        Self {
+            hasher,
+            users: Mutex::new(UserNames::default()),
+        }
+    }
+
     pub async fn resolve(&self, pid: u32, uid: u32) -> Caller {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.display().to_string())
@@ -246,49 +253,67 @@ impl TunnelCaller {
         };
         request.set_destination(destination);
         let metrics = &self.decisions.metrics;
-        match self.client.open(route.gateway, &request).await {
-            Ok(stream) => {
-                let gateway_id = stream.peer().id.clone();
-                record.peer_id = gateway_id.to_string();
-                if let Some(expected) = &route.gateway_id {
-                    if *expected != gateway_id {
-                        warn!(gateway = %route.gateway, presented = %gateway_id, %expected, "gateway presented another identity; connection refused");
-                        zt_tunnel::reset(tcp);
+        // Pipelined: the caller's bytes start towards the gateway at once;
+        // the decision is recorded the moment the answer arrives, before any
+        // byte from the gateway reaches the caller. The gateway's identity is
+        // checked on the pooled connection before the stream is opened.
+        let carried = self
+            .client
+            .carry(
+                route.gateway,
+                route.gateway_id.as_ref(),
+                request,
+                tcp,
+                |answer| match answer {
+                    Ok((_, gateway)) => {
+                        record.peer_id = gateway.id.to_string();
+                        record.verdict = "tunnelled".into();
+                        self.decisions.record(record);
+                        AgentMetrics::add(&metrics.tunnel_opened, 1);
+                    }
+                    Err(TunnelError::Denied {
+                        reason,
+                        rule_id: gateway_rule,
+                        detail,
+                        ..
+                    }) => {
+                        info!(%destination, pid = origin.pid, exe = %record.exe, %reason, gateway_rule = %gateway_rule, detail = %detail, "gateway refused a tunnelled connection");
+                        record.verdict = "denied".into();
+                        record.reason = reason_name(*reason).into();
+                        self.decisions.record(record);
+                        AgentMetrics::add(&metrics.tunnel_refused, 1);
+                    }
+                    Err(TunnelError::UnexpectedPeer {
+                        presented,
+                        expected,
+                        ..
+                    }) => {
+                        warn!(gateway = %route.gateway, %presented, %expected, "gateway presented another identity; connection refused");
+                        record.peer_id = presented.to_string();
                         record.verdict = "denied".into();
                         record.reason = "gateway_unreachable".into();
                         self.decisions.record(record);
                         AgentMetrics::add(&metrics.tunnel_failed, 1);
-                        return;
                     }
-                }
-                record.verdict = "tunnelled".into();
-                self.decisions.record(record);
-                AgentMetrics::add(&metrics.tunnel_opened, 1);
-                if let Err(err) = stream.splice(tcp).await {
-                    debug!(%destination, error = %err, "tunnelled connection ended with an error");
-                }
-            }
-            Err(TunnelError::Denied {
-                reason,
-                rule_id: gateway_rule,
-                detail,
-                ..
-            }) => {
-                zt_tunnel::reset(tcp);
-                info!(%destination, pid = origin.pid, exe = %record.exe, %reason, gateway_rule = %gateway_rule, detail = %detail, "gateway refused a tunnelled connection");
-                record.verdict = "denied".into();
-                record.reason = reason_name(reason).into();
-                self.decisions.record(record);
-                AgentMetrics::add(&metrics.tunnel_refused, 1);
-            }
-            Err(err) => {
-                zt_tunnel::reset(tcp);
-                warn!(%destination, gateway = %route.gateway, error = %err, "tunnel to the gateway failed; connection refused");
-                record.verdict = "denied".into();
-                record.reason = "gateway_unreachable".into();
-                self.decisions.record(record);
-                AgentMetrics::add(&metrics.tunnel_failed, 1);
-            }
+                    Err(TunnelError::Aborted(_)) => {
+                        // The policy changed before the gateway answered, as when
+                        // the route is gone by the time of accept().
+                        record.verdict = "denied".into();
+                        record.reason = "policy".into();
+                        self.decisions.record(record);
+                    }
+                    Err(err) => {
+                        warn!(%destination, gateway = %route.gateway, error = %err, "tunnel to the gateway failed; connection refused");
+                        record.verdict = "denied".into();
+                        record.reason = "gateway_unreachable".into();
+                        self.decisions.record(record);
+                        AgentMetrics::add(&metrics.tunnel_failed, 1);
+                    }
+                },
+            )
+            .await;
+        if let Err(err @ TunnelError::Splice(_)) = carried {
+            debug!(%destination, error = %err, "tunnelled connection ended with an error");
         }
     }
 
@@ -535,6 +560,8 @@ pub struct ZeroTrustSetup {
     pub device: crate::enrollment::SharedIdentity,
     pub revocations: SharedRevocationList,
     pub decisions: DecisionSink,
+    /// The agent's executable hashes (shared with the exec sensor).
+    pub exe_hashes: SharedExeHasher,
     /// Where the gateway keeps its stateless-reset key, so that peers learn
     /// at once that a restarted gateway lost their connection.
     pub state_dir: std::path::PathBuf,
@@ -566,6 +593,7 @@ pub fn start(setup: ZeroTrustSetup) -> anyhow::Result<ZeroTrust> {
         device,
         revocations,
         decisions,
+        exe_hashes,
         state_dir,
     } = setup;
     let policy = guard.policy();
@@ -585,7 +613,7 @@ pub fn start(setup: ZeroTrustSetup) -> anyhow::Result<ZeroTrust> {
                 policy: policy.clone(),
                 origins,
                 client,
-                callers: CallerResolver::default(),
+                callers: CallerResolver::new(exe_hashes),
                 decisions: decisions.clone(),
             });
             info!(port = listener.port(), "tunnel listener ready");

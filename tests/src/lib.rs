@@ -7,6 +7,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod stack;
+pub mod tunnel_site;
 
 use std::time::{Duration, Instant};
 

@@ -13,24 +13,44 @@
 //! a 2-core machine is the dominant cost; direct TCP pays only for the
 //! kernel and the two TCP ends.
 //!
+//! The client agent carries connections as the real agent does, pipelined
+//! (`TunnelClient::carry`: the caller's bytes follow the request at once, the
+//! answer is read before the first byte back); the rows marked "answer
+//! first" use `TunnelClient::open` + `splice` instead (the request's answer
+//! is awaited before any byte moves), for comparison.
+//!
 //! * **connect latency**: from the caller's `connect()` to its first echoed
 //!   byte. Direct TCP; through the tunnel with a warm pooled QUIC connection
-//!   (one stream round trip plus the gateway's connect to the service); cold
-//!   (a new `TunnelClient` per sample: UDP bind, QUIC and mutual-TLS
-//!   handshake, then the same).
+//!   (one stream round trip plus the gateway's connect to the service),
+//!   pipelined and answer first; cold (a new `TunnelClient` per sample: UDP
+//!   bind, QUIC and mutual-TLS handshake, then the same). The rows of one
+//!   table take turns of 100 samples (see `latency`), and every caller
+//!   closes with a reset (see `no_time_wait`).
+//! * **over an emulated LAN**: the same warm connect latency, pipelined and
+//!   answer first, with the client agent reaching the gateway through a UDP
+//!   relay that delays every datagram by half of `ZT_BENCH_LAN_RTT_US`
+//!   (default 500 µs round trip; OS threads sleeping until each datagram is
+//!   due, some 100 µs late on a VM: the one-byte round trip on an
+//!   established connection, printed with it, shows the effective round
+//!   trip). On loopback a QUIC round trip
+//!   costs little more than the CPU work of the parties, which all share two
+//!   cores; between two machines it is the network's round trip, and that
+//!   is what pipelining saves.
 //! * **throughput** of one connection sending `ZT_BENCH_BULK_MIB` (default
 //!   256) MiB one way, until the receiver has read it all and acknowledged:
 //!   direct TCP; the tunnel (TCP → QUIC → TCP); a plain quinn stream between
 //!   two endpoints with the same TLS and transport configuration (what the
 //!   tunnel can at best reach).
 //! * **connection rate**: new tunnelled connections per second with 64
-//!   concurrent callers, each connecting, exchanging one byte and closing.
+//!   concurrent callers, each connecting, exchanging one byte and closing
+//!   (pipelined and answer first).
 //! * **memory**: process RSS growth (`VmRSS`) per idle connection with
 //!   1,000 open: direct, then through the tunnel (all parties included).
 //!
 //! Knobs (environment): `ZT_BENCH_ONLY` (comma-separated subset of
-//! `latency,throughput,rate,memory`), `ZT_BENCH_SAMPLES` (latency samples,
-//! default 2000),
+//! `latency,lan,throughput,rate,memory`), `ZT_BENCH_SAMPLES` (latency
+//! samples, default 2000; a quarter of that over the emulated LAN),
+//! `ZT_BENCH_LAN_RTT_US` (default 500),
 //! `ZT_BENCH_STREAM_WINDOW`, `ZT_BENCH_CONN_WINDOW`, `ZT_BENCH_SEND_WINDOW`,
 //! `ZT_BENCH_COPY_BUFFER`, `ZT_BENCH_UDP_BUFFER` (bytes) override the
 //! defaults of `zt_tunnel::Tuning`.
@@ -206,9 +226,18 @@ enum Pool {
     Cold(Arc<Pki>, Tuning),
 }
 
+/// How the agent listener opens its tunnelled connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    /// `TunnelClient::carry`, as the agent does.
+    Pipelined,
+    /// `TunnelClient::open`, then `TunnelStream::splice`.
+    AnswerFirst,
+}
+
 /// The client agent: a local listener standing in for the kernel redirect;
 /// every accepted caller is tunnelled to `service` through `gateway`.
-async fn agent(pool: Pool, gateway: SocketAddr, service: SocketAddr) -> SocketAddr {
+async fn agent(pool: Pool, open: Open, gateway: SocketAddr, service: SocketAddr) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let pool = Arc::new(pool);
@@ -228,14 +257,26 @@ async fn agent(pool: Pool, gateway: SocketAddr, service: SocketAddr) -> SocketAd
                     Pool::Warm(client) => client.clone(),
                     Pool::Cold(pki, tuning) => client(pki, tuning),
                 };
-                match client.open(gateway, &request).await {
-                    Ok(stream) => {
-                        let _ = stream.splice(caller).await;
+                match open {
+                    Open::Pipelined => {
+                        // The answer is reported here; the agent records it.
+                        let _ = client
+                            .carry(gateway, None, request, caller, |answer| {
+                                if let Err(e) = answer {
+                                    eprintln!("open failed: {e}");
+                                }
+                            })
+                            .await;
                     }
-                    Err(e) => {
-                        eprintln!("open failed: {e}");
-                        zt_tunnel::reset(caller);
-                    }
+                    Open::AnswerFirst => match client.open(gateway, &request).await {
+                        Ok(stream) => {
+                            let _ = stream.splice(caller).await;
+                        }
+                        Err(e) => {
+                            eprintln!("open failed: {e}");
+                            zt_tunnel::reset(caller);
+                        }
+                    },
                 }
                 if matches!(&*pool, Pool::Cold(..)) {
                     client.close();
@@ -246,10 +287,75 @@ async fn agent(pool: Pool, gateway: SocketAddr, service: SocketAddr) -> SocketAd
     addr
 }
 
+/// A UDP path to `target` that delays every datagram by `one_way`, each
+/// direction: an emulated LAN between one client and a gateway. Returns the
+/// address to send to instead of `target`.
+fn delay_line(target: SocketAddr, one_way: Duration) -> SocketAddr {
+    let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let back = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    back.connect(target).unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (front_in, back_out) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+    let seen = Arc::clone(&client);
+    relay_direction(
+        one_way,
+        move |buffer| {
+            let (n, from) = front_in.recv_from(buffer).ok()?;
+            *seen.lock().unwrap() = Some(from);
+            Some(n)
+        },
+        move |datagram| {
+            let _ = back_out.send(datagram);
+        },
+    );
+    relay_direction(
+        one_way,
+        move |buffer| back.recv(buffer).ok(),
+        move |datagram| {
+            if let Some(client) = *client.lock().unwrap() {
+                let _ = front.send_to(datagram, client);
+            }
+        },
+    );
+    addr
+}
+
+/// One direction of a [`delay_line`]: a thread receiving, a thread sending
+/// each datagram once `one_way` has passed since it arrived.
+fn relay_direction(
+    one_way: Duration,
+    mut receive: impl FnMut(&mut [u8]) -> Option<usize> + Send + 'static,
+    send: impl Fn(&[u8]) + Send + 'static,
+) {
+    let (queue, due) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 65_536];
+        while let Some(n) = receive(&mut buffer) {
+            if queue
+                .send((Instant::now() + one_way, buffer[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((at, datagram)) = due.recv() {
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            send(&datagram);
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------
 // Measurements
 
 /// Connect, send one byte, wait for it to come back; time to that byte.
+/// Then close with a reset (see [`no_time_wait`]).
 async fn first_byte(addr: SocketAddr) -> Duration {
     let start = Instant::now();
     let mut socket = TcpStream::connect(addr).await.unwrap();
@@ -257,7 +363,20 @@ async fn first_byte(addr: SocketAddr) -> Duration {
     socket.write_all(b"x").await.unwrap();
     let mut byte = [0u8; 1];
     socket.read_exact(&mut byte).await.unwrap();
-    start.elapsed()
+    let elapsed = start.elapsed();
+    no_time_wait(&socket);
+    elapsed
+}
+
+/// Makes `socket` close with a reset rather than a FIN, so that it leaves no
+/// TIME_WAIT entry behind, nor do the connections the tunnel made for it
+/// (the reset travels through the tunnel). A run makes some 100,000
+/// connections; left in TIME_WAIT for a minute, they make every later
+/// `connect(2)` on loopback slower (the kernel's search for a free local
+/// port walks them), later rows and later runs more than earlier ones, and
+/// the tunnel, which connects twice per connection, more than direct TCP.
+fn no_time_wait(socket: &TcpStream) {
+    socket.set_zero_linger().unwrap();
 }
 
 struct Latency {
@@ -265,14 +384,61 @@ struct Latency {
     p99: Duration,
 }
 
-async fn latency(addr: SocketAddr, samples: usize) -> Latency {
+/// Connect latency of each of `addrs`, measured in turns of
+/// [`LATENCY_BLOCK`] back-to-back samples each, so that all paths see the
+/// same machine: on a shared VM the latencies drift by tens of percent from
+/// one minute to the next. (Not sample by sample: a connection's teardown
+/// then falls into the next path's sample.) The first samples of each turn
+/// are not counted.
+async fn latency(addrs: &[SocketAddr], samples: usize) -> Vec<Latency> {
     // Warm up (pool, caches) before measuring.
-    for _ in 0..20 {
-        first_byte(addr).await;
+    for addr in addrs {
+        for _ in 0..20 {
+            first_byte(*addr).await;
+        }
     }
+    let mut times = vec![Vec::with_capacity(samples); addrs.len()];
+    for turn in 0..samples.div_ceil(LATENCY_BLOCK) {
+        for i in 0..addrs.len() {
+            let i = (turn + i) % addrs.len();
+            for _ in 0..5 {
+                first_byte(addrs[i]).await;
+            }
+            let n = LATENCY_BLOCK.min(samples - times[i].len());
+            for _ in 0..n {
+                times[i].push(first_byte(addrs[i]).await);
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut times| {
+            times.sort();
+            Latency {
+                p50: times[samples / 2],
+                p99: times[samples * 99 / 100],
+            }
+        })
+        .collect()
+}
+
+/// Samples per turn in [`latency`].
+const LATENCY_BLOCK: usize = 100;
+
+/// One connection, then `samples` one-byte round trips on it: what every
+/// exchange costs once a connection is set up.
+async fn round_trips(addr: SocketAddr, samples: usize) -> Latency {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    socket.set_nodelay(true).unwrap();
+    let mut byte = [0u8; 1];
     let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        times.push(first_byte(addr).await);
+    for i in 0..samples + 20 {
+        let start = Instant::now();
+        socket.write_all(b"x").await.unwrap();
+        socket.read_exact(&mut byte).await.unwrap();
+        if i >= 20 {
+            times.push(start.elapsed());
+        }
     }
     times.sort();
     Latency {
@@ -426,6 +592,7 @@ async fn open_idle(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     for _ in 0..n {
         let mut socket = TcpStream::connect(addr).await.unwrap();
         socket.write_all(b"x").await.unwrap();
+        no_time_wait(&socket);
         held.push(socket);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -470,10 +637,20 @@ async fn run() {
     let sink = sink_service().await;
     let hold = hold_service().await;
     let warm_client = client(&pki, &tuning);
-    let warm_echo = agent(Pool::Warm(warm_client.clone()), gateway, echo).await;
-    let warm_sink = agent(Pool::Warm(warm_client.clone()), gateway, sink).await;
-    let warm_hold = agent(Pool::Warm(warm_client.clone()), gateway, hold).await;
-    let cold_echo = agent(Pool::Cold(Arc::clone(&pki), tuning.clone()), gateway, echo).await;
+    let warm = || Pool::Warm(warm_client.clone());
+    let cold = || Pool::Cold(Arc::clone(&pki), tuning.clone());
+    let warm_echo = agent(warm(), Open::Pipelined, gateway, echo).await;
+    let warm_echo_answer_first = agent(warm(), Open::AnswerFirst, gateway, echo).await;
+    let warm_sink = agent(warm(), Open::Pipelined, gateway, sink).await;
+    let warm_hold = agent(warm(), Open::Pipelined, gateway, hold).await;
+    let cold_echo = agent(cold(), Open::Pipelined, gateway, echo).await;
+    let cold_echo_answer_first = agent(cold(), Open::AnswerFirst, gateway, echo).await;
+    let lan_rtt = Duration::from_micros(env_or("ZT_BENCH_LAN_RTT_US", 500));
+    let lan_gateway = delay_line(gateway, lan_rtt / 2);
+    let lan_client = client(&pki, &tuning);
+    let lan = || Pool::Warm(lan_client.clone());
+    let lan_echo = agent(lan(), Open::Pipelined, lan_gateway, echo).await;
+    let lan_echo_answer_first = agent(lan(), Open::AnswerFirst, lan_gateway, echo).await;
 
     let only = std::env::var("ZT_BENCH_ONLY").unwrap_or_default();
     let wanted = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
@@ -498,24 +675,84 @@ async fn run() {
 
     if wanted("latency") {
         println!("\n## Connect latency: connect() to first echoed byte ({samples} samples)\n");
+        println!("| path | p50 | p99 | p50 added to direct TCP |");
+        println!("|---|---:|---:|---:|");
+        let mut direct = None;
+        for group in [
+            &[
+                ("direct TCP", echo),
+                ("tunnel, warm pooled QUIC connection", warm_echo),
+                (
+                    "tunnel, warm, answer first (`open` + `splice`)",
+                    warm_echo_answer_first,
+                ),
+            ][..],
+            &[
+                ("tunnel, cold (new QUIC + mTLS handshake)", cold_echo),
+                (
+                    "tunnel, cold, answer first (`open` + `splice`)",
+                    cold_echo_answer_first,
+                ),
+            ][..],
+        ] {
+            let addrs: Vec<_> = group.iter().map(|(_, addr)| *addr).collect();
+            for ((name, _), l) in group.iter().zip(latency(&addrs, samples).await) {
+                let added = match direct {
+                    None => {
+                        direct = Some(l.p50);
+                        String::new()
+                    }
+                    Some(direct) => format!("{:.0} µs", micros(l.p50) - micros(direct)),
+                };
+                println!(
+                    "| {name} | {:.0} µs | {:.0} µs | {added} |",
+                    micros(l.p50),
+                    micros(l.p99)
+                );
+            }
+        }
+        println!("\n## Round trip of one byte on an established connection ({samples} samples)\n");
         println!("| path | p50 | p99 |");
         println!("|---|---:|---:|");
-        for (name, addr, n) in [
-            ("direct TCP", echo, samples),
-            ("tunnel, warm pooled QUIC connection", warm_echo, samples),
-            (
-                "tunnel, cold (new QUIC + mTLS handshake)",
-                cold_echo,
-                samples,
-            ),
-        ] {
-            let l = latency(addr, n).await;
+        for (name, addr) in [("direct TCP", echo), ("tunnel", warm_echo)] {
+            let l = round_trips(addr, samples).await;
             println!(
                 "| {name} | {:.0} µs | {:.0} µs |",
                 micros(l.p50),
                 micros(l.p99)
             );
         }
+    }
+
+    if wanted("lan") {
+        let samples = samples / 4;
+        println!(
+            "\n## Over an emulated LAN (UDP round trip {} µs): connect() to first echoed byte ({samples} samples)\n",
+            lan_rtt.as_micros()
+        );
+        println!("| path | p50 | p99 |");
+        println!("|---|---:|---:|");
+        let rows = [
+            ("tunnel, warm pooled QUIC connection", lan_echo),
+            (
+                "tunnel, warm, answer first (`open` + `splice`)",
+                lan_echo_answer_first,
+            ),
+        ];
+        let addrs: Vec<_> = rows.iter().map(|(_, addr)| *addr).collect();
+        for ((name, _), l) in rows.iter().zip(latency(&addrs, samples).await) {
+            println!(
+                "| {name} | {:.0} µs | {:.0} µs |",
+                micros(l.p50),
+                micros(l.p99)
+            );
+        }
+        let l = round_trips(lan_echo, samples).await;
+        println!(
+            "| (one-byte round trip on an established tunnelled connection) | {:.0} µs | {:.0} µs |",
+            micros(l.p50),
+            micros(l.p99)
+        );
     }
 
     // `throughput` runs all three paths; `tcp-throughput`,
@@ -575,6 +812,10 @@ async fn run() {
         println!(
             "| tunnel, warm pooled QUIC connection | {:.0} |",
             connection_rate(warm_echo, callers, total).await
+        );
+        println!(
+            "| tunnel, warm, answer first (`open` + `splice`) | {:.0} |",
+            connection_rate(warm_echo_answer_first, callers, total).await
         );
     }
 }

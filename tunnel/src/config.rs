@@ -167,9 +167,51 @@ pub fn endpoint(
         .ok_or_else(|| bind_error(std::io::Error::other("not called within a tokio runtime")))?;
     let config = match reset_key {
         Some(key) => {
-            quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key)))
+            let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                key,
+            )));
+            // quinn's default connection ids carry a tag keyed per start, so
+            // a restarted endpoint would drop a peer's packets for its old
+            // connection as invalid instead of answering them with the
+            // stateless reset this key is for.
+            config.cid_generator(|| {
+                Box::new(RandomCids {
+                    rng: ring::rand::SystemRandom::new(),
+                })
+            });
+            config
         }
         None => quinn::EndpointConfig::default(),
     };
     quinn::Endpoint::new(config, server, socket, runtime).map_err(bind_error)
+}
+
+/// Random 8-byte connection ids that any start of the endpoint accepts as
+/// possibly its own: a packet for a connection it does not know (one from
+/// before a restart) gets a stateless reset (rate-limited by quinn, and
+/// always smaller than the packet), so the peer learns at once that the
+/// connection is gone.
+struct RandomCids {
+    rng: ring::rand::SystemRandom,
+}
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut cid = [0u8; 8];
+        if ring::rand::SecureRandom::fill(&self.rng, &mut cid).is_err() {
+            // Never on Linux (getrandom); uniqueness is still checked by
+            // quinn, which draws again on a collision.
+            tracing::error!("no randomness for a connection id");
+        }
+        quinn::ConnectionId::new(&cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }

@@ -4,7 +4,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use zt_identity::SpiffeId;
+
 use crate::protocol::{DenyReason, ErrorCode};
+use crate::splice::SpliceError;
 
 /// Everything that can go wrong setting up or opening a tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,28 @@ pub enum TunnelError {
     /// id), although the TLS verifier accepted it.
     #[error("peer identity: {0}")]
     PeerIdentity(String),
+    /// The gateway proved an identity the TLS verifier accepts, but not the
+    /// one the caller asked for ([`TunnelClient::carry`]'s
+    /// `expected_peer`). Nothing was sent to it.
+    ///
+    /// [`TunnelClient::carry`]: crate::TunnelClient::carry
+    #[error("gateway {gateway} presented {presented}, expected {expected}")]
+    UnexpectedPeer {
+        /// The gateway's address.
+        gateway: SocketAddr,
+        /// Who it should have been.
+        expected: Box<SpiffeId>,
+        /// Who it is.
+        presented: Box<SpiffeId>,
+    },
+    /// Closed locally (a policy re-evaluation on the client) before the
+    /// gateway answered.
+    #[error("closed locally before the gateway answered: {0}")]
+    Aborted(ErrorCode),
+    /// A pipelined connection the gateway allowed failed while carrying
+    /// bytes (see [`SpliceError`]).
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
     /// The peer broke the tunnel protocol, or a local message would.
     #[error("tunnel protocol error: {0}")]
     Protocol(String),

@@ -14,7 +14,11 @@
 //! 3. **Per stream:** read the [`OpenRequest`] (bounded in size and time),
 //!    ask [`Authorizer::authorize`] about (device, user, process,
 //!    destination), connect to the service if allowed, answer, and splice.
-//!    A malformed request resets only that stream.
+//!    Nothing past the request is read before that: bytes a pipelining
+//!    client sent early wait in the stream's flow-control window, reach the
+//!    service only once it is allowed and connected, and are discarded with
+//!    the stream (`STOP_SENDING`) on a refusal. A malformed request resets
+//!    only that stream.
 //! 4. **Records.** Every decision is sent to the agent as a
 //!    [`GatewayDecision`] with `try_send`: a slow consumer loses records
 //!    (counted in [`GatewayHandle::dropped_decisions`]), never delays a
@@ -570,7 +574,7 @@ impl Shared {
         }
         let target = authorization.target.unwrap_or(destination);
         let limit = self.options.service_connect_timeout;
-        match tokio::time::timeout(limit, TcpStream::connect(target)).await {
+        match tokio::time::timeout(limit, splice::connect(target)).await {
             Ok(Ok(service)) => (authorization, Some(service)),
             Ok(Err(e)) => {
                 let detail = format!("connecting to {target}: {e}");

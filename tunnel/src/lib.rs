@@ -17,7 +17,10 @@
 //!   connection costs one round trip, not a handshake.
 //! * **The stream starts with a header** ([`protocol`]): the client's
 //!   [`OpenRequest`] (destination, user, process, its policy version), then
-//!   the gateway's [`OpenAnswer`]; bytes flow only after an allow.
+//!   the gateway's [`OpenAnswer`]. The client pipelines
+//!   ([`TunnelClient::carry`]): the caller's first bytes follow the request
+//!   at once, and the gateway reads them only after an allow (and after
+//!   connecting to the service), discarding them on a refusal.
 //! * **The gateway decides per stream** ([`gateway`]) with the device
 //!   identity from the peer's certificate ([`PeerIdentity`]) and the request,
 //!   through an [`Authorizer`] the agent supplies ([`authorizer`]), records

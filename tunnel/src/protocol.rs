@@ -5,15 +5,27 @@
 //!
 //! ```text
 //! client → gateway   u32 big-endian length ‖ OpenRequest (protobuf)
+//!                    then raw TCP bytes, at once (pipelined) or after the answer
 //! gateway → client   u32 big-endian length ‖ OpenAnswer  (protobuf)
 //! then, on allow     raw TCP bytes both ways, FIN = TCP half-close
-//!       on deny      the gateway finishes its side and stops reading
+//!       on deny      the gateway finishes its side and stops reading,
+//!                    discarding whatever the client had sent
 //! ```
 //!
-//! The client sends no payload before the answer: a denied caller must not
-//! get a single byte to the far network, and the answer is also where the
-//! gateway reports that the service is unreachable. The cost is one round
-//! trip per tunnelled connection on a warm QUIC connection.
+//! **Pipelining.** The client may send the caller's bytes right behind the
+//! request, without waiting for the answer (`TunnelClient::carry`), so the
+//! caller's first byte pays no round trip for it. The gateway reads nothing
+//! past the request until it has authorized it *and* connected to the
+//! service; until then the bytes wait in the stream's receive buffer, bounded
+//! by QUIC flow control (the gateway's stream and connection windows), and
+//! the client sends only a first flight of them before the answer
+//! (`ClientOptions::max_bytes_before_answer`). On a refusal the gateway
+//! stops the stream (`STOP_SENDING`), which discards them: a denied caller
+//! still gets no byte to the far network. The answer is also where the
+//! gateway reports that the service is unreachable. The client reads the
+//! answer before any byte coming back, and resets the caller's connection on
+//! a refusal. A client may also wait for the answer before sending anything
+//! (`TunnelClient::open`); the gateway cannot tell the difference.
 //!
 //! A header is at most [`MAX_HEADER_LEN`] bytes. The length is read first and
 //! checked before anything is allocated, so a peer cannot make the gateway

@@ -25,6 +25,14 @@
 //! `write_chunk` waits, so the sender stops reading its TCP socket, whose
 //! window closes towards the original sender.
 //!
+//! **The first bytes of a new connection** skip a wake-up: tokio reads from
+//! or writes to a socket only once epoll has said it may, which on a socket
+//! just accepted or connected is one wake-up of tokio's I/O driver away. So
+//! the gateway connects to the service with a plain non-blocking
+//! `connect(2)` (complete on return on loopback) and every write to TCP is
+//! first tried straight on the socket; a pipelined client reads the caller's
+//! first flight straight off the socket too.
+//!
 //! **Failures abort both directions.** A TCP error or reset on one end resets
 //! the QUIC stream ([`ErrorCode::TcpReset`]); the far end, seeing the reset,
 //! resets its own TCP connection (`SO_LINGER` 0, so the peer gets an RST
@@ -34,18 +42,22 @@
 //!
 //! [`Tuning::copy_buffer`]: crate::Tuning::copy_buffer
 
+use std::borrow::Borrow;
 use std::future::pending;
 use std::future::Future as _;
-use std::io;
+use std::io::{self, Read as _};
+use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::protocol::ErrorCode;
 
@@ -111,19 +123,132 @@ impl From<SpliceError> for io::Error {
 /// caller whose tunnel was denied, so its connect fails visibly rather than
 /// looking like an empty response.
 pub fn reset(tcp: TcpStream) {
+    zero_linger(&tcp);
+    drop(tcp);
+}
+
+fn zero_linger(tcp: &TcpStream) {
     if let Err(e) = tcp.set_zero_linger() {
         tracing::debug!(error = %e, "SO_LINGER 0 failed; closing with FIN");
     }
-    drop(tcp);
+}
+
+/// A tunnelled connection's QUIC stream and TCP connection, both reset if
+/// dropped before they have ended: a splice cancelled half-way (its task
+/// aborted) must not pass for a complete exchange, as it would if quinn
+/// finished the dropped stream and the socket closed with a FIN.
+pub(crate) struct Ends<T: Borrow<TcpStream>> {
+    pub(crate) send: SendStream,
+    pub(crate) recv: RecvStream,
+    pub(crate) tcp: T,
+    ended: bool,
+}
+
+impl<T: Borrow<TcpStream>> Ends<T> {
+    pub(crate) fn new(send: SendStream, recv: RecvStream, tcp: T) -> Self {
+        Self {
+            send,
+            recv,
+            tcp,
+            ended: false,
+        }
+    }
+
+    /// Both directions ended cleanly: dropping now just closes.
+    pub(crate) fn ended(mut self) {
+        self.ended = true;
+    }
+
+    /// Gives up on the stream (both ways, with `code`); the TCP connection
+    /// is left to its owner.
+    pub(crate) fn abandon(mut self, code: ErrorCode) {
+        self.reset_stream(code);
+    }
+
+    /// Resets the stream (with `code`) and the TCP connection.
+    pub(crate) fn reset(mut self, code: ErrorCode) {
+        self.reset_stream(code);
+        zero_linger(self.tcp.borrow());
+    }
+
+    fn reset_stream(&mut self, code: ErrorCode) {
+        // Either may already be closed (finished, reset by the peer, or the
+        // connection is gone); that is fine.
+        let _ = self.send.reset(code.varint());
+        let _ = self.recv.stop(code.varint());
+        self.ended = true;
+    }
+}
+
+impl<T: Borrow<TcpStream>> Drop for Ends<T> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.reset_stream(ErrorCode::TcpReset);
+            zero_linger(self.tcp.borrow());
+        }
+    }
+}
+
+/// Connects to `target` with `TCP_NODELAY` set. When the handshake is
+/// already complete as `connect(2)` returns (always on loopback, where the
+/// kernel answers the SYN within the call), the connection is ready at
+/// once; tokio's own connect would first wait for epoll to report it
+/// writable, one wake-up of its I/O driver on the first byte's path.
+pub(crate) async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let tcp = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if tcp.peer_addr().is_err() {
+        // Still connecting: wait for the outcome.
+        tcp.writable().await?;
+    }
+    match tcp.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(tcp),
+    }
+}
+
+/// Writes all of `bytes` to `tcp`: straight to the socket first, then
+/// through tokio for whatever did not fit. Straight, because tokio writes
+/// to a socket only once epoll has reported it writable, and on a new
+/// connection (the gateway's to the service) that report is a wake-up of
+/// its I/O driver away, on the first byte's path.
+async fn write_all(tcp: &mut WriteHalf<'_>, bytes: &[u8]) -> io::Result<()> {
+    let sent = match SockRef::from(tcp.as_ref()).send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+        Ok(sent) => sent,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(e),
+    };
+    match bytes.get(sent..) {
+        Some(rest) if !rest.is_empty() => tcp.write_all(rest).await,
+        _ => Ok(()),
+    }
 }
 
 /// Splices `tcp` with the QUIC stream `send`/`recv` until both directions
 /// have ended (Ok) or one of them failed or `abort` fired (Err, with both
 /// the stream and the TCP connection reset).
 pub(crate) async fn splice(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    mut tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+    tcp: TcpStream,
     mut abort: Option<oneshot::Receiver<ErrorCode>>,
     copy_buffer: usize,
 ) -> Result<SpliceStats, SpliceError> {
@@ -132,17 +257,19 @@ pub(crate) async fn splice(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY failed");
     }
+    let mut ends = Ends::new(send, recv, tcp);
     let mut stats = SpliceStats::default();
     let outcome = {
-        let (mut tcp_read, mut tcp_write) = tcp.split();
+        let (mut tcp_read, mut tcp_write) = ends.tcp.split();
         let mut up = pin!(tcp_to_quic(
             &mut tcp_read,
-            &mut send,
+            &mut ends.send,
             copy_buffer,
-            &mut stats.tcp_to_tunnel
+            &mut stats.tcp_to_tunnel,
+            None
         ));
         let mut down = pin!(quic_to_tcp(
-            &mut recv,
+            &mut ends.recv,
             &mut tcp_write,
             copy_buffer,
             &mut stats.tunnel_to_tcp
@@ -166,17 +293,15 @@ pub(crate) async fn splice(
         }
     };
     match outcome {
-        Ok(()) => Ok(stats),
+        Ok(()) => {
+            ends.ended();
+            Ok(stats)
+        }
         Err(failure) => {
-            let code = match failure {
+            ends.reset(match failure {
                 SpliceFailure::Aborted(code) => code,
                 _ => ErrorCode::TcpReset,
-            };
-            // Either may already be closed (finished, reset by the peer, or
-            // the connection is gone); that is fine.
-            let _ = send.reset(code.varint());
-            let _ = recv.stop(code.varint());
-            reset(tcp);
+            });
             Err(SpliceError { failure, stats })
         }
     }
@@ -184,7 +309,7 @@ pub(crate) async fn splice(
 
 /// Resolves with the abort code once one is sent; never, if the sender is
 /// dropped (the stream was deregistered) or there is none.
-async fn aborted(abort: &mut Option<oneshot::Receiver<ErrorCode>>) -> ErrorCode {
+pub(crate) async fn aborted(abort: &mut Option<oneshot::Receiver<ErrorCode>>) -> ErrorCode {
     if let Some(receiver) = abort.as_mut() {
         if let Ok(code) = receiver.await {
             return code;
@@ -231,15 +356,88 @@ impl ReadSize {
     }
 }
 
-async fn tcp_to_quic(
+/// The caller → tunnel direction of a pipelined connection (one whose bytes
+/// start flowing before the gateway has answered): the request header to
+/// send first, and how far the direction may run ahead of the answer.
+pub(crate) struct Pipelined<'a> {
+    /// The request, sent before any byte of the TCP connection, in the
+    /// same chunk as the first bytes if they are already there.
+    pub(crate) header: &'a [u8],
+    /// Opened once the gateway has allowed the connection.
+    pub(crate) gate: &'a Gate,
+    /// The most bytes sent before the gate opens.
+    pub(crate) limit: u64,
+}
+
+/// Holds a pipelined connection's caller → tunnel direction at
+/// [`Pipelined::limit`] until the gateway's answer allows it on. Shared
+/// between the two directions of one connection, in one task.
+pub(crate) struct Gate {
+    open: AtomicBool,
+    opened: Notify,
+}
+
+impl Gate {
+    pub(crate) fn closed() -> Self {
+        Self {
+            open: AtomicBool::new(false),
+            opened: Notify::new(),
+        }
+    }
+
+    pub(crate) fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        // Made before the check, so an `open` in between is not missed.
+        let opened = self.opened.notified();
+        if !self.is_open() {
+            opened.await;
+        }
+    }
+}
+
+pub(crate) async fn tcp_to_quic(
     tcp: &mut ReadHalf<'_>,
     send: &mut SendStream,
     copy_buffer: usize,
     count: &mut u64,
+    pipelined: Option<Pipelined<'_>>,
 ) -> Result<(), SpliceFailure> {
     let mut size = ReadSize::new(copy_buffer);
     let mut buffer = BytesMut::new();
+    // Until the gate opens, how many more bytes may go; `None`: no limit.
+    let room = |count: u64| match &pipelined {
+        Some(p) if !p.gate.is_open() => Some(p.limit.saturating_sub(count)),
+        _ => None,
+    };
+    if let Some(p) = &pipelined {
+        let max = room(*count).map_or(size.get(), |room| room.min(size.get() as u64) as usize);
+        let (request, read) = first_flight(tcp, p.header, max);
+        // Counted before it goes: what is read is the caller's, sent or not.
+        if let Ok(Some(n)) = read {
+            *count += n as u64;
+            size.record(n);
+        }
+        // The request goes in any case: the gateway's answer is what the
+        // connection is reported with.
+        send.write_chunk(request).await.map_err(write_failure)?;
+        if read.map_err(SpliceFailure::Tcp)? == Some(0) {
+            let _ = send.finish();
+            return Ok(());
+        }
+    }
     loop {
+        if let (Some(0), Some(p)) = (room(*count), &pipelined) {
+            // As much as may go before the answer has gone.
+            p.gate.wait().await;
+        }
         // Wait for data before taking a buffer: a quiet connection holds none.
         tcp.readable().await.map_err(SpliceFailure::Tcp)?;
         // Read into the spare capacity a previous read left, if there is a
@@ -249,7 +447,11 @@ async fn tcp_to_quic(
         if buffer.capacity() < size.get() / 4 {
             buffer.reserve(size.get());
         }
-        let n = match tcp.try_read_buf(&mut buffer) {
+        let read = match room(*count) {
+            Some(room) => tcp.try_read_buf(&mut (&mut buffer).limit(room as usize)),
+            None => tcp.try_read_buf(&mut buffer),
+        };
+        let n = match read {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(SpliceFailure::Tcp(e)),
@@ -272,7 +474,48 @@ async fn tcp_to_quic(
     }
 }
 
-async fn quic_to_tcp(
+/// The request header followed by whatever the caller has already sent, up
+/// to `max` bytes, read without waiting: on a warm connection the caller's
+/// first bytes then travel in the request's packet. Read straight from the
+/// socket, because tokio reads only once epoll has reported it readable, and
+/// on a connection just accepted that report may still be a wake-up of its
+/// I/O driver away. Returns the chunk to send and what the read gave:
+/// `Some(0)` for the end of the caller's data, `None` for nothing yet.
+fn first_flight(
+    tcp: &ReadHalf<'_>,
+    header: &[u8],
+    max: usize,
+) -> (Bytes, io::Result<Option<usize>>) {
+    // Read on the stack and copied out at the size read: a heap buffer of
+    // the full size would be touched (zeroed) for every connection, and
+    // kept until the peer acknowledged the chunk.
+    let mut first = [0u8; INITIAL_COPY_BUFFER];
+    let read = match first.get_mut(..max.min(INITIAL_COPY_BUFFER)) {
+        Some([]) | None => Ok(None),
+        Some(first) => match (&*SockRef::from(tcp.as_ref())).read(first) {
+            Ok(n) => Ok(Some(n)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        },
+    };
+    let n = match &read {
+        Ok(Some(n)) => *n,
+        _ => 0,
+    };
+    let mut chunk = BytesMut::with_capacity(header.len() + n);
+    chunk.extend_from_slice(header);
+    chunk.extend_from_slice(&first[..n]);
+    (chunk.freeze(), read)
+}
+
+pub(crate) async fn quic_to_tcp(
     recv: &mut RecvStream,
     tcp: &mut WriteHalf<'_>,
     copy_buffer: usize,
@@ -296,7 +539,7 @@ async fn quic_to_tcp(
             // write it as it is, and hold no buffer while quiet.
             None => {
                 batch = BytesMut::new();
-                tcp.write_all(&first).await.map_err(SpliceFailure::Tcp)?;
+                write_all(tcp, &first).await.map_err(SpliceFailure::Tcp)?;
                 first.len()
             }
             // More has arrived (a transfer in full flow): gather what is
@@ -324,7 +567,7 @@ async fn quic_to_tcp(
                         None => break,
                     }
                 }
-                tcp.write_all(&batch).await.map_err(SpliceFailure::Tcp)?;
+                write_all(tcp, &batch).await.map_err(SpliceFailure::Tcp)?;
                 let n = batch.len();
                 batch.clear();
                 match end {

@@ -7,7 +7,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Barrier;
@@ -15,8 +15,8 @@ use tokio::task::JoinSet;
 use zt_identity::PeerMatcher;
 use zt_tunnel::protocol::{decode_header, encode_header};
 use zt_tunnel::{
-    DecisionKind, DenyReason, ErrorCode, GatewayOptions, OpenAnswer, SpliceFailure, Tuning,
-    TunnelClient, TunnelError, MAX_HEADER_LEN,
+    DecisionKind, DenyReason, ErrorCode, GatewayOptions, OpenAnswer, OpenRequest, SpliceFailure,
+    Tuning, TunnelClient, TunnelError, MAX_HEADER_LEN,
 };
 
 use support::*;
@@ -33,6 +33,60 @@ async fn round_trip(caller: &mut tokio::net::TcpStream, message: &[u8]) {
     let mut back = vec![0u8; message.len()];
     within("echo", caller.read_exact(&mut back)).await.unwrap();
     assert_eq!(back, message);
+}
+
+/// The caller's connection was reset (not closed with a FIN).
+async fn assert_reset(caller: &mut tokio::net::TcpStream) {
+    let read = within("caller reset", read_until_end(caller)).await;
+    assert_eq!(
+        read.map(|rest| rest.len()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
+/// A raw QUIC connection to the gateway with a valid device certificate,
+/// for speaking the stream protocol by hand.
+async fn raw_connection(pki: &Pki, gateway: &RunningGateway) -> quinn::Connection {
+    let device = pki.device("city-a", "pc-raw");
+    let quic = zt_tunnel::config::client_config(
+        pki.client_tls(&device, &gateway.device.id),
+        &Tuning::default(),
+    )
+    .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quic);
+    within(
+        "connect",
+        endpoint.connect(gateway.addr, "127.0.0.1").unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Reads the gateway's answer off a raw stream.
+async fn raw_answer(recv: &mut quinn::RecvStream) -> OpenAnswer {
+    let mut prefix = [0u8; 4];
+    within("answer", recv.read_exact(&mut prefix))
+        .await
+        .unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    recv.read_exact(&mut body).await.unwrap();
+    decode_header(&[&prefix[..], &body].concat()).unwrap()
+}
+
+/// Sends `request`, `data` and the end of the stream in one write, without
+/// waiting for anything: what a pipelining client sends at its fastest.
+async fn raw_pipelined(
+    connection: &quinn::Connection,
+    request: &OpenRequest,
+    data: &[u8],
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let mut bytes = encode_header(request).unwrap();
+    bytes.extend_from_slice(data);
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+    (send, recv)
 }
 
 // 1. ------------------------------------------------------------------------
@@ -125,6 +179,133 @@ async fn interactive_echo_is_not_held_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_carry_sends_before_the_answer_and_carries_both_ways_with_half_close() {
+    init_tracing();
+    let pki = Pki::new();
+    let mut gateway = RunningGateway::start(&pki).await;
+    let mut service = Service::start(Behaviour::ReplyAfterEof).await;
+    let (client, device) = gateway.client(&pki, "pc-1");
+
+    // The caller's first bytes are there when the request goes; the rest
+    // (1 MiB, far more than may go before the answer) and its FIN follow
+    // without waiting for anything.
+    let request = request("conn-1", service.addr);
+    let body = payload(1, 1 << 20);
+    let carried = carried(
+        &client,
+        gateway.addr,
+        Some(gateway.device.id.clone()),
+        request.clone(),
+        &body[..1000],
+    )
+    .await;
+    let (mut read, mut write) = carried.caller.into_split();
+    let rest = body[1000..].to_vec();
+    let writer = tokio::spawn(async move {
+        write.write_all(&rest).await.unwrap();
+        write.shutdown().await.unwrap();
+        write
+    });
+
+    let (told, _) = within("answer", carried.told).await.unwrap();
+    let (answer, peer) = told.unwrap();
+    assert!(answer.allowed);
+    assert_eq!(answer.rule_id, ALLOW_RULE);
+    assert_eq!(answer.policy_version, 1);
+    assert_eq!(peer.id, gateway.device.id, "the gateway's proven identity");
+
+    // The service answers only after it has read to EOF.
+    let mut reply = Vec::new();
+    within("reply", read.read_to_end(&mut reply)).await.unwrap();
+    let mut expected = format!("got {}\n", body.len()).into_bytes();
+    expected.extend(body.iter().rev());
+    assert!(reply == expected, "reply differs from the expected one");
+    let _write = within("writer", writer).await.unwrap();
+
+    let stats = within("carry", carried.task).await.unwrap().unwrap();
+    assert_eq!(stats.tcp_to_tunnel, body.len() as u64);
+    assert_eq!(stats.tunnel_to_tcp, expected.len() as u64);
+    assert_eq!(
+        within("service end", service.ends.recv()).await,
+        Some(ServiceEnd::Eof)
+    );
+    let seen = gateway.policy.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0.id, device.id);
+    assert_eq!(seen[0].1, request);
+    let decision = gateway.decision().await;
+    assert_eq!(decision.kind, DecisionKind::Opened);
+    assert_eq!(decision.request, request);
+    assert_eq!(client.live_streams(), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_answer_is_told_before_the_first_byte_comes_back() {
+    init_tracing();
+    let pki = Pki::new();
+    let gateway = RunningGateway::start(&pki).await;
+    let service = Service::start(Behaviour::Echo).await;
+    let (client, _) = gateway.client(&pki, "pc-1");
+    // Warm the pooled connection, then time a pipelined echo on it.
+    for id in ["cold", "warm"] {
+        let mut carried = carried(
+            &client,
+            gateway.addr,
+            None,
+            request(id, service.addr),
+            b"ping 0\n",
+        )
+        .await;
+        let mut back = [0u8; 7];
+        within("echo", carried.caller.read_exact(&mut back))
+            .await
+            .unwrap();
+        let first_byte_at = Instant::now();
+        assert_eq!(&back, b"ping 0\n");
+        let (told, told_at) = within("answer", carried.told).await.unwrap();
+        assert!(told.unwrap().0.allowed);
+        assert!(
+            told_at <= first_byte_at,
+            "the answer must be reported before the first byte reaches the caller"
+        );
+        // Small messages, each answered before the next: no batching delay
+        // may hold a byte back.
+        for i in 1..100u32 {
+            round_trip(&mut carried.caller, format!("ping {i}\n").as_bytes()).await;
+        }
+        carried.caller.shutdown().await.unwrap();
+        assert!(within("eof", read_until_end(&mut carried.caller))
+            .await
+            .unwrap()
+            .is_empty());
+        within("carry", carried.task).await.unwrap().unwrap();
+    }
+    assert_eq!(client.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_reaches_the_service_once_and_only_after_the_answer() {
+    init_tracing();
+    let pki = Pki::new();
+    let gateway = RunningGateway::start(&pki).await;
+    let mut service = Service::start(Behaviour::Echo).await;
+    let connection = raw_connection(&pki, &gateway).await;
+    let data = payload(3, 48 * 1024);
+    let (_send, mut recv) = raw_pipelined(&connection, &request("raw", service.addr), &data).await;
+    // The answer comes first, then the service's echo of exactly what was
+    // sent, once, then its end.
+    assert!(raw_answer(&mut recv).await.allowed);
+    let echoed = within("echo", recv.read_to_end(1 << 20)).await.unwrap();
+    assert!(echoed == data, "echo differs from what was sent");
+    assert_eq!(
+        within("service end", service.ends.recv()).await,
+        Some(ServiceEnd::Eof)
+    );
+    assert_eq!(service.accepted(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_target_overrides_the_destination() {
     init_tracing();
     let pki = Pki::new();
@@ -183,6 +364,50 @@ async fn denied_request_reports_rule_and_reason_and_never_reaches_the_service() 
     assert_eq!(decision.request.connection_id, "conn-denied");
     assert_eq!(decision.authorization.reason, DenyReason::Policy);
 
+    // Pipelined: the caller's bytes go out before the answer, and go no
+    // further than the gateway, which discards them; the caller is reset.
+    let early = payload(2, 16 * 1024);
+    let mut carried = carried(
+        &client,
+        gateway.addr,
+        None,
+        request("conn-denied", service.addr),
+        &early,
+    )
+    .await;
+    let error = within("carry", carried.task).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&error, TunnelError::Denied { reason: DenyReason::Policy, rule_id, .. }
+            if rule_id == DENY_RULE),
+        "expected a denial, got {error}"
+    );
+    let (told, _) = within("answer", carried.told).await.unwrap();
+    assert_eq!(told.unwrap_err(), error.to_string());
+    assert_reset(&mut carried.caller).await;
+    assert_eq!(gateway.decision().await.kind, DecisionKind::Refused);
+    assert_eq!(client.live_streams(), 0);
+
+    // The same by hand, at the fastest: request, data and FIN in one go.
+    let connection = raw_connection(&pki, &gateway).await;
+    let (_send, mut recv) =
+        raw_pipelined(&connection, &request("conn-denied", service.addr), &early).await;
+    let answer = raw_answer(&mut recv).await;
+    assert!(!answer.allowed);
+    assert_eq!(answer.reason(), DenyReason::Policy);
+    // The gateway's side ends right after the answer.
+    assert!(within("end", recv.read_to_end(1024))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(gateway.decision().await.kind, DecisionKind::Refused);
+    connection.close(0u32.into(), b"done");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        service.accepted(),
+        0,
+        "no refused request reached the service"
+    );
+
     // The same connection still serves allowed requests.
     let (mut caller, _splice) = within(
         "tunnel",
@@ -224,6 +449,73 @@ async fn unreachable_service_is_a_refusal_with_the_allowing_rule() {
         decision.authorization.reason,
         DenyReason::ServiceUnreachable
     );
+
+    // Pipelined, with bytes sent before the answer: the same refusal, and
+    // the caller is reset.
+    let mut carried = carried(&client, gateway.addr, None, request("c", closed), b"hello").await;
+    let error = within("carry", carried.task).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&error, TunnelError::Denied { reason: DenyReason::ServiceUnreachable, rule_id, .. }
+            if rule_id == ALLOW_RULE),
+        "expected a refusal, got {error}"
+    );
+    assert!(within("answer", carried.told).await.unwrap().0.is_err());
+    assert_reset(&mut carried.caller).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_carry_checks_the_gateways_identity_before_opening_a_stream() {
+    init_tracing();
+    let pki = Pki::new();
+    let mut gateway = RunningGateway::start(&pki).await;
+    let service = Service::start(Behaviour::Echo).await;
+    let (client, _) = gateway.client(&pki, "pc-1");
+    // The expected gateway: through.
+    let mut ok = carried(
+        &client,
+        gateway.addr,
+        Some(gateway.device.id.clone()),
+        request("ok", service.addr),
+        b"",
+    )
+    .await;
+    round_trip(&mut ok.caller, b"hi").await;
+    assert_eq!(gateway.decision().await.kind, DecisionKind::Opened);
+
+    // A route that expects another gateway on that address: refused on
+    // the pooled connection, before a stream is opened.
+    let other = pki.device("city-a", "gateway-2").id;
+    let mut wrong = carried(
+        &client,
+        gateway.addr,
+        Some(other.clone()),
+        request("wrong", service.addr),
+        b"secret",
+    )
+    .await;
+    let error = within("carry", wrong.task).await.unwrap().unwrap_err();
+    match &error {
+        TunnelError::UnexpectedPeer {
+            gateway: addr,
+            expected,
+            presented,
+        } => {
+            assert_eq!(*addr, gateway.addr);
+            assert_eq!(**expected, other);
+            assert_eq!(**presented, gateway.device.id);
+        }
+        other => panic!("expected an identity mismatch, got {other}"),
+    }
+    let (told, _) = within("answer", wrong.told).await.unwrap();
+    assert_eq!(told.unwrap_err(), error.to_string());
+    assert_reset(&mut wrong.caller).await;
+    // The gateway got nothing: no request, no question to its policy.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gateway.decisions.try_recv().is_err(), "unexpected decision");
+    assert_eq!(gateway.policy.seen().len(), 1);
+    assert_eq!(gateway.handle.live_streams(), 1, "only the allowed stream");
+    assert_eq!(service.accepted(), 1);
+    round_trip(&mut ok.caller, b"unaffected").await;
 }
 
 // 3. ------------------------------------------------------------------------
@@ -336,7 +628,10 @@ async fn a_thousand_concurrent_streams_share_one_connection() {
     let (client, _) = gateway.client(&pki, "pc-1");
 
     // Everyone opens at once on a cold client (the connection is made once),
-    // waits until all streams are open, then exchanges its payload.
+    // pipelined as the agent does, each caller's first kilobyte sent before
+    // the answer; all wait until every stream is allowed, then exchange the
+    // rest of their payload.
+    const EARLY: usize = 1024;
     let opened = Arc::new(Barrier::new(STREAMS + 1));
     let go = Arc::new(Barrier::new(STREAMS + 1));
     let mut tasks = JoinSet::new();
@@ -345,13 +640,15 @@ async fn a_thousand_concurrent_streams_share_one_connection() {
         let (gateway_addr, service_addr) = (gateway.addr, service.addr);
         tasks.spawn(async move {
             let request = request(&format!("conn-{i}"), service_addr);
-            let (caller, splice) = tunnel(&client, gateway_addr, &request).await.unwrap();
+            let data = payload(i as u64, SIZE);
+            let carried = carried(&client, gateway_addr, None, request, &data[..EARLY]).await;
+            let (told, _) = carried.told.await.unwrap();
+            assert!(told.unwrap().0.allowed, "stream {i} refused");
             opened.wait().await;
             go.wait().await;
-            let data = payload(i as u64, SIZE);
-            let (mut read, mut write) = caller.into_split();
+            let (mut read, mut write) = carried.caller.into_split();
             let send = async {
-                write.write_all(&data).await.unwrap();
+                write.write_all(&data[EARLY..]).await.unwrap();
                 write.shutdown().await.unwrap();
             };
             let receive = async {
@@ -362,7 +659,9 @@ async fn a_thousand_concurrent_streams_share_one_connection() {
             let ((), back) = tokio::join!(send, receive);
             assert_eq!(back.len(), SIZE, "stream {i} lost bytes");
             assert_eq!(sha256(&back), sha256(&data), "stream {i} corrupted");
-            splice.await.unwrap().unwrap();
+            let stats = carried.task.await.unwrap().unwrap();
+            assert_eq!(stats.tcp_to_tunnel, SIZE as u64);
+            assert_eq!(stats.tunnel_to_tcp, SIZE as u64);
         });
     }
     within("all streams open", opened.wait()).await;
@@ -569,6 +868,49 @@ async fn client_reevaluation_closes_its_own_streams() {
     assert_eq!(client.live_streams(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reevaluation_closes_a_pipelined_connection_still_waiting_for_its_answer() {
+    init_tracing();
+    let pki = Pki::new();
+    let gateway = RunningGateway::start(&pki).await;
+    let service = Service::start(Behaviour::Echo).await;
+    let (client, _) = gateway.client(&pki, "pc-1");
+    let slow = Duration::from_millis(1500);
+    gateway
+        .policy
+        .slow
+        .lock()
+        .unwrap()
+        .insert("slow".into(), slow);
+    let mut carried = carried(
+        &client,
+        gateway.addr,
+        None,
+        request("slow", service.addr),
+        b"early",
+    )
+    .await;
+    // The gateway is deciding (slowly); the client's stream is registered.
+    within("deciding", async {
+        while client.live_streams() == 0 || gateway.policy.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let start = Instant::now();
+    assert_eq!(client.reevaluate(|r| r.connection_id != "slow"), 1);
+    let error = within("carry", carried.task).await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, TunnelError::Aborted(ErrorCode::PolicyClosed)),
+        "unexpected: {error}"
+    );
+    assert!(start.elapsed() < slow / 2, "not closed before the answer");
+    let (told, _) = within("answer", carried.told).await.unwrap();
+    assert_eq!(told.unwrap_err(), error.to_string());
+    assert_reset(&mut carried.caller).await;
+    assert_eq!(client.live_streams(), 0);
+}
+
 // 6. ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,6 +1024,39 @@ async fn caller_reset_resets_the_service_connection() {
     );
 }
 
+/// A `carry` dropped half-way (its task aborted) resets both ends: a request
+/// cut short must not reach the service looking complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_carry_resets_both_ends() {
+    init_tracing();
+    let pki = Pki::new();
+    let gateway = RunningGateway::start(&pki).await;
+    let mut service = Service::start(Behaviour::Hold).await;
+    let (client, _) = gateway.client(&pki, "pc-1");
+    let mut carried = carried(
+        &client,
+        gateway.addr,
+        None,
+        request("c", service.addr),
+        b"half a request",
+    )
+    .await;
+    let (told, _) = within("answer", carried.told).await.unwrap();
+    assert!(told.unwrap().0.allowed);
+    within("service accept", async {
+        while service.accepted() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    carried.task.abort();
+    assert_eq!(
+        within("service end", service.ends.recv()).await,
+        Some(ServiceEnd::Error(std::io::ErrorKind::ConnectionReset))
+    );
+    assert_reset(&mut carried.caller).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connection_is_replaced_after_a_gateway_restart() {
     init_tracing();
@@ -715,6 +1090,69 @@ async fn pooled_connection_is_replaced_after_a_gateway_restart() {
         .unwrap();
     round_trip(&mut caller, b"second").await;
     assert_eq!(client.connections(), 1);
+}
+
+/// A pooled connection whose gateway lost its state without a word (a crash
+/// and restart on the same address: same identity, same stateless-reset
+/// key, so the client learns of it from its first packet): a pipelined open
+/// on it is retried on a new connection if none of the caller's bytes had
+/// gone yet, and fails if they had, rather than send them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_carry_retries_a_stale_connection_only_if_nothing_was_sent() {
+    init_tracing();
+    let pki = Pki::new();
+    let start = || {
+        let options = GatewayOptions {
+            stateless_reset_key: Some([7; 32]),
+            ..GatewayOptions::default()
+        };
+        let device = pki.device("city-a", "gateway-1");
+        RunningGateway::start_with(&pki, device, "127.0.0.1:0".parse().unwrap(), options)
+    };
+    let mut first = start().await;
+    let service = Service::start(Behaviour::Echo).await;
+    let relay = Relay::start(first.addr).await;
+    let (client, _) = first.client(&pki, "pc-1");
+    let mut a = carried(&client, relay.addr, None, request("a", service.addr), b"").await;
+    round_trip(&mut a.caller, b"first").await;
+    a.caller.shutdown().await.unwrap();
+    within("eof", read_until_end(&mut a.caller)).await.unwrap();
+    within("carry", a.task).await.unwrap().unwrap();
+    assert_eq!(first.decision().await.request.connection_id, "a");
+
+    // A caller that waits for the service to speak first has sent nothing
+    // when the stale connection turns out dead: retried, unseen.
+    let mut second = start().await;
+    relay.switch(second.addr);
+    let mut b = carried(&client, relay.addr, None, request("b", service.addr), b"").await;
+    let (told, _) = within("answer", b.told).await.unwrap();
+    assert!(told.unwrap().0.allowed);
+    round_trip(&mut b.caller, b"second").await;
+    assert_eq!(second.decision().await.request.connection_id, "b");
+    assert_eq!(client.connections(), 1);
+
+    // A caller whose bytes went with the request: not sent again.
+    let mut third = start().await;
+    relay.switch(third.addr);
+    let mut c = carried(
+        &client,
+        relay.addr,
+        None,
+        request("c", service.addr),
+        b"not twice",
+    )
+    .await;
+    let error = within("carry", c.task).await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, TunnelError::Connection { .. }),
+        "unexpected: {error}"
+    );
+    assert_reset(&mut c.caller).await;
+    // The next one gets a new connection; the new gateway never saw "c".
+    let mut d = carried(&client, relay.addr, None, request("d", service.addr), b"").await;
+    round_trip(&mut d.caller, b"fourth").await;
+    assert_eq!(third.decision().await.request.connection_id, "d");
+    assert_eq!(service.accepted(), 3);
 }
 
 /// After a renewal the client authenticates with its new certificate: a

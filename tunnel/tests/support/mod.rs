@@ -4,11 +4,11 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +20,8 @@ use zt_identity::{
 };
 use zt_tunnel::{
     Authorization, Authorizer, DenyReason, Gateway, GatewayDecision, GatewayHandle, GatewayOptions,
-    OpenRequest, PeerCheck, PeerIdentity, SpliceError, SpliceStats, TunnelClient, TunnelError,
+    OpenAnswer, OpenRequest, PeerCheck, PeerIdentity, SpliceError, SpliceStats, TunnelClient,
+    TunnelError,
 };
 
 pub const TRUST_DOMAIN: &str = "pref.example";
@@ -126,6 +127,8 @@ pub struct TestPolicy {
     pub revoked: Mutex<HashSet<SpiffeId>>,
     /// Where to send allowed connections instead of their destination.
     pub target: Mutex<Option<SocketAddr>>,
+    /// Connection ids whose authorization takes this long.
+    pub slow: Mutex<HashMap<String, Duration>>,
 }
 
 pub const ALLOW_RULE: &str = "allow-test";
@@ -151,6 +154,16 @@ impl Authorizer for TestPolicy {
             .lock()
             .unwrap()
             .push((peer.clone(), request.clone()));
+        let slow = self
+            .slow
+            .lock()
+            .unwrap()
+            .get(&request.connection_id)
+            .copied();
+        if let Some(delay) = slow {
+            // A slow policy backend; the worker hands its other tasks on.
+            tokio::task::block_in_place(|| std::thread::sleep(delay));
+        }
         if self.revoked.lock().unwrap().contains(&peer.id) {
             return Authorization::deny(DenyReason::Revoked, DENY_RULE, 2, "device revoked");
         }
@@ -407,6 +420,54 @@ pub async fn tunnel(
     Ok((caller, splice))
 }
 
+/// What a pipelined connection's `on_answer` was told, and when: the
+/// answer and the gateway's identity, or the error as text.
+pub type Told = (Result<(OpenAnswer, PeerIdentity), String>, Instant);
+
+/// A connection carried through the pipelined path, as the agent does.
+pub struct Carried {
+    /// The caller's end.
+    pub caller: TcpStream,
+    /// What `on_answer` was told.
+    pub told: oneshot::Receiver<Told>,
+    /// The `carry` call.
+    pub task: JoinHandle<Result<SpliceStats, TunnelError>>,
+}
+
+/// Carries a fresh TCP connection through `client.carry`, the caller having
+/// sent `early` before (so it is there when the request goes).
+pub async fn carried(
+    client: &TunnelClient,
+    gateway: SocketAddr,
+    expected: Option<SpiffeId>,
+    request: OpenRequest,
+    early: &[u8],
+) -> Carried {
+    let (mut caller, agent_side) = tcp_pair().await;
+    if !early.is_empty() {
+        caller.write_all(early).await.unwrap();
+    }
+    let (tell, told) = oneshot::channel();
+    let client = client.clone();
+    let task = tokio::spawn(async move {
+        client
+            .carry(
+                gateway,
+                expected.as_ref(),
+                request,
+                agent_side,
+                move |answer| {
+                    let answer = answer
+                        .map(|(answer, peer)| (answer.clone(), peer.clone()))
+                        .map_err(|e| e.to_string());
+                    let _ = tell.send((answer, Instant::now()));
+                },
+            )
+            .await
+    });
+    Carried { caller, told, task }
+}
+
 /// Two ends of a loopback TCP connection.
 pub async fn tcp_pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -431,4 +492,55 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).into()
+}
+
+/// A UDP relay between a client and a gateway whose far end can be switched
+/// to another gateway: to the client, the gateway it was talking to has lost
+/// all its state at once, without a word (as after a crash and restart).
+pub struct Relay {
+    pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let current = Arc::clone(&target);
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let to = *current.lock().unwrap();
+                        let _ = back.send_to(&up[..n], to).await;
+                    }
+                    Ok((n, from)) = back.recv_from(&mut down) => {
+                        // Whatever the old gateway still says is lost.
+                        let to = *current.lock().unwrap();
+                        if let (true, Some(client)) = (from == to, client) {
+                            let _ = front.send_to(&down[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { addr, target, task }
+    }
+
+    /// From now on, relays to `target`.
+    pub fn switch(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
