@@ -433,9 +433,10 @@ async fn many_connections_flow_and_policy_changes_and_revocation_close_them() ->
         .and_then(|t| t.parse().ok())
         .with_context(|| format!("the stream was not closed: {line:?}\n{}", site.logs()))?;
     let took = closed_at - changed_at;
+    eprintln!("live stream closed {took:.3} s after the policy file was written");
     assert!(
-        took < 1.5,
-        "closed {took:.3} s after the policy change (poll 250 ms + teardown)"
+        took < 1.0,
+        "closed {took:.3} s after the policy change (poll 250 ms + teardown; the issue asks for 1 s)"
     );
 
     // The new policy refuses new echo connections; restore it, then revoke
