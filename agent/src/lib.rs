@@ -139,13 +139,16 @@ pub async fn run(
             state_dir: config.state_dir.clone(),
             exe_hashes: sensors.exe_hashes(),
             decisions: tunnel::DecisionSink {
-                events: tx,
+                events: tx.clone(),
                 sequencer: sequencer.clone(),
                 metrics: metrics.clone(),
             },
         })?),
         _ => None,
     };
+    // Whoever records events holds a sender; once they all stop, the
+    // channel closes and the uplink finishes (and closes its spool).
+    drop(tx);
     let watch = tokio::spawn(control.clone().watch(revocations));
     let heartbeats = tokio::spawn(
         control.heartbeats(
