@@ -30,6 +30,11 @@ pub fn unix_now_ns() -> u64 {
     clock_ns(libc::CLOCK_REALTIME).max(0) as u64
 }
 
+/// Wall-clock seconds since the Unix epoch, now.
+pub fn unix_now_secs() -> u64 {
+    unix_now_ns() / 1_000_000_000
+}
+
 /// Boot-clock nanoseconds, now (the clock of kernel event timestamps).
 pub fn boot_now_ns() -> u64 {
     clock_ns(libc::CLOCK_BOOTTIME).max(0) as u64

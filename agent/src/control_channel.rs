@@ -66,7 +66,7 @@ impl ControlChannel {
 
     fn save_channel_seen(&self) {
         let path = self.state_dir.join(CHANNEL_SEEN_FILE);
-        if let Err(err) = std::fs::write(&path, format!("{}\n", unix_now())) {
+        if let Err(err) = std::fs::write(&path, format!("{}\n", crate::clock::unix_now_secs())) {
             debug!(path = %path.display(), error = %err, "cannot record when the control channel was open");
         }
     }
@@ -188,15 +188,16 @@ impl ControlChannel {
                 _ = save.tick() => {
                     self.metrics
                         .control_channel_seen_unix
-                        .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+                        .store(crate::clock::unix_now_secs(), std::sync::atomic::Ordering::Relaxed);
                     self.save_channel_seen();
                     continue;
                 }
             };
             let Some(update) = update else { break };
-            self.metrics
-                .control_channel_seen_unix
-                .store(unix_now(), std::sync::atomic::Ordering::Relaxed);
+            self.metrics.control_channel_seen_unix.store(
+                crate::clock::unix_now_secs(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let Some(Update::Revocations(wire)) = update.update else {
                 continue;
             };
@@ -231,7 +232,9 @@ impl<'a> ChannelOpen<'a> {
     fn new(channel: &'a ControlChannel) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         let metrics = &channel.metrics;
-        metrics.control_channel_seen_unix.store(unix_now(), Relaxed);
+        metrics
+            .control_channel_seen_unix
+            .store(crate::clock::unix_now_secs(), Relaxed);
         metrics.control_channel_up.store(true, Relaxed);
         channel.save_channel_seen();
         Self(channel)
@@ -242,7 +245,9 @@ impl Drop for ChannelOpen<'_> {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
         let metrics = &self.0.metrics;
-        metrics.control_channel_seen_unix.store(unix_now(), Relaxed);
+        metrics
+            .control_channel_seen_unix
+            .store(crate::clock::unix_now_secs(), Relaxed);
         metrics.control_channel_up.store(false, Relaxed);
         self.0.save_channel_seen();
     }
@@ -254,14 +259,7 @@ fn read_channel_seen(state_dir: &std::path::Path) -> u64 {
     std::fs::read_to_string(state_dir.join(CHANNEL_SEEN_FILE))
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
-        .filter(|seen| *seen <= unix_now())
-        .unwrap_or(0)
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .filter(|seen| *seen <= crate::clock::unix_now_secs())
         .unwrap_or(0)
 }
 
@@ -291,7 +289,7 @@ mod tests {
         let path = dir.path().join(CHANNEL_SEEN_FILE);
         std::fs::write(&path, "1700000000\n").unwrap();
         assert_eq!(read_channel_seen(dir.path()), 1_700_000_000);
-        std::fs::write(&path, format!("{}\n", unix_now() + 3600)).unwrap();
+        std::fs::write(&path, format!("{}\n", crate::clock::unix_now_secs() + 3600)).unwrap();
         assert_eq!(read_channel_seen(dir.path()), 0);
         std::fs::write(&path, "garbage").unwrap();
         assert_eq!(read_channel_seen(dir.path()), 0);

@@ -22,10 +22,7 @@ use agent_common::{
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry, Program,
-        TracePoint,
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, Program, TracePoint},
     Ebpf, EbpfLoader,
 };
 use proto::telemetry::{
@@ -401,7 +398,7 @@ impl KernelSensors {
                 GUARD_SENDMSG4_PROGRAM,
                 GUARD_SENDMSG6_PROGRAM,
             ] {
-                attach_guard(&mut ebpf, program, guarded_cgroup)?;
+                attach_cgroup_program(&mut ebpf, program, guarded_cgroup)?;
             }
             attach_cgroup_program(&mut ebpf, GUARD_INGRESS_PROGRAM, guarded_cgroup)?;
             let mut hook = "cgroup connect4/6, sendmsg4/6, cgroup_skb ingress";
@@ -692,8 +689,8 @@ fn attach_program(
     Ok(())
 }
 
-/// Attaches the guard's `sock_ops` or `cgroup_skb/ingress` program to the
-/// guarded cgroup.
+/// Attaches one of the guard's programs (`cgroup_sock_addr`, `sock_ops`,
+/// `cgroup_skb/ingress`) to the guarded cgroup.
 fn attach_cgroup_program(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -708,6 +705,12 @@ fn attach_cgroup_program(
         source,
     })?;
     match ebpf.program_mut(name).ok_or(SensorError::Missing(name))? {
+        Program::CgroupSockAddr(program) => {
+            program.load().map_err(program_error)?;
+            program
+                .attach(cgroup_file, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+        }
         Program::SockOps(program) => {
             program.load().map_err(program_error)?;
             program
@@ -726,27 +729,6 @@ fn attach_cgroup_program(
         }
         _ => return Err(SensorError::Missing(name)),
     }
-    Ok(())
-}
-
-fn attach_guard(ebpf: &mut Ebpf, name: &'static str, cgroup: &Path) -> Result<(), SensorError> {
-    let program_error = |source| SensorError::Program {
-        program: name,
-        source,
-    };
-    let cgroup_file = std::fs::File::open(cgroup).map_err(|source| SensorError::Cgroup {
-        path: cgroup.to_owned(),
-        source,
-    })?;
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(SensorError::Missing(name))?
-        .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)?;
-    program
-        .attach(cgroup_file, CgroupAttachMode::Single)
-        .map_err(program_error)?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@
 use std::{
     net::{Ipv6Addr, SocketAddr},
     sync::{atomic::Ordering, Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use agent_common::{TunnelOrigin, VerdictAction};
@@ -111,7 +111,7 @@ impl DecisionSink {
     pub fn record(&self, decision: WireDecision) {
         let event = Event {
             seq: self.sequencer.next(),
-            time_unix_ns: unix_ns(SystemTime::now()),
+            time_unix_ns: crate::clock::unix_now_ns(),
             ancestors: Vec::new(),
             kind: Some(Kind::Decision(decision)),
         };
@@ -386,7 +386,7 @@ impl GatewayAuthorizer {
         }
         let seen = metrics.control_channel_seen_unix.load(Ordering::Relaxed);
         seen != 0
-            && unix_secs(SystemTime::now()).saturating_sub(seen)
+            && crate::clock::unix_now_secs().saturating_sub(seen)
                 <= self.revocations_max_age.as_secs()
     }
 }
@@ -534,18 +534,6 @@ fn reason_name(reason: DenyReason) -> &'static str {
         DenyReason::Unspecified => "",
         other => other.as_str(),
     }
-}
-
-fn unix_ns(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn unix_secs(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// What the zero-trust parts need at start.
@@ -857,7 +845,7 @@ mod tests {
         if let Some(ago) = seen_secs_ago {
             metrics
                 .control_channel_seen_unix
-                .store(unix_secs(SystemTime::now()) - ago, Ordering::Relaxed);
+                .store(crate::clock::unix_now_secs() - ago, Ordering::Relaxed);
         }
         GatewayAuthorizer {
             policy: Arc::new(std::sync::RwLock::new(Arc::new(policy))),

@@ -117,60 +117,7 @@ print("done", n, t1 - t0, u1 - u0, s1 - s0, flush=True)
 "#;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
-    if !args.iter().any(|a| a == "--bench") {
-        println!("sensor_storms: skipped (not run by `cargo test`; run `cargo build --release --bins && cargo bench -p zt-e2e --bench sensor_storms`)");
-        return ExitCode::SUCCESS;
-    }
-    // Before any thread exists: keep ClickHouse and the stack's files out of
-    // the agent's watched /tmp/ (see the module comment).
-    let scratch = match scratch_dir() {
-        Ok(dir) => dir,
-        Err(e) => {
-            eprintln!("sensor_storms: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    std::env::set_var("TMPDIR", &scratch);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("sensor_storms: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let outcome = runtime.block_on(async {
-        tokio::time::timeout(WHOLE_RUN_LIMIT, run())
-            .await
-            .unwrap_or_else(|_| bail!("gave up after {WHOLE_RUN_LIMIT:?}"))
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    let _ = std::fs::remove_dir(&scratch);
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sensor_storms: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `target/sensor-storms-tmp`, next to the profile directories.
-fn scratch_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<bench>
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .context("bench executable is not under target/<profile>/deps")?;
-    let dir = target.join("sensor-storms-tmp");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    zt_e2e::bench::main("sensor_storms", WHOLE_RUN_LIMIT, run)
 }
 
 /// A release binary of the workspace: next to the bench executable when

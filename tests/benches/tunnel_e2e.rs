@@ -65,7 +65,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{ExitCode, Stdio},
     time::{Duration, Instant},
 };
@@ -138,60 +138,7 @@ fn main() -> ExitCode {
         Some(SERVICE_MODE) => return service::main(&args[1..]),
         _ => {}
     }
-    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
-    if !args.iter().any(|a| a == "--bench") {
-        println!("tunnel_e2e: skipped (not run by `cargo test`; run `cargo build --release --bins && cargo bench -p zt-e2e --bench tunnel_e2e`)");
-        return ExitCode::SUCCESS;
-    }
-    // Before any thread exists: the stack's files (ClickHouse's parts, the
-    // logs, the copies of this program) stay out of /tmp/, which every
-    // agent watches for writes.
-    let scratch = match scratch_dir() {
-        Ok(dir) => dir,
-        Err(e) => {
-            eprintln!("tunnel_e2e: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    std::env::set_var("TMPDIR", &scratch);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("tunnel_e2e: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let outcome = runtime.block_on(async {
-        tokio::time::timeout(WHOLE_RUN_LIMIT, run())
-            .await
-            .unwrap_or_else(|_| bail!("gave up after {WHOLE_RUN_LIMIT:?}"))
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    let _ = std::fs::remove_dir(&scratch);
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tunnel_e2e: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `target/tunnel-e2e-tmp`, next to the profile directories.
-fn scratch_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<bench>
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .context("bench executable is not under target/<profile>/deps")?;
-    let dir = target.join("tunnel-e2e-tmp");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+    zt_e2e::bench::main("tunnel_e2e", WHOLE_RUN_LIMIT, run)
 }
 
 async fn run() -> Result<()> {

@@ -1,6 +1,7 @@
 //! Harness for end-to-end tests: real ClickHouse servers, the workspace's
 //! binaries as real processes, and cgroups made for a test.
 
+pub mod bench;
 pub mod cgroup;
 pub mod clickhouse;
 pub mod netns;
@@ -8,6 +9,7 @@ pub mod pki;
 pub mod process;
 pub mod stack;
 pub mod tunnel_site;
+pub mod ztctl;
 
 use std::time::{Duration, Instant};
 

@@ -7,79 +7,17 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use zt_e2e::{
     eventually,
     pki::enroll,
     process::workspace_binary,
     stack::{Stack, TEST_ORG},
+    ztctl::ZtctlUser,
 };
-
-/// A `ztctl` user: a credential from `zt-collector credential create` and
-/// a config file pointing at it.
-struct User {
-    config: PathBuf,
-}
-
-impl User {
-    fn create(stack: &Stack, org: &str, name: &str, role: &str) -> Result<User> {
-        let dir = stack.dir.path().join(format!("user-{name}"));
-        let output = Command::new(workspace_binary("zt-collector")?)
-            .arg("--state-dir")
-            .arg(stack.collector_state())
-            .args([
-                "credential",
-                "create",
-                "--org",
-                org,
-                "--user",
-                name,
-                "--role",
-                role,
-                "--out",
-            ])
-            .arg(&dir)
-            .output()?;
-        ensure!(output.status.success(), "credential create: {output:?}");
-        let config = dir.join("ztctl.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "collector_url = \"{}\"\ncredential = \"{}\"\nca_bundle = \"{}\"\n",
-                stack.collector_url(),
-                dir.join("credential.pem").display(),
-                dir.join("ca.pem").display()
-            ),
-        )?;
-        Ok(User { config })
-    }
-
-    /// Runs ztctl; `Ok(stdout)` on success, `Err(stderr)` otherwise.
-    fn ztctl(&self, args: &[&str]) -> Result<std::result::Result<String, String>> {
-        let output = Command::new(workspace_binary("ztctl")?)
-            .env("ZTCTL_CONFIG", &self.config)
-            .args(args)
-            .output()?;
-        Ok(if output.status.success() {
-            Ok(String::from_utf8(output.stdout)?)
-        } else {
-            Err(String::from_utf8_lossy(&output.stderr).into_owned())
-        })
-    }
-
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        self.ztctl(args)?
-            .map_err(|stderr| anyhow::anyhow!("ztctl {args:?} failed: {stderr}"))
-    }
-
-    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        Ok(serde_json::from_str(&self.ok(args)?)?)
-    }
-}
 
 fn device<'a>(list: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
     list.as_array()?.iter().find(|d| d["device_id"] == id)
@@ -103,10 +41,10 @@ fn revocations_file(state: &Path) -> PathBuf {
 async fn roles_audit_heartbeats_and_revocation() -> Result<()> {
     let stack = Stack::new("e2e_fleet").await?;
     let mut collector = stack.start_collector().await?;
-    let alice = User::create(&stack, TEST_ORG, "alice", "admin")?;
-    let bob = User::create(&stack, TEST_ORG, "bob", "analyst")?;
-    let dave = User::create(&stack, "other-org", "dave", "admin")?;
-    let carol = User::create(&stack, "pref", "carol", "soc")?;
+    let alice = ZtctlUser::create(&stack, TEST_ORG, "alice", "admin")?;
+    let bob = ZtctlUser::create(&stack, TEST_ORG, "bob", "analyst")?;
+    let dave = ZtctlUser::create(&stack, "other-org", "dave", "admin")?;
+    let carol = ZtctlUser::create(&stack, "pref", "carol", "soc")?;
 
     // An admin makes a token; the device enrolls with it.
     let token = alice.json(&[

@@ -23,7 +23,6 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use zt_e2e::{
     eventually, pki,
-    process::workspace_binary,
     stack::{Stack, TEST_ORG},
     tunnel_site::{
         run_on, server_policy_text, spawn_in, Site, DENIED_PORT, ECHO_PORT, GATEWAY_PORT, WEB_PORT,
@@ -511,38 +510,7 @@ fn unix_now() -> f64 {
 
 /// Revokes `device` as an admin would: `ztctl device revoke`.
 fn revoke(stack: &Stack, device: &str) -> Result<()> {
-    let dir = stack.dir.path().join("admin");
-    let output = std::process::Command::new(workspace_binary("zt-collector")?)
-        .arg("--state-dir")
-        .arg(stack.collector_state())
-        .args([
-            "credential",
-            "create",
-            "--org",
-            TEST_ORG,
-            "--user",
-            "admin",
-            "--role",
-            "admin",
-            "--out",
-        ])
-        .arg(&dir)
-        .output()?;
-    ensure!(output.status.success(), "credential create: {output:?}");
-    let config = dir.join("ztctl.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "collector_url = \"{}\"\ncredential = \"{}\"\nca_bundle = \"{}\"\n",
-            stack.collector_url(),
-            dir.join("credential.pem").display(),
-            dir.join("ca.pem").display()
-        ),
-    )?;
-    let output = std::process::Command::new(workspace_binary("ztctl")?)
-        .env("ZTCTL_CONFIG", &config)
-        .args(["device", "revoke", device])
-        .output()?;
-    ensure!(output.status.success(), "ztctl device revoke: {output:?}");
+    zt_e2e::ztctl::ZtctlUser::create(stack, TEST_ORG, "admin", "admin")?
+        .ok(&["device", "revoke", device])?;
     Ok(())
 }
