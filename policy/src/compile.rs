@@ -177,9 +177,16 @@ impl PolicySet {
             .filter(|(_, r)| !in_device_group(&r.except_devices))
             .map(|(i, r)| (i as u32, r))
             .collect();
-        let user_groups = condition_groups(rules.iter().flat_map(|(_, r)| r.users.iter().chain(&r.except_users)));
-        let binary_groups =
-            condition_groups(rules.iter().flat_map(|(_, r)| r.binaries.iter().chain(&r.except_binaries)));
+        let user_groups = condition_groups(
+            rules
+                .iter()
+                .flat_map(|(_, r)| r.users.iter().chain(&r.except_users)),
+        );
+        let binary_groups = condition_groups(
+            rules
+                .iter()
+                .flat_map(|(_, r)| r.binaries.iter().chain(&r.except_binaries)),
+        );
         for (kind, groups) in [("user", &user_groups), ("binary", &binary_groups)] {
             if groups.len() > MAX_CONDITION_GROUPS {
                 return Err(CompileError::TooManyGroups {
@@ -227,7 +234,11 @@ impl PolicySet {
                         continue;
                     }
                     let rule = rules[slot].1;
-                    let pairs = if except { &rule.except_destinations } else { &rule.destinations };
+                    let pairs = if except {
+                        &rule.except_destinations
+                    } else {
+                        &rule.destinations
+                    };
                     for pair in pairs.iter().filter(|p| p.net == ancestor) {
                         covering.push((slot, except, pair));
                     }
@@ -408,7 +419,12 @@ fn kernel_action(action: Action) -> KernelAction {
 /// The kernel's walk of a chain: the first enforced match decides; when it
 /// allows but a dry-run rule before it would deny, the connection passes as
 /// `Audit`, naming the dry-run rule.
-fn run_chain(chain: &[Candidate], default: KernelVerdict, user_bits: u64, binary_bits: u64) -> KernelVerdict {
+fn run_chain(
+    chain: &[Candidate],
+    default: KernelVerdict,
+    user_bits: u64,
+    binary_bits: u64,
+) -> KernelVerdict {
     let mut would: Option<&Candidate> = None;
     for candidate in chain {
         if !candidate.matches(user_bits, binary_bits) {
@@ -466,7 +482,12 @@ impl AgentTables {
     /// The kernel's lookup: the longest prefix among entries for the port,
     /// else among entries for every port, else the default; a chain is
     /// walked with the caller's group bits.
-    pub fn lookup(&self, destination: SocketAddr, user_bits: u64, binary_bits: u64) -> KernelVerdict {
+    pub fn lookup(
+        &self,
+        destination: SocketAddr,
+        user_bits: u64,
+        binary_bits: u64,
+    ) -> KernelVerdict {
         let best = |port: u16| {
             self.entries
                 .iter()
@@ -477,9 +498,12 @@ impl AgentTables {
         match entry.map(|e| e.target) {
             None => self.default,
             Some(EntryTarget::Verdict(v)) => v,
-            Some(EntryTarget::Chain(i)) => {
-                run_chain(&self.chains[i as usize].candidates, self.default, user_bits, binary_bits)
-            }
+            Some(EntryTarget::Chain(i)) => run_chain(
+                &self.chains[i as usize].candidates,
+                self.default,
+                user_bits,
+                binary_bits,
+            ),
         }
     }
 
@@ -500,10 +524,12 @@ impl AgentTables {
                 .map_or(DEFAULT_RULE_INDEX, |i| i as u32)
         };
         match &decision.dry_run {
-            Some(d) if decision.verdict == Action::Allow && d.verdict == Action::Deny => KernelVerdict {
-                action: KernelAction::Audit,
-                rule: index(&d.rule),
-            },
+            Some(d) if decision.verdict == Action::Allow && d.verdict == Action::Deny => {
+                KernelVerdict {
+                    action: KernelAction::Audit,
+                    rule: index(&d.rule),
+                }
+            }
             _ => KernelVerdict {
                 action: kernel_action(decision.verdict),
                 rule: index(&decision.rule),

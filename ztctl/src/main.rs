@@ -4,6 +4,7 @@
 //! on stdout; errors go to stderr with a non-zero exit code.
 
 mod config;
+mod policy_cmd;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Enrolled devices: list, revoke.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Connection policy: validate, explain (see docs/policy.md).
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +122,7 @@ fn refused(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::load(cli.config.as_deref(), cli.collector)?;
     match cli.command {
+        Command::Policy(command) => policy_cmd::run(command)?,
         Command::Status { json } => {
             let mut client = ControlClient::new(connect(&config).await?);
             let reply = client
