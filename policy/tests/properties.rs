@@ -22,7 +22,12 @@ const PREFIXES: &[&str] = &[
     "fd00::5/128",
 ];
 const PORTS: &[u16] = &[22, 80, 443, 445];
-const USERS: &[(&str, u32)] = &[("alice", 1000), ("bob", 1001), ("carol", 1002), ("dave", 1003)];
+const USERS: &[(&str, u32)] = &[
+    ("alice", 1000),
+    ("bob", 1001),
+    ("carol", 1002),
+    ("dave", 1003),
+];
 const BINARIES: &[&str] = &["/usr/bin/curl", "/usr/bin/nc", "/usr/bin/ssh"];
 const DEVICE_PATTERNS: &[&str] = &[
     "spiffe://pref.example/org/a/device/*",
@@ -35,7 +40,14 @@ const DEVICES: &[&str] = &[
     "spiffe://pref.example/org/b/device/x",
 ];
 const DESTINATIONS: &[&str] = &[
-    "10.1.2.3", "10.1.2.4", "10.1.9.9", "10.9.9.9", "192.168.1.1", "8.8.8.8", "fd00::5", "fd00::6",
+    "10.1.2.3",
+    "10.1.2.4",
+    "10.1.9.9",
+    "10.9.9.9",
+    "192.168.1.1",
+    "8.8.8.8",
+    "fd00::5",
+    "fd00::6",
     "2001:db8::1",
 ];
 const FLOW_PORTS: &[u16] = &[22, 80, 443, 445, 8080];
@@ -71,13 +83,22 @@ fn subset(len: usize, max: usize) -> impl Strategy<Value = Vec<usize>> {
 
 fn rule_spec() -> impl Strategy<Value = RuleSpec> {
     (
-        (0usize..3, proptest::bool::weighted(0.2), proptest::bool::weighted(0.3)),
+        (
+            0usize..3,
+            proptest::bool::weighted(0.2),
+            proptest::bool::weighted(0.3),
+        ),
         (subset(PREFIXES.len(), 3), subset(PORTS.len(), 2)),
         (subset(3, 1), subset(3, 2), subset(3, 2)),
         (subset(3, 1), subset(3, 1), subset(PREFIXES.len(), 1)),
     )
         .prop_map(
-            |((action, dry_run, to_service), (addresses, ports), (devices, users, binaries), (eu, eb, ea))| RuleSpec {
+            |(
+                (action, dry_run, to_service),
+                (addresses, ports),
+                (devices, users, binaries),
+                (eu, eb, ea),
+            )| RuleSpec {
                 action,
                 dry_run,
                 to_service,
@@ -102,14 +123,16 @@ fn policy_spec() -> impl Strategy<Value = PolicySpec> {
         proptest::collection::vec(rule_spec(), 1..10),
         any::<bool>(),
     )
-        .prop_map(|(user_groups, binary_groups, sa, sp, rules, default_deny)| PolicySpec {
-            user_groups,
-            binary_groups,
-            service_addresses: sa,
-            service_ports: sp,
-            rules,
-            default_deny,
-        })
+        .prop_map(
+            |(user_groups, binary_groups, sa, sp, rules, default_deny)| PolicySpec {
+                user_groups,
+                binary_groups,
+                service_addresses: sa,
+                service_ports: sp,
+                rules,
+                default_deny,
+            },
+        )
 }
 
 fn list(items: impl IntoIterator<Item = String>) -> String {
@@ -119,16 +142,24 @@ fn list(items: impl IntoIterator<Item = String>) -> String {
 /// The YAML text of a spec, rules (and groups) in the order given.
 fn text(spec: &PolicySpec, rule_order: &[usize], reverse_groups: bool) -> String {
     let mut out = String::from("version: 1\nkind: baseline\n");
-    out += "gateways:\n  gw: {id: spiffe://pref.example/org/a/device/gw, address: 10.200.0.1:4433}\n";
+    out +=
+        "gateways:\n  gw: {id: spiffe://pref.example/org/a/device/gw, address: 10.200.0.1:4433}\n";
     let mut groups: Vec<String> = Vec::new();
     for (i, members) in spec.user_groups.iter().enumerate() {
-        groups.push(format!("    u{i}: {}\n", list(members.iter().map(|&m| USERS[m].0.to_owned()))));
+        groups.push(format!(
+            "    u{i}: {}\n",
+            list(members.iter().map(|&m| USERS[m].0.to_owned()))
+        ));
     }
     let mut binaries: Vec<String> = Vec::new();
     for (i, members) in spec.binary_groups.iter().enumerate() {
         binaries.push(format!(
             "    b{i}: {}\n",
-            list(members.iter().map(|&m| format!("{{path: {}}}", BINARIES[m])))
+            list(
+                members
+                    .iter()
+                    .map(|&m| format!("{{path: {}}}", BINARIES[m]))
+            )
         ));
     }
     let mut devices: Vec<String> = DEVICE_PATTERNS
@@ -169,36 +200,62 @@ fn text(spec: &PolicySpec, rule_order: &[usize], reverse_groups: bool) -> String
             action = "deny";
         }
         if !(service && action == "tunnel") && (!r.addresses.is_empty() || to.is_empty()) {
-            let addresses = if r.addresses.is_empty() { vec![0] } else { r.addresses.clone() };
+            let addresses = if r.addresses.is_empty() {
+                vec![0]
+            } else {
+                r.addresses.clone()
+            };
             to.push(format!(
                 "addresses: {}",
                 list(addresses.iter().map(|&a| format!("\"{}\"", PREFIXES[a])))
             ));
             if !r.ports.is_empty() {
-                to.push(format!("ports: {}", list(r.ports.iter().map(|&p| PORTS[p].to_string()))));
+                to.push(format!(
+                    "ports: {}",
+                    list(r.ports.iter().map(|&p| PORTS[p].to_string()))
+                ));
             }
         }
         let mut from = Vec::new();
         if !r.devices.is_empty() {
-            from.push(format!("devices: {}", list(r.devices.iter().map(|d| format!("d{d}")))));
+            from.push(format!(
+                "devices: {}",
+                list(r.devices.iter().map(|d| format!("d{d}")))
+            ));
         }
         if !r.users.is_empty() {
-            from.push(format!("users: {}", list(r.users.iter().map(|u| format!("u{u}")))));
+            from.push(format!(
+                "users: {}",
+                list(r.users.iter().map(|u| format!("u{u}")))
+            ));
         }
         if !r.binaries.is_empty() {
-            from.push(format!("binaries: {}", list(r.binaries.iter().map(|b| format!("b{b}")))));
+            from.push(format!(
+                "binaries: {}",
+                list(r.binaries.iter().map(|b| format!("b{b}")))
+            ));
         }
         let mut except = Vec::new();
         if !r.except_users.is_empty() {
-            except.push(format!("users: {}", list(r.except_users.iter().map(|u| format!("u{u}")))));
+            except.push(format!(
+                "users: {}",
+                list(r.except_users.iter().map(|u| format!("u{u}")))
+            ));
         }
         if !r.except_binaries.is_empty() {
-            except.push(format!("binaries: {}", list(r.except_binaries.iter().map(|b| format!("b{b}")))));
+            except.push(format!(
+                "binaries: {}",
+                list(r.except_binaries.iter().map(|b| format!("b{b}")))
+            ));
         }
         if !r.except_addresses.is_empty() {
             except.push(format!(
                 "addresses: {}",
-                list(r.except_addresses.iter().map(|&a| format!("\"{}\"", PREFIXES[a])))
+                list(
+                    r.except_addresses
+                        .iter()
+                        .map(|&a| format!("\"{}\"", PREFIXES[a]))
+                )
             ));
         }
         out += &format!(
