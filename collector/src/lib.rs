@@ -28,6 +28,7 @@ pub mod enrollment;
 pub mod fleet;
 pub mod ingest;
 pub mod metrics;
+pub mod policy_store;
 pub mod server;
 pub mod storage;
 pub mod writer;

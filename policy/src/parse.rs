@@ -210,6 +210,14 @@ impl Reader {
         }
     }
 
+    fn list_is_empty(&self, node: &Node<'_>) -> bool {
+        match &node.data {
+            YamlData::Sequence(items) => items.is_empty(),
+            YamlData::Value(Scalar::Null) => true,
+            _ => false,
+        }
+    }
+
     fn names(&mut self, node: &Node<'_>, what: &str) -> Vec<Named> {
         let mut out: Vec<Named> = Vec::new();
         for item in self.list(node, what) {
@@ -830,7 +838,11 @@ impl Reader {
             .unwrap_or_default();
         let ports = f.get("ports").map(|n| self.ports(n)).unwrap_or_default();
         if services.is_empty() && addresses.is_empty() {
-            if f.get("services").is_none() && f.get("addresses").is_none() {
+            // Entries that were there but invalid are reported already; an
+            // empty `to` would silently drop the rule.
+            let listed_but_invalid = f.get("services").is_some_and(|n| !self.list_is_empty(n))
+                || f.get("addresses").is_some_and(|n| !self.list_is_empty(n));
+            if !listed_but_invalid {
                 self.error_hint(
                     f.at,
                     "`to` names no destination",
@@ -1066,6 +1078,17 @@ mod tests {
         assert_eq!(
             e,
             vec!["5:6: rule id `a` is used twice (hint: the first is at 4:5)".to_owned()]
+        );
+    }
+
+    #[test]
+    fn an_empty_destination_list_is_an_error_not_a_dropped_rule() {
+        let e = errors(
+            "version: 1\nkind: baseline\nrules:\n  - {id: a, action: deny, to: {addresses: []}}\n",
+        );
+        assert_eq!(
+            e,
+            vec!["4:31: `to` names no destination (hint: add `services: [...]` or `addresses: [...]` (0.0.0.0/0 and ::/0 for everywhere))".to_owned()]
         );
     }
 

@@ -1,0 +1,425 @@
+//! The control plane's policy side: the signing key, the current layers,
+//! and every bundle ever issued, kept in the state directory:
+//!
+//! ```text
+//! <state_dir>/policy/signing.key          Ed25519 key (PKCS#8), mode 0600
+//! <state_dir>/policy/state.json           serial counter, current layers
+//! <state_dir>/policy/bundles/<serial>-<org>.json   signed bundles
+//! ```
+//!
+//! A push is checked before anything is signed: the layer must parse, link
+//! with the layers it meets, and pass its own `tests:`. A baseline push
+//! re-issues every organisation's bundle under one new serial; an
+//! organisation's push issues that organisation's bundle. A rollback issues
+//! a new serial whose content is an earlier bundle's, marked `restores`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use policy::bundle::{Bundle, SignedBundle, SigningKey};
+use serde::{Deserialize, Serialize};
+use zt_identity::files::write_file_atomic;
+
+const KEY_FILE: &str = "signing.key";
+const STATE_FILE: &str = "state.json";
+const BUNDLES_DIR: &str = "bundles";
+/// The baseline in force before any push: allow by default, no rules.
+pub const EMPTY_BASELINE: &str = "version: 1\nkind: baseline\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyStoreError {
+    #[error("{what} {path}: {source}")]
+    State {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("policy signing key: {0}")]
+    Key(#[from] policy::bundle::BundleError),
+    #[error("cannot write {0}")]
+    Write(#[from] zt_identity::Error),
+    /// The pushed text does not validate; the diagnostics say where.
+    #[error("{0}")]
+    Invalid(#[from] policy::LoadError),
+    #[error("the layer is for organisation {layer:?}, pushed to {target:?}")]
+    WrongOrganisation { layer: String, target: String },
+    #[error("a {0} layer cannot be pushed here")]
+    WrongKind(policy::LayerKind),
+    #[error("no bundle with serial {serial} exists for {org:?}")]
+    NoSuchSerial { serial: u64, org: String },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    /// The last serial issued.
+    serial: u64,
+    baseline: String,
+    /// Each organisation's layer text (absent: baseline only).
+    organisations: BTreeMap<String, String>,
+    /// The serial of each organisation's current bundle.
+    active: BTreeMap<String, u64>,
+}
+
+pub struct PolicyStore {
+    dir: PathBuf,
+    key: SigningKey,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("dir", &self.dir)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// What a push or rollback issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub serial: u64,
+    pub bundles: Vec<SignedBundle>,
+}
+
+impl PolicyStore {
+    /// Opens the store in `dir`, making the signing key on first use.
+    pub fn open(dir: &Path) -> Result<Self, PolicyStoreError> {
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| PolicyStoreError::State { what, path, source }
+        };
+        std::fs::create_dir_all(dir.join(BUNDLES_DIR)).map_err(io("cannot create", dir))?;
+        let key_path = dir.join(KEY_FILE);
+        let key = match std::fs::read(&key_path) {
+            Ok(pkcs8) => SigningKey::from_pkcs8(&pkcs8)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = SigningKey::generate()?;
+                write_file_atomic(&key_path, key.pkcs8(), 0o600)?;
+                key
+            }
+            Err(e) => return Err(io("cannot read", &key_path)(e)),
+        };
+        let state_path = dir.join(STATE_FILE);
+        let state = match std::fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| PolicyStoreError::Corrupt {
+                path: state_path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                baseline: EMPTY_BASELINE.to_owned(),
+                ..State::default()
+            },
+            Err(e) => return Err(io("cannot read", &state_path)(e)),
+        };
+        Ok(Self {
+            dir: dir.to_owned(),
+            key,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The key agents trust for bundles.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.public_key()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bundle_path(&self, serial: u64, org: &str) -> PathBuf {
+        self.dir
+            .join(BUNDLES_DIR)
+            .join(format!("{serial:012}-{org}.json"))
+    }
+
+    fn save(
+        &self,
+        state: &State,
+        bundles: &[SignedBundle],
+        orgs: &[String],
+    ) -> Result<(), PolicyStoreError> {
+        for (signed, org) in bundles.iter().zip(orgs) {
+            let serial = state.active[org];
+            write_file_atomic(
+                &self.bundle_path(serial, org),
+                signed.to_json().as_bytes(),
+                0o644,
+            )?;
+        }
+        let json = serde_json::to_vec_pretty(state).expect("state serialises");
+        write_file_atomic(&self.dir.join(STATE_FILE), &json, 0o600)?;
+        Ok(())
+    }
+
+    fn issue(
+        &self,
+        state: &mut State,
+        orgs: Vec<String>,
+        by: &str,
+        restores: Option<u64>,
+        now_unix: u64,
+    ) -> Result<Issued, PolicyStoreError> {
+        state.serial += 1;
+        let serial = state.serial;
+        let bundles: Vec<SignedBundle> = orgs
+            .iter()
+            .map(|org| {
+                state.active.insert(org.clone(), serial);
+                self.key.sign(&Bundle {
+                    serial,
+                    org: org.clone(),
+                    issued_unix: now_unix,
+                    issued_by: by.to_owned(),
+                    baseline: state.baseline.clone(),
+                    organisation: state.organisations.get(org).cloned(),
+                    restores,
+                    canary: None,
+                })
+            })
+            .collect();
+        self.save(state, &bundles, &orgs)?;
+        Ok(Issued { serial, bundles })
+    }
+
+    /// Pushes a new baseline; `orgs` are the organisations with devices,
+    /// each of which gets a bundle. Every organisation's layer must still
+    /// link with it.
+    pub fn push_baseline(
+        &self,
+        text: &str,
+        orgs: &[String],
+        by: &str,
+        now_unix: u64,
+    ) -> Result<Issued, PolicyStoreError> {
+        let layer = policy::parse(text).map_err(policy::LoadError::Baseline)?;
+        if layer.kind != policy::LayerKind::Baseline {
+            return Err(PolicyStoreError::WrongKind(layer.kind));
+        }
+        let mut state = self.lock();
+        policy::load(text, None)?;
+        for org_text in state.organisations.values() {
+            policy::load(text, Some(org_text))?;
+        }
+        let mut all: Vec<String> = orgs.to_vec();
+        all.extend(state.organisations.keys().cloned());
+        all.extend(state.active.keys().cloned());
+        all.sort();
+        all.dedup();
+        state.baseline = text.to_owned();
+        self.issue(&mut state, all, by, None, now_unix)
+    }
+
+    /// Pushes an organisation's layer.
+    pub fn push_organisation(
+        &self,
+        org: &str,
+        text: &str,
+        by: &str,
+        now_unix: u64,
+    ) -> Result<Issued, PolicyStoreError> {
+        let layer = policy::parse(text).map_err(policy::LoadError::Organisation)?;
+        if layer.kind != policy::LayerKind::Organisation {
+            return Err(PolicyStoreError::WrongKind(layer.kind));
+        }
+        if layer.org.as_deref() != Some(org) {
+            return Err(PolicyStoreError::WrongOrganisation {
+                layer: layer.org.unwrap_or_default(),
+                target: org.to_owned(),
+            });
+        }
+        let mut state = self.lock();
+        policy::load(&state.baseline, Some(text))?;
+        state.organisations.insert(org.to_owned(), text.to_owned());
+        self.issue(&mut state, vec![org.to_owned()], by, None, now_unix)
+    }
+
+    /// Issues, under a new serial, the content `org`'s bundle had at
+    /// `serial`.
+    pub fn rollback(
+        &self,
+        org: &str,
+        serial: u64,
+        by: &str,
+        now_unix: u64,
+    ) -> Result<Issued, PolicyStoreError> {
+        let old = self
+            .bundle(org, serial)?
+            .ok_or_else(|| PolicyStoreError::NoSuchSerial {
+                serial,
+                org: org.to_owned(),
+            })?;
+        let bundle = old
+            .verify(&[self.public_key()])
+            .map_err(PolicyStoreError::Key)?;
+        let mut state = self.lock();
+        // The organisation's own layer goes back; the baseline in force
+        // stays, since it binds every organisation. The restored layer must
+        // still link with it.
+        policy::load(&state.baseline, bundle.organisation.as_deref())?;
+        match bundle.organisation {
+            Some(text) => state.organisations.insert(org.to_owned(), text),
+            None => state.organisations.remove(org),
+        };
+        self.issue(&mut state, vec![org.to_owned()], by, Some(serial), now_unix)
+    }
+
+    /// A stored bundle.
+    pub fn bundle(&self, org: &str, serial: u64) -> Result<Option<SignedBundle>, PolicyStoreError> {
+        let path = self.bundle_path(serial, org);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                SignedBundle::from_json(&text)
+                    .map(Some)
+                    .map_err(|e| PolicyStoreError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(PolicyStoreError::State {
+                what: "cannot read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// The bundle `org`'s agents should run, issuing the first one (the
+    /// baseline alone) when the organisation has none yet.
+    pub fn active(&self, org: &str, now_unix: u64) -> Result<SignedBundle, PolicyStoreError> {
+        let serial = self.lock().active.get(org).copied();
+        if let Some(serial) = serial {
+            if let Some(bundle) = self.bundle(org, serial)? {
+                return Ok(bundle);
+            }
+        }
+        let mut state = self.lock();
+        let issued = self.issue(
+            &mut state,
+            vec![org.to_owned()],
+            "collector",
+            None,
+            now_unix,
+        )?;
+        Ok(issued.bundles.into_iter().next().expect("one bundle"))
+    }
+
+    /// The serial of `org`'s current bundle (0: none issued).
+    pub fn active_serial(&self, org: &str) -> u64 {
+        self.lock().active.get(org).copied().unwrap_or(0)
+    }
+
+    /// The current texts: the baseline and `org`'s layer.
+    pub fn layers(&self, org: &str) -> (String, Option<String>) {
+        let state = self.lock();
+        (
+            state.baseline.clone(),
+            state.organisations.get(org).cloned(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASELINE: &str = include_str!("../../policy/examples/baseline.yaml");
+    const CITY_A: &str = include_str!("../../policy/examples/city-a.yaml");
+    const ADMIN: &str = "spiffe://pref.example/org/pref/user/sato";
+
+    #[test]
+    fn pushes_sign_bundles_with_growing_serials_that_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        let key = store.public_key();
+        let issued = store
+            .push_baseline(BASELINE, &["city-a".into(), "city-b".into()], ADMIN, 100)
+            .unwrap();
+        assert_eq!(issued.serial, 1);
+        assert_eq!(issued.bundles.len(), 2);
+        let issued = store
+            .push_organisation("city-a", CITY_A, ADMIN, 101)
+            .unwrap();
+        assert_eq!(issued.serial, 2);
+        let bundle =
+            policy::bundle::accept(&issued.bundles[0], &[key.clone()], "city-a", 1).unwrap();
+        assert_eq!(bundle.policy().unwrap().org(), Some("city-a"));
+        assert_eq!(store.active_serial("city-b"), 1);
+        drop(store);
+        let store = PolicyStore::open(dir.path()).unwrap();
+        assert_eq!(store.public_key(), key, "the signing key is kept");
+        assert_eq!(store.active_serial("city-a"), 2);
+        assert_eq!(store.active("city-a", 102).unwrap(), issued.bundles[0]);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn an_invalid_push_signs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        store
+            .push_baseline(BASELINE, &["city-a".into()], ADMIN, 100)
+            .unwrap();
+        let broken = CITY_A.replace("action: allow", "action: alow");
+        assert!(matches!(
+            store.push_organisation("city-a", &broken, ADMIN, 101),
+            Err(PolicyStoreError::Invalid(policy::LoadError::Organisation(
+                _
+            )))
+        ));
+        assert!(matches!(
+            store.push_organisation("city-b", CITY_A, ADMIN, 101),
+            Err(PolicyStoreError::WrongOrganisation { .. })
+        ));
+        // A baseline that would break city-a's layer is refused too.
+        store
+            .push_organisation("city-a", CITY_A, ADMIN, 102)
+            .unwrap();
+        let without_shells = BASELINE.replace("    remote-shells:", "    remote-shell-tools:");
+        assert!(store
+            .push_baseline(&without_shells, &["city-a".into()], ADMIN, 103)
+            .is_err());
+        assert_eq!(store.active_serial("city-a"), 2);
+    }
+
+    #[test]
+    fn a_rollback_restores_old_content_under_a_new_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        store
+            .push_baseline(BASELINE, &["city-a".into()], ADMIN, 100)
+            .unwrap();
+        store
+            .push_organisation("city-a", CITY_A, ADMIN, 101)
+            .unwrap();
+        let looser = CITY_A.replace(
+            "defaults:\n  outbound: allow\n",
+            "defaults:\n  outbound: deny\n",
+        );
+        store
+            .push_organisation("city-a", &looser, ADMIN, 102)
+            .unwrap();
+        let issued = store.rollback("city-a", 2, ADMIN, 103).unwrap();
+        assert_eq!(issued.serial, 4);
+        let bundle =
+            policy::bundle::accept(&issued.bundles[0], &[store.public_key()], "city-a", 3).unwrap();
+        assert_eq!(bundle.restores, Some(2));
+        assert_eq!(bundle.organisation.as_deref(), Some(CITY_A));
+        assert!(matches!(
+            store.rollback("city-a", 99, ADMIN, 104),
+            Err(PolicyStoreError::NoSuchSerial { .. })
+        ));
+    }
+}
