@@ -349,7 +349,8 @@ mod tests {
             .unwrap();
         assert_eq!(issued.serial, 2);
         let bundle =
-            policy::bundle::accept(&issued.bundles[0], &[key.clone()], "city-a", 1).unwrap();
+            policy::bundle::accept(&issued.bundles[0], std::slice::from_ref(&key), "city-a", 1)
+                .unwrap();
         assert_eq!(bundle.policy().unwrap().org(), Some("city-a"));
         assert_eq!(store.active_serial("city-b"), 1);
         drop(store);

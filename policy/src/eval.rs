@@ -265,14 +265,44 @@ impl PolicySet {
         }
     }
 
+    /// How many of `rule`'s conditions `flow` fails, and whether the
+    /// destination is one of them — counted without formatting, so a
+    /// default verdict among thousands of rules stays cheap.
+    fn failure_count(&self, rule: &LinkedRule, flow: &Flow<'_>) -> (bool, usize) {
+        let any = |groups: &[usize]| groups.iter().any(|&g| self.in_group(g, flow));
+        let destination_missed = destination_specificity(rule, flow.destination).is_none();
+        let failed = [
+            destination_missed,
+            !rule.devices.is_empty() && !any(&rule.devices),
+            !rule.users.is_empty() && !any(&rule.users),
+            !rule.binaries.is_empty() && !any(&rule.binaries),
+            any(&rule.except_devices),
+            any(&rule.except_users),
+            any(&rule.except_binaries),
+        ];
+        (destination_missed, failed.iter().filter(|f| **f).count())
+    }
+
     fn nearest(&self, flow: &Flow<'_>) -> Vec<NearMiss> {
-        let mut candidates: Vec<(bool, usize, &LinkedRule, Vec<String>)> = self
+        let mut candidates: Vec<((bool, usize), &LinkedRule)> = self
             .rules
             .iter()
             .filter(|r| r.mode == Mode::Enforce)
-            .filter_map(|rule| {
+            .map(|rule| (self.failure_count(rule, flow), rule))
+            .filter(|((_, count), _)| *count > 0)
+            .collect();
+        let order = |a: &((bool, usize), &LinkedRule), b: &((bool, usize), &LinkedRule)| {
+            a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id))
+        };
+        if candidates.len() > NEAREST_REPORTED {
+            candidates.select_nth_unstable_by(NEAREST_REPORTED - 1, order);
+            candidates.truncate(NEAREST_REPORTED);
+        }
+        candidates.sort_by(order);
+        candidates
+            .into_iter()
+            .map(|((destination_missed, _), rule)| {
                 let mut failed = Vec::new();
-                let destination_missed = destination_specificity(rule, flow.destination).is_none();
                 if destination_missed {
                     failed.push(format!(
                         "destination {} is not in {}",
@@ -281,17 +311,11 @@ impl PolicySet {
                     ));
                 }
                 self.identity_failures(rule, flow, &mut failed);
-                (!failed.is_empty()).then(|| (destination_missed, failed.len(), rule, failed))
-            })
-            .collect();
-        candidates.sort_by(|a, b| (a.0, a.1, &a.2.id).cmp(&(b.0, b.1, &b.2.id)));
-        candidates
-            .into_iter()
-            .take(NEAREST_REPORTED)
-            .map(|(_, _, rule, failed)| NearMiss {
-                rule: rule.id.clone(),
-                action: rule.action,
-                failed,
+                NearMiss {
+                    rule: rule.id.clone(),
+                    action: rule.action,
+                    failed,
+                }
             })
             .collect()
     }

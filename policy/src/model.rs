@@ -280,12 +280,17 @@ pub struct Defaults {
     /// Also record allowed connections (decisions are otherwise recorded
     /// for denials, tunnels and dry-run differences).
     pub record_allows: Option<bool>,
+    /// Where each default was written (for diagnostics).
+    pub outbound_at: Position,
+    pub inbound_at: Position,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FailModes {
     pub protected: Option<FailMode>,
     pub standard: Option<FailMode>,
+    pub protected_at: Position,
+    pub standard_at: Position,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

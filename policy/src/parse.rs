@@ -897,10 +897,13 @@ impl Reader {
         let record_allows = f
             .get("record_allows")
             .and_then(|n| self.boolean(n, "record_allows"));
+        let at = |key: &str| f.entries.get(key).map_or(f.at, |(at, _)| *at);
         Defaults {
             outbound,
             inbound,
             record_allows,
+            outbound_at: at("outbound"),
+            inbound_at: at("inbound"),
         }
     }
 
@@ -922,9 +925,14 @@ impl Reader {
                 )
             })
         };
+        let protected = mode("protected");
+        let standard = mode("standard");
+        let at = |key: &str| f.entries.get(key).map_or(f.at, |(at, _)| *at);
         FailModes {
-            protected: mode("protected"),
-            standard: mode("standard"),
+            protected,
+            standard,
+            protected_at: at("protected"),
+            standard_at: at("standard"),
         }
     }
 

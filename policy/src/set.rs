@@ -531,11 +531,10 @@ impl Linker {
             return base;
         };
         let mut out = base;
-        let at = Position { line: 1, column: 1 };
         if let Some(outbound) = org.defaults.outbound {
             if outbound < base.outbound {
                 self.error(
-                    at,
+                    org.defaults.outbound_at,
                     format!(
                         "defaults.outbound `{outbound}` is looser than the baseline's `{}`",
                         base.outbound
@@ -548,7 +547,7 @@ impl Linker {
         if let Some(inbound) = org.defaults.inbound {
             if inbound < base.inbound {
                 self.error(
-                    at,
+                    org.defaults.inbound_at,
                     format!(
                         "defaults.inbound `{inbound}` is looser than the baseline's `{}`",
                         base.inbound
@@ -559,18 +558,20 @@ impl Linker {
             out.inbound = inbound.max(base.inbound);
         }
         out.record_allows = base.record_allows || org.defaults.record_allows.unwrap_or(false);
-        for (mine, theirs, slot, what) in [
+        for (mine, theirs, slot, what, at) in [
             (
                 org.fail_mode.protected,
                 base.fail_protected,
                 &mut out.fail_protected,
                 "protected",
+                org.fail_mode.protected_at,
             ),
             (
                 org.fail_mode.standard,
                 base.fail_standard,
                 &mut out.fail_standard,
                 "standard",
+                org.fail_mode.standard_at,
             ),
         ] {
             if let Some(mode) = mine {

@@ -4,6 +4,8 @@
 //! - compilation is deterministic and independent of the order of rules
 //!   and groups in the text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 use policy::{
     compile::{AgentTables, Target},
     Direction, Flow, PolicySet,

@@ -1,6 +1,8 @@
 //! `ztctl policy validate` and `ztctl policy explain` on the example
 //! policies, as an admin runs them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 use std::process::{Command, Output};
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy/examples");
