@@ -294,13 +294,14 @@ impl PolicyStore {
     /// The bundle `org`'s agents should run, issuing the first one (the
     /// baseline alone) when the organisation has none yet.
     pub fn active(&self, org: &str, now_unix: u64) -> Result<SignedBundle, PolicyStoreError> {
-        let serial = self.lock().active.get(org).copied();
-        if let Some(serial) = serial {
+        // One lock throughout: two agents of a new organisation asking at
+        // once get the same first bundle.
+        let mut state = self.lock();
+        if let Some(&serial) = state.active.get(org) {
             if let Some(bundle) = self.bundle(org, serial)? {
                 return Ok(bundle);
             }
         }
-        let mut state = self.lock();
         let issued = self.issue(
             &mut state,
             vec![org.to_owned()],
