@@ -359,6 +359,13 @@ mod tests {
         assert_eq!(store.public_key(), key, "the signing key is kept");
         assert_eq!(store.active_serial("city-a"), 2);
         assert_eq!(store.active("city-a", 102).unwrap(), issued.bundles[0]);
+        // An organisation without a bundle gets its first, the baseline
+        // alone, once.
+        let first = store.active("city-c", 103).unwrap();
+        let bundle =
+            policy::bundle::accept(&first, std::slice::from_ref(&key), "city-c", 0).unwrap();
+        assert_eq!((bundle.serial, bundle.organisation), (3, None));
+        assert_eq!(store.active("city-c", 104).unwrap(), first);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(dir.path().join(KEY_FILE))
                 .unwrap()
