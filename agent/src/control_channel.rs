@@ -16,13 +16,17 @@ use std::{
 };
 
 use proto::control::{
-    control_update::Update, fleet_client::FleetClient, AgentHeartbeat, WatchRequest,
+    control_update::Update, fleet_client::FleetClient, AgentHeartbeat, PolicyAck, WatchRequest,
 };
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 use zt_identity::{RevocationList, SharedRevocationList};
 
-use crate::{enrollment::SharedIdentity, metrics::AgentMetrics};
+use crate::{
+    bundles::{AcceptedBundle, BundleKeeper},
+    enrollment::SharedIdentity,
+    metrics::AgentMetrics,
+};
 
 const REVOCATIONS_FILE: &str = "revocations.json";
 /// When the control channel was last known open (unix seconds, text): kept
@@ -41,6 +45,8 @@ pub struct ControlChannel {
     pub device: SharedIdentity,
     pub metrics: Arc<AgentMetrics>,
     pub state_dir: PathBuf,
+    /// Where accepted policy bundles go (the enforcement follows it).
+    pub policies: Option<tokio::sync::watch::Sender<Option<Arc<AcceptedBundle>>>>,
 }
 
 impl ControlChannel {
@@ -173,9 +179,11 @@ impl ControlChannel {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .version();
+        let keeper = BundleKeeper::new(&self.state_dir, &self.device_id());
         let mut updates = client
             .watch(WatchRequest {
                 revocation_version: have,
+                policy_serial: keeper.newest_seen(),
             })
             .await?
             .into_inner();
@@ -198,8 +206,16 @@ impl ControlChannel {
                 crate::clock::unix_now_secs(),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            let Some(Update::Revocations(wire)) = update.update else {
-                continue;
+            let wire = match update.update {
+                Some(Update::Revocations(wire)) => wire,
+                Some(Update::Policy(bundle)) => {
+                    let ack = self.apply_bundle(&keeper, bundle.serial, &bundle.signed_json);
+                    if let Err(status) = client.ack_policy(ack).await {
+                        warn!(%status, serial = bundle.serial, "cannot report the policy bundle's outcome");
+                    }
+                    continue;
+                }
+                None => continue,
             };
             let list =
                 RevocationList::from_parts(wire.version, wire.revoked_ids, wire.revoked_serials)?;
@@ -221,6 +237,51 @@ impl ControlChannel {
             }
         }
         Ok(())
+    }
+}
+
+impl ControlChannel {
+    fn device_id(&self) -> zt_identity::SpiffeId {
+        self.device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .clone()
+    }
+
+    /// Checks a bundle, keeps it when it is good and hands it to the
+    /// enforcement; the answer is what the collector is told.
+    fn apply_bundle(&self, keeper: &BundleKeeper, serial: u64, signed_json: &str) -> PolicyAck {
+        match keeper.accept(signed_json) {
+            Ok(accepted) => {
+                let serial = accepted.bundle.serial;
+                info!(
+                    serial,
+                    restores = ?accepted.bundle.restores,
+                    rules = accepted.policy.rules.len(),
+                    "policy bundle accepted"
+                );
+                self.metrics
+                    .policy_bundle_serial
+                    .store(serial, std::sync::atomic::Ordering::Relaxed);
+                if let Some(policies) = &self.policies {
+                    policies.send_replace(Some(Arc::new(accepted)));
+                }
+                PolicyAck {
+                    serial,
+                    applied: true,
+                    error: String::new(),
+                }
+            }
+            Err(err) => {
+                warn!(serial, error = %err, "policy bundle refused; the last good one stays in force");
+                PolicyAck {
+                    serial,
+                    applied: false,
+                    error: err.to_string(),
+                }
+            }
+        }
     }
 }
 

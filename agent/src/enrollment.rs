@@ -26,7 +26,7 @@ use zt_identity::{
     DeviceKey, RenewalPolicy, RenewalState, SpiffeId, Validity,
 };
 
-const IDENTITY_DIR: &str = "identity";
+pub(crate) const IDENTITY_DIR: &str = "identity";
 const DEVICE_FILE: &str = "device.pem";
 const CA_FILE: &str = "ca.pem";
 const COLLECTOR_FILE: &str = "collector_url";
@@ -281,6 +281,12 @@ pub async fn enroll(
         )));
     }
     identity.save(state_dir)?;
+    crate::bundles::save_signing_key(state_dir, &answer.policy_signing_key).map_err(|source| {
+        EnrollmentError::Files {
+            dir: state_dir.join(IDENTITY_DIR),
+            source,
+        }
+    })?;
     info!(id = %identity.id, "enrolled");
     Ok(identity)
 }
@@ -316,6 +322,12 @@ pub async fn renew(
         )));
     }
     renewed.save(state_dir)?;
+    crate::bundles::save_signing_key(state_dir, &answer.policy_signing_key).map_err(|source| {
+        EnrollmentError::Files {
+            dir: state_dir.join(IDENTITY_DIR),
+            source,
+        }
+    })?;
     Ok(renewed)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod budget;
+pub mod bundles;
 pub mod cgroups;
 pub mod clock;
 pub mod config;
@@ -32,7 +33,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::AgentConfig,
@@ -124,7 +125,29 @@ pub async fn run(
         device: device.clone(),
         metrics: metrics.clone(),
         state_dir: config.state_dir.clone(),
+        // Bundles are checked, kept and acknowledged; the guard still
+        // enforces its policy file until it compiles bundles (issue 7).
+        policies: None,
     };
+    let keeper = bundles::BundleKeeper::new(
+        &config.state_dir,
+        &device.read().unwrap_or_else(|p| p.into_inner()).id,
+    );
+    match keeper.last_good() {
+        Ok(Some(last)) => {
+            metrics
+                .policy_bundle_serial
+                .store(last.bundle.serial, std::sync::atomic::Ordering::Relaxed);
+            info!(
+                serial = last.bundle.serial,
+                "last good policy bundle loaded"
+            );
+        }
+        Ok(None) => {}
+        Err(err) => {
+            warn!(error = %err, "the kept policy bundle cannot be used; waiting for the collector's")
+        }
+    }
     let revocations = control.saved_revocations().shared();
     control.restore_channel_seen();
     let zero_trust = match (sensors.take_guard(), &config.guard.policy_file) {
@@ -193,7 +216,7 @@ pub async fn run(
         .await
         .is_err()
     {
-        tracing::warn!("uplink did not finish within {STOP_TIMEOUT:?}");
+        warn!("uplink did not finish within {STOP_TIMEOUT:?}");
     }
     log_counters(&metrics, "stopped");
     Ok(())

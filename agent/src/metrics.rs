@@ -40,6 +40,8 @@ pub struct AgentMetrics {
     /// never in this run).
     pub control_channel_seen_unix: AtomicU64,
     /// The guard policy in force (0: none).
+    /// Serial of the policy bundle accepted last (0: none).
+    pub policy_bundle_serial: AtomicU64,
     pub policy_version: AtomicU64,
     /// Connections carried through the tunnel (client side), refused by a
     /// gateway, and failed for want of a gateway.

@@ -35,6 +35,15 @@ impl UserNames {
         self.names.get(&uid).map(String::as_str)
     }
 
+    /// The uid of a user name, as loaded (policy user groups name users).
+    pub fn uid(&self, name: &str) -> Option<u32> {
+        self.names
+            .iter()
+            .filter(|(_, n)| n.as_str() == name)
+            .map(|(uid, _)| *uid)
+            .min()
+    }
+
     fn reload_if_changed(&mut self) {
         let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         if mtime.is_some() && mtime == self.loaded_mtime {

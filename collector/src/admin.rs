@@ -11,8 +11,10 @@ use std::{
 };
 
 use proto::control::{
-    admin_server::Admin, CreateEnrollmentTokenRequest, Device, DeviceList, EnrollmentTokenReply,
-    ListDevicesRequest, RevokeDeviceReply, RevokeDeviceRequest,
+    admin_server::Admin, AgentPolicy, CreateEnrollmentTokenRequest, Device, DeviceList,
+    EnrollmentTokenReply, GetPolicyRequest, ListDevicesRequest, PolicyLayers, PolicyStatusReply,
+    PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RevokeDeviceReply,
+    RevokeDeviceRequest, RollbackPolicyRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -316,9 +318,206 @@ impl Admin for AdminService {
             }
         }
     }
+
+    async fn push_policy(
+        &self,
+        request: Request<PushPolicyRequest>,
+    ) -> Result<Response<PushPolicyReply>, Status> {
+        self.push_policy_impl(request).await.map(Response::new)
+    }
+
+    async fn rollback_policy(
+        &self,
+        request: Request<RollbackPolicyRequest>,
+    ) -> Result<Response<PushPolicyReply>, Status> {
+        self.rollback_policy_impl(request).await.map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<PolicyLayers>, Status> {
+        let requested = request.get_ref().org_id.clone();
+        let org = self.read_org(&request, &requested, "policy.get").await?;
+        let policy = self.plane.policy();
+        let (baseline, organisation) = policy.store().layers(&org);
+        Ok(Response::new(PolicyLayers {
+            serial: policy.store().active_serial(&org),
+            baseline,
+            organisation: organisation.unwrap_or_default(),
+        }))
+    }
+
+    async fn policy_status(
+        &self,
+        request: Request<PolicyStatusRequest>,
+    ) -> Result<Response<PolicyStatusReply>, Status> {
+        let requested = request.get_ref().org_id.clone();
+        let org = self.read_org(&request, &requested, "policy.status").await?;
+        let policy = self.plane.policy();
+        let reports = policy.reports(&org);
+        let agents = self
+            .plane
+            .devices(Some(&org))
+            .into_iter()
+            .filter(|d| {
+                SpiffeId::parse(&d.spiffe_id).is_ok_and(|id| !self.plane.is_revoked(&id))
+            })
+            .map(|d| {
+                let report = reports.get(&d.device).cloned().unwrap_or_default();
+                AgentPolicy {
+                    connected: self.connected.count(&d.spiffe_id) > 0,
+                    device_id: d.device,
+                    applied_serial: report.applied_serial,
+                    refused_serial: report.refused_serial,
+                    error: report.error,
+                    reported_unix: i64::try_from(report.reported_unix).unwrap_or(i64::MAX),
+                }
+            })
+            .collect();
+        Ok(Response::new(PolicyStatusReply {
+            serial: policy.store().active_serial(&org),
+            org_id: org,
+            agents,
+        }))
+    }
+}
+
+/// A refused push: the diagnostics, each with its line and column, as the
+/// message (ztctl prints it as it is).
+fn push_refused(error: crate::policy_store::PolicyStoreError) -> Status {
+    use crate::policy_store::PolicyStoreError as E;
+    match error {
+        E::Invalid(_) | E::WrongOrganisation { .. } | E::WrongKind(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        E::NoSuchSerial { .. } => Status::not_found(error.to_string()),
+        other => Status::internal(other.to_string()),
+    }
 }
 
 impl AdminService {
+    /// The organisations that have enrolled devices: each gets a bundle
+    /// when the baseline changes.
+    fn organisations(&self) -> Vec<String> {
+        let mut orgs: Vec<String> = self
+            .plane
+            .devices(None)
+            .into_iter()
+            .map(|d| d.org)
+            .collect();
+        orgs.sort();
+        orgs.dedup();
+        orgs
+    }
+
+    async fn refuse<T>(&self, caller: &Caller, org: &str, action: &str, target: &str, status: Status) -> Result<T, Status> {
+        self.audit(caller, org, action, target, "error", status.message())
+            .await;
+        Err(status)
+    }
+
+    async fn push_policy_impl(&self, request: Request<PushPolicyRequest>) -> Result<PushPolicyReply, Status> {
+        const ACTION: &str = "policy.push";
+        let caller = self.caller(&request, ACTION).await?;
+        let text = request.into_inner().text;
+        let layer = match policy::parse(&text) {
+            Ok(layer) => layer,
+            Err(d) => {
+                let org = caller.user.org.clone();
+                return self
+                    .refuse(&caller, &org, ACTION, "", Status::invalid_argument(format!("the policy does not parse: {d}")))
+                    .await;
+            }
+        };
+        let (org, target) = match (&layer.kind, &layer.org) {
+            (policy::LayerKind::Baseline, _) => {
+                // The baseline binds every organisation: the SOC's alone.
+                if caller.user.role != Role::Soc {
+                    let why = format!(
+                        "{} ({} of {}) may not push the baseline; it binds every organisation and is the SOC's",
+                        caller.id,
+                        caller.user.role.as_str(),
+                        caller.user.org
+                    );
+                    let org = caller.user.org.clone();
+                    self.audit(&caller, &org, ACTION, "baseline", "denied", &why).await;
+                    return Err(Status::permission_denied(why));
+                }
+                (caller.user.org.clone(), "baseline".to_owned())
+            }
+            (policy::LayerKind::Organisation, Some(org)) => {
+                self.require_change(&caller, org, ACTION, org).await?;
+                (org.clone(), org.clone())
+            }
+            (policy::LayerKind::Organisation, None) => {
+                return Err(Status::invalid_argument("an organisation layer needs `org`"))
+            }
+        };
+        let orgs = self.organisations();
+        let plane = self.plane.clone();
+        let by = caller.id.to_string();
+        let pushed = tokio::task::spawn_blocking(move || plane.policy().push(&text, &orgs, &by))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match pushed {
+            Ok(issued) => {
+                let orgs: Vec<String> = issued
+                    .bundles
+                    .iter()
+                    .filter_map(|b| b.verify(&[self.plane.policy().public_key()]).ok())
+                    .map(|b| b.org)
+                    .collect();
+                let detail = format!("serial {} for {}", issued.serial, orgs.join(", "));
+                self.audit(&caller, &org, ACTION, &target, "ok", &detail).await;
+                Ok(PushPolicyReply {
+                    serial: issued.serial,
+                    orgs,
+                    restores: 0,
+                })
+            }
+            Err(err) => self.refuse(&caller, &org, ACTION, &target, push_refused(err)).await,
+        }
+    }
+
+    async fn rollback_policy_impl(&self, request: Request<RollbackPolicyRequest>) -> Result<PushPolicyReply, Status> {
+        const ACTION: &str = "policy.rollback";
+        let caller = self.caller(&request, ACTION).await?;
+        let req = request.into_inner();
+        let org = Self::org_of(&caller, &req.org_id).to_owned();
+        let target = format!("serial {}", req.serial);
+        self.require_change(&caller, &org, ACTION, &target).await?;
+        let plane = self.plane.clone();
+        let by = caller.id.to_string();
+        let org_for = org.clone();
+        let rolled = tokio::task::spawn_blocking(move || plane.policy().rollback(&org_for, req.serial, &by))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match rolled {
+            Ok(issued) => {
+                let detail = format!("serial {} restores {}", issued.serial, req.serial);
+                self.audit(&caller, &org, ACTION, &target, "ok", &detail).await;
+                Ok(PushPolicyReply {
+                    serial: issued.serial,
+                    orgs: vec![org],
+                    restores: req.serial,
+                })
+            }
+            Err(err) => self.refuse(&caller, &org, ACTION, &target, push_refused(err)).await,
+        }
+    }
+
+    async fn read_org<T>(&self, request: &Request<T>, requested: &str, action: &str) -> Result<String, Status> {
+        let caller = self.caller(request, action).await?;
+        let org = Self::org_of(&caller, requested).to_owned();
+        if !caller.user.role.may_read(&caller.user.org, &org) {
+            let why = format!("{} may not read organisation {org}", caller.id);
+            self.audit(&caller, &org, action, "", "denied", &why).await;
+            return Err(Status::permission_denied(why));
+        }
+        Ok(org)
+    }
+
     /// `(org, device) -> last heartbeat (unix)` from `zt.agents`.
     async fn last_heartbeats(
         &self,

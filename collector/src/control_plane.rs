@@ -9,6 +9,7 @@
 //! <state_dir>/devices.json     enrolled devices
 //! <state_dir>/users.json       people (ztctl, console) and their roles
 //! <state_dir>/revocations.json revoked devices and certificates
+//! <state_dir>/policy/           the policy signing key and bundles
 //! ```
 //!
 //! Sans-network: the gRPC services ([`crate::enrollment`], ingest) call it.
@@ -39,11 +40,14 @@ const TOKENS_DIR: &str = "tokens";
 const DEVICES_FILE: &str = "devices.json";
 const USERS_FILE: &str = "users.json";
 const REVOCATIONS_FILE: &str = "revocations.json";
+const POLICY_DIR: &str = "policy";
 /// Lifetime of the collector's own TLS certificate; reissued at half of it.
 const SERVER_CERTIFICATE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
+    #[error("policy store: {0}")]
+    Policy(#[from] crate::policy_store::PolicyStoreError),
     #[error("trust domain: {0}")]
     TrustDomain(#[from] zt_identity::SpiffeIdError),
     #[error("certificate authority in {dir}: {source}")]
@@ -183,6 +187,7 @@ pub struct ControlPlane {
     certificate_ttl: Duration,
     server_names: Vec<String>,
     server_addresses: Vec<std::net::IpAddr>,
+    policy: crate::distribution::PolicyDistribution,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -226,7 +231,9 @@ impl ControlPlane {
         let users_path = dir.join(USERS_FILE);
         let users = read_json(&users_path)?.unwrap_or_default();
         let (revocation_version, _) = tokio::sync::watch::channel(revocations.version());
+        let policy = crate::distribution::PolicyDistribution::open(&dir.join(POLICY_DIR))?;
         Ok(ControlPlane {
+            policy,
             ca,
             tokens,
             devices: Mutex::new(devices),
@@ -240,6 +247,11 @@ impl ControlPlane {
             server_names: config.server_names.clone(),
             server_addresses: config.server_addresses.clone(),
         })
+    }
+
+    /// Policy bundles and what agents did with them.
+    pub fn policy(&self) -> &crate::distribution::PolicyDistribution {
+        &self.policy
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {

@@ -63,7 +63,7 @@ fn status(error: EnrollError) -> Status {
     }
 }
 
-fn reply(issued: IssuedDeviceCertificate) -> Certificate {
+fn reply(issued: IssuedDeviceCertificate, policy_signing_key: Vec<u8>) -> Certificate {
     let unix = |t: std::time::SystemTime| {
         t.duration_since(UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -77,6 +77,7 @@ fn reply(issued: IssuedDeviceCertificate) -> Certificate {
         device_id: issued.id.device_id().unwrap_or_default().to_owned(),
         not_before_unix: unix(issued.not_before),
         not_after_unix: unix(issued.not_after),
+        policy_signing_key,
     }
 }
 
@@ -99,7 +100,7 @@ impl Enrollment for EnrollmentService {
             warn!(?peer, error = %err, "enrollment refused");
             status(err)
         })?;
-        Ok(Response::new(reply(issued)))
+        Ok(Response::new(reply(issued, self.plane.policy().public_key())))
     }
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<Certificate>, Status> {
@@ -113,6 +114,6 @@ impl Enrollment for EnrollmentService {
                 warn!(error = %err, "renewal refused");
                 status(err)
             })?;
-        Ok(Response::new(reply(issued)))
+        Ok(Response::new(reply(issued, self.plane.policy().public_key())))
     }
 }

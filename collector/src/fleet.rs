@@ -13,7 +13,7 @@ use std::{
 
 use proto::control::{
     control_update::Update, fleet_server::Fleet, AgentHeartbeat, ControlUpdate, HeartbeatReply,
-    RevocationList as WireRevocations, WatchRequest,
+    PolicyAck, PolicyAckReply, PolicyBundle, RevocationList as WireRevocations, WatchRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -106,6 +106,22 @@ fn revocation_update(plane: &ControlPlane) -> ControlUpdate {
     }
 }
 
+/// The bundle `id` should run, as an update, when it is newer than `have`.
+fn policy_update(plane: &ControlPlane, id: &SpiffeId, have: u64) -> Option<ControlUpdate> {
+    match plane.policy().bundle_for(id) {
+        Ok(bundle) => (bundle.serial > have).then(|| ControlUpdate {
+            update: Some(Update::Policy(PolicyBundle {
+                serial: bundle.serial,
+                signed_json: bundle.signed_json.clone(),
+            })),
+        }),
+        Err(err) => {
+            warn!(device = %id, error = %err, "no policy bundle for the device");
+            None
+        }
+    }
+}
+
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<ControlUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -170,29 +186,66 @@ impl Fleet for FleetService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = caller_device(&request, &self.plane)?;
-        let have = request.into_inner().revocation_version;
+        let request = request.into_inner();
+        let have = request.revocation_version;
+        let mut policy_sent = request.policy_serial;
         let plane = self.plane.clone();
         let mut versions = plane.watch_revocations();
+        let mut policies = plane.policy().watch();
         let mut shutdown = self.shutdown.clone();
         let stream = async_stream::try_stream! {
             if plane.revocation_list().version() != have {
                 yield revocation_update(&plane);
             }
+            if let Some(update) = policy_update(&plane, &id, policy_sent) {
+                if let Some(Update::Policy(bundle)) = &update.update {
+                    policy_sent = bundle.serial;
+                }
+                yield update;
+            }
             loop {
-                let changed = tokio::select! {
-                    changed = versions.changed() => changed.is_ok(),
-                    _ = shutdown.wait_for(|stop| *stop) => false,
+                let (revocations, policy) = tokio::select! {
+                    changed = versions.changed() => (changed.is_ok(), false),
+                    changed = policies.changed() => (false, changed.is_ok()),
+                    _ = shutdown.wait_for(|stop| *stop) => (false, false),
                 };
-                if !changed {
+                if !revocations && !policy {
                     break;
                 }
                 if plane.is_revoked(&id) {
                     warn!(device = %id, "closing the control channel of a revoked device");
                     Err(Status::permission_denied(format!("{id} is revoked")))?;
                 }
-                yield revocation_update(&plane);
+                if revocations {
+                    yield revocation_update(&plane);
+                }
+                if policy {
+                    if let Some(update) = policy_update(&plane, &id, policy_sent) {
+                        if let Some(Update::Policy(bundle)) = &update.update {
+                            policy_sent = bundle.serial;
+                        }
+                        yield update;
+                    }
+                }
             }
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack_policy(
+        &self,
+        request: Request<PolicyAck>,
+    ) -> Result<Response<PolicyAckReply>, Status> {
+        let id = caller_device(&request, &self.plane)?;
+        let ack = request.into_inner();
+        if ack.applied {
+            debug!(device = %id, serial = ack.serial, "policy applied");
+        } else {
+            warn!(device = %id, serial = ack.serial, error = %ack.error, "policy refused by the agent");
+        }
+        self.plane
+            .policy()
+            .report(&id, ack.serial, ack.applied, &ack.error);
+        Ok(Response::new(PolicyAckReply {}))
     }
 }

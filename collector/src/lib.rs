@@ -24,6 +24,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod control_plane;
+pub mod distribution;
 pub mod enrollment;
 pub mod fleet;
 pub mod ingest;
