@@ -360,9 +360,7 @@ impl Admin for AdminService {
             .plane
             .devices(Some(&org))
             .into_iter()
-            .filter(|d| {
-                SpiffeId::parse(&d.spiffe_id).is_ok_and(|id| !self.plane.is_revoked(&id))
-            })
+            .filter(|d| SpiffeId::parse(&d.spiffe_id).is_ok_and(|id| !self.plane.is_revoked(&id)))
             .map(|d| {
                 let report = reports.get(&d.device).cloned().unwrap_or_default();
                 AgentPolicy {
@@ -411,13 +409,23 @@ impl AdminService {
         orgs
     }
 
-    async fn refuse<T>(&self, caller: &Caller, org: &str, action: &str, target: &str, status: Status) -> Result<T, Status> {
+    async fn refuse<T>(
+        &self,
+        caller: &Caller,
+        org: &str,
+        action: &str,
+        target: &str,
+        status: Status,
+    ) -> Result<T, Status> {
         self.audit(caller, org, action, target, "error", status.message())
             .await;
         Err(status)
     }
 
-    async fn push_policy_impl(&self, request: Request<PushPolicyRequest>) -> Result<PushPolicyReply, Status> {
+    async fn push_policy_impl(
+        &self,
+        request: Request<PushPolicyRequest>,
+    ) -> Result<PushPolicyReply, Status> {
         const ACTION: &str = "policy.push";
         let caller = self.caller(&request, ACTION).await?;
         let text = request.into_inner().text;
@@ -426,7 +434,13 @@ impl AdminService {
             Err(d) => {
                 let org = caller.user.org.clone();
                 return self
-                    .refuse(&caller, &org, ACTION, "", Status::invalid_argument(format!("the policy does not parse: {d}")))
+                    .refuse(
+                        &caller,
+                        &org,
+                        ACTION,
+                        "",
+                        Status::invalid_argument(format!("the policy does not parse: {d}")),
+                    )
                     .await;
             }
         };
@@ -441,7 +455,8 @@ impl AdminService {
                         caller.user.org
                     );
                     let org = caller.user.org.clone();
-                    self.audit(&caller, &org, ACTION, "baseline", "denied", &why).await;
+                    self.audit(&caller, &org, ACTION, "baseline", "denied", &why)
+                        .await;
                     return Err(Status::permission_denied(why));
                 }
                 (caller.user.org.clone(), "baseline".to_owned())
@@ -451,7 +466,9 @@ impl AdminService {
                 (org.clone(), org.clone())
             }
             (policy::LayerKind::Organisation, None) => {
-                return Err(Status::invalid_argument("an organisation layer needs `org`"))
+                return Err(Status::invalid_argument(
+                    "an organisation layer needs `org`",
+                ))
             }
         };
         let orgs = self.organisations();
@@ -469,18 +486,25 @@ impl AdminService {
                     .map(|b| b.org)
                     .collect();
                 let detail = format!("serial {} for {}", issued.serial, orgs.join(", "));
-                self.audit(&caller, &org, ACTION, &target, "ok", &detail).await;
+                self.audit(&caller, &org, ACTION, &target, "ok", &detail)
+                    .await;
                 Ok(PushPolicyReply {
                     serial: issued.serial,
                     orgs,
                     restores: 0,
                 })
             }
-            Err(err) => self.refuse(&caller, &org, ACTION, &target, push_refused(err)).await,
+            Err(err) => {
+                self.refuse(&caller, &org, ACTION, &target, push_refused(err))
+                    .await
+            }
         }
     }
 
-    async fn rollback_policy_impl(&self, request: Request<RollbackPolicyRequest>) -> Result<PushPolicyReply, Status> {
+    async fn rollback_policy_impl(
+        &self,
+        request: Request<RollbackPolicyRequest>,
+    ) -> Result<PushPolicyReply, Status> {
         const ACTION: &str = "policy.rollback";
         let caller = self.caller(&request, ACTION).await?;
         let req = request.into_inner();
@@ -490,24 +514,34 @@ impl AdminService {
         let plane = self.plane.clone();
         let by = caller.id.to_string();
         let org_for = org.clone();
-        let rolled = tokio::task::spawn_blocking(move || plane.policy().rollback(&org_for, req.serial, &by))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let rolled =
+            tokio::task::spawn_blocking(move || plane.policy().rollback(&org_for, req.serial, &by))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
         match rolled {
             Ok(issued) => {
                 let detail = format!("serial {} restores {}", issued.serial, req.serial);
-                self.audit(&caller, &org, ACTION, &target, "ok", &detail).await;
+                self.audit(&caller, &org, ACTION, &target, "ok", &detail)
+                    .await;
                 Ok(PushPolicyReply {
                     serial: issued.serial,
                     orgs: vec![org],
                     restores: req.serial,
                 })
             }
-            Err(err) => self.refuse(&caller, &org, ACTION, &target, push_refused(err)).await,
+            Err(err) => {
+                self.refuse(&caller, &org, ACTION, &target, push_refused(err))
+                    .await
+            }
         }
     }
 
-    async fn read_org<T>(&self, request: &Request<T>, requested: &str, action: &str) -> Result<String, Status> {
+    async fn read_org<T>(
+        &self,
+        request: &Request<T>,
+        requested: &str,
+        action: &str,
+    ) -> Result<String, Status> {
         let caller = self.caller(request, action).await?;
         let org = Self::org_of(&caller, requested).to_owned();
         if !caller.user.role.may_read(&caller.user.org, &org) {

@@ -104,7 +104,9 @@ impl PolicyDistribution {
     pub fn push(&self, text: &str, orgs: &[String], by: &str) -> Result<Issued, PolicyStoreError> {
         let layer = policy::parse(text).map_err(policy::LoadError::Organisation)?;
         let issued = match (layer.kind, layer.org) {
-            (policy::LayerKind::Baseline, _) => self.store.push_baseline(text, orgs, by, unix_now())?,
+            (policy::LayerKind::Baseline, _) => {
+                self.store.push_baseline(text, orgs, by, unix_now())?
+            }
             (policy::LayerKind::Organisation, Some(org)) => {
                 self.store.push_organisation(&org, text, by, unix_now())?
             }
@@ -147,7 +149,8 @@ impl PolicyDistribution {
             .iter()
             .filter_map(|(id, state)| {
                 let id = SpiffeId::parse(id).ok()?;
-                (id.org() == org).then(|| (id.device_id().unwrap_or_default().to_owned(), state.clone()))
+                (id.org() == org)
+                    .then(|| (id.device_id().unwrap_or_default().to_owned(), state.clone()))
             })
             .collect()
     }

@@ -100,7 +100,10 @@ impl Enrollment for EnrollmentService {
             warn!(?peer, error = %err, "enrollment refused");
             status(err)
         })?;
-        Ok(Response::new(reply(issued, self.plane.policy().public_key())))
+        Ok(Response::new(reply(
+            issued,
+            self.plane.policy().public_key(),
+        )))
     }
 
     async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<Certificate>, Status> {
@@ -114,6 +117,9 @@ impl Enrollment for EnrollmentService {
                 warn!(error = %err, "renewal refused");
                 status(err)
             })?;
-        Ok(Response::new(reply(issued, self.plane.policy().public_key())))
+        Ok(Response::new(reply(
+            issued,
+            self.plane.policy().public_key(),
+        )))
     }
 }

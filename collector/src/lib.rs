@@ -30,6 +30,7 @@ pub mod fleet;
 pub mod ingest;
 pub mod metrics;
 pub mod policy_store;
+pub mod replay;
 pub mod server;
 pub mod storage;
 pub mod writer;

@@ -5,6 +5,7 @@
 
 mod config;
 mod policy_cmd;
+mod policy_diff;
 
 use std::path::PathBuf;
 
@@ -48,7 +49,8 @@ enum Command {
     /// Enrolled devices: list, revoke.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Connection policy: validate, explain (see docs/policy.md).
+    /// Connection policy: validate, explain, push, status, diff, rollback
+    /// (see docs/policy.md).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
 }
@@ -122,7 +124,12 @@ fn refused(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::load(cli.config.as_deref(), cli.collector)?;
     match cli.command {
-        Command::Policy(command) => policy_cmd::run(command)?,
+        Command::Policy(command) => {
+            policy_cmd::run(command, || async {
+                Ok(AdminClient::new(connect(&config).await?))
+            })
+            .await?
+        }
         Command::Status { json } => {
             let mut client = ControlClient::new(connect(&config).await?);
             let reply = client

@@ -1,8 +1,10 @@
 //! `ztctl policy`: check a policy file before it goes anywhere, and ask why
 //! a connection gets its verdict.
 //!
-//! `validate` and `explain` work on files: an organisation's layer is
-//! checked against the baseline it will be layered on (`--baseline`).
+//! `validate` works on files (an organisation's layer is checked against
+//! the baseline it will be layered on, `--baseline`); `explain` on files or
+//! on the policy in force; `push`, `rollback`, `status` and `diff` talk to
+//! the collector.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -12,9 +14,53 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use policy::{Diagnostics, Direction, Flow, LayerKind, LoadError, PolicySet};
+use proto::control::{
+    admin_client::AdminClient, AgentPolicy, GetPolicyRequest, PolicyStatusReply,
+    PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RollbackPolicyRequest,
+};
+use tonic::transport::Channel;
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    /// Checks a layer against what is in force, signs it into a bundle for
+    /// every organisation it concerns, and follows the rollout until every
+    /// connected agent applied it (or refused it) or `--wait` ends.
+    Push {
+        file: PathBuf,
+        /// How long to follow the rollout, in seconds (0: do not wait).
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The serial each agent of an organisation applied.
+    Status {
+        /// [default: yours]
+        #[arg(long, default_value = "")]
+        org: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restores the content of an earlier serial, as a new serial.
+    Rollback {
+        serial: u64,
+        #[arg(long, default_value = "")]
+        org: String,
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a layer would change against the one in force: rules, groups,
+    /// services and defaults added, removed or changed.
+    Diff {
+        file: PathBuf,
+        /// Whose layer in force to compare with [default: the file's org].
+        #[arg(long, default_value = "")]
+        org: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Parses and checks a policy file and runs its `tests:`; every problem
     /// is printed with its line, column and a hint.
     Validate {
@@ -30,10 +76,11 @@ pub enum PolicyCommand {
     /// default verdict the rules that came nearest and why they did not
     /// match.
     Explain {
-        /// The policy: a baseline, or an organisation's layer with
-        /// `--baseline`.
+        /// A policy file to explain against (a baseline, or an
+        /// organisation's layer with `--baseline`); without it, the policy
+        /// in force for the device's organisation, from the collector.
         #[arg(long)]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
         #[arg(long)]
         baseline: Option<PathBuf>,
         /// The calling device's SPIFFE id.
@@ -121,8 +168,131 @@ impl Failure {
     }
 }
 
-pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
+/// Runs a policy command; `collector` connects when it needs the
+/// collector.
+pub async fn run<F, Fut>(command: PolicyCommand, collector: F) -> anyhow::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<AdminClient<Channel>>>,
+{
     match command {
+        PolicyCommand::Push { file, wait, json } => {
+            let text = read(&file)?;
+            let layer = match policy::parse(&text) {
+                Ok(layer) => layer,
+                Err(d) => {
+                    eprint!("{}", d.render(&text, &file.display().to_string()));
+                    bail!(
+                        "{}: {} problem(s); nothing was pushed",
+                        file.display(),
+                        d.0.len()
+                    );
+                }
+            };
+            let mut admin = collector().await?;
+            // Check locally against the layers in force first, so problems
+            // print with their source line.
+            if let Some(org) = &layer.org {
+                let in_force = admin
+                    .get_policy(GetPolicyRequest {
+                        org_id: org.clone(),
+                    })
+                    .await
+                    .map_err(refused("cannot read the policy in force"))?
+                    .into_inner();
+                if let Err(e) = policy::load(&in_force.baseline, Some(&text)) {
+                    report_load_error(e, &file, &text)?;
+                }
+            } else if let Err(e) = policy::load(&text, None) {
+                report_load_error(e, &file, &text)?;
+            }
+            let reply = admin
+                .push_policy(PushPolicyRequest { text })
+                .await
+                .map_err(refused("push refused"))?
+                .into_inner();
+            follow(&mut admin, &reply, wait, json).await
+        }
+        PolicyCommand::Rollback {
+            serial,
+            org,
+            wait,
+            json,
+        } => {
+            let mut admin = collector().await?;
+            let reply = admin
+                .rollback_policy(RollbackPolicyRequest {
+                    org_id: org,
+                    serial,
+                })
+                .await
+                .map_err(refused("rollback refused"))?
+                .into_inner();
+            follow(&mut admin, &reply, wait, json).await
+        }
+        PolicyCommand::Status { org, json } => {
+            let mut admin = collector().await?;
+            let status = admin
+                .policy_status(PolicyStatusRequest { org_id: org })
+                .await
+                .map_err(refused("cannot read the policy status"))?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        PolicyCommand::Diff { file, org, json } => {
+            let text = read(&file)?;
+            let layer = policy::parse(&text).map_err(|d| {
+                eprint!("{}", d.render(&text, &file.display().to_string()));
+                anyhow::anyhow!("{}: does not parse", file.display())
+            })?;
+            let org = if org.is_empty() {
+                layer.org.clone().unwrap_or_default()
+            } else {
+                org
+            };
+            let mut admin = collector().await?;
+            let in_force = admin
+                .get_policy(GetPolicyRequest { org_id: org })
+                .await
+                .map_err(refused("cannot read the policy in force"))?
+                .into_inner();
+            let current_text = match layer.kind {
+                LayerKind::Baseline => in_force.baseline.clone(),
+                LayerKind::Organisation => in_force.organisation.clone(),
+            };
+            let current =
+                if current_text.is_empty() {
+                    None
+                } else {
+                    Some(policy::parse(&current_text).map_err(|d| {
+                        anyhow::anyhow!("the layer in force does not parse here: {d}")
+                    })?)
+                };
+            let changes = crate::policy_diff::diff(current.as_ref(), &layer);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "serial_in_force": in_force.serial,
+                        "changes": changes,
+                    }))?
+                );
+            } else if changes.is_empty() {
+                println!("no change against serial {}", in_force.serial);
+            } else {
+                println!("against serial {}:", in_force.serial);
+                for change in &changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(())
+        }
+
         PolicyCommand::Validate {
             file,
             baseline,
@@ -181,21 +351,35 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
             inbound,
             json,
         } => {
-            let set = match load(&policy, baseline.as_deref())? {
-                Ok(set) => set,
-                Err(failure) => {
-                    eprint!(
-                        "{}",
-                        failure.diagnostics.render(&failure.text, &failure.file)
-                    );
-                    bail!(
-                        "the policy does not load; `ztctl policy validate` shows the same problems"
-                    )
-                }
-            };
             if !device.starts_with("spiffe://") {
                 bail!("--device takes the device's SPIFFE id, e.g. spiffe://pref.example/org/city-a/device/pc-0001");
             }
+            let set = match policy {
+                Some(policy) => match load(&policy, baseline.as_deref())? {
+                    Ok(set) => set,
+                    Err(failure) => {
+                        eprint!(
+                            "{}",
+                            failure.diagnostics.render(&failure.text, &failure.file)
+                        );
+                        bail!("the policy does not load; `ztctl policy validate` shows the same problems")
+                    }
+                },
+                None => {
+                    let org = device_org(&device)?;
+                    let mut admin = collector().await?;
+                    let in_force = admin
+                        .get_policy(GetPolicyRequest { org_id: org })
+                        .await
+                        .map_err(refused("cannot read the policy in force"))?
+                        .into_inner();
+                    let organisation = (!in_force.organisation.is_empty())
+                        .then_some(in_force.organisation.as_str());
+                    policy::load(&in_force.baseline, organisation).map_err(|e| {
+                        anyhow::anyhow!("the policy in force does not load here: {e}")
+                    })?
+                }
+            };
             let destination = resolve(&to)?;
             let flow = Flow {
                 direction: if inbound {
@@ -217,6 +401,189 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The organisation of a device SPIFFE id.
+fn device_org(device: &str) -> anyhow::Result<String> {
+    let parts: Vec<&str> = device.trim_start_matches("spiffe://").split('/').collect();
+    match parts.as_slice() {
+        [_, "org", org, "device", _] => Ok((*org).to_owned()),
+        _ => bail!("--device {device}: not spiffe://<trust domain>/org/<org>/device/<id>"),
+    }
+}
+
+fn report_load_error(e: LoadError, file: &Path, text: &str) -> anyhow::Result<()> {
+    match e {
+        LoadError::Organisation(d) => {
+            eprint!("{}", d.render(text, &file.display().to_string()));
+            bail!(
+                "{}: {} problem(s); nothing was pushed",
+                file.display(),
+                d.0.len()
+            )
+        }
+        LoadError::Baseline(d) => bail!("the baseline in force does not load with this layer: {d}"),
+    }
+}
+
+/// A refused call, with the collector's reason.
+fn refused(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |status| anyhow::anyhow!("{what}: {}", status.message())
+}
+
+/// One organisation's progress on a serial.
+#[derive(Debug, serde::Serialize)]
+struct Progress {
+    org: String,
+    serial: u64,
+    connected: usize,
+    applied: usize,
+    refused: usize,
+    errors: Vec<(String, String)>,
+}
+
+/// Prints a push or rollback and follows its rollout: until every
+/// connected agent of each organisation reported the serial (applied or
+/// refused), or `wait` seconds.
+async fn follow(
+    admin: &mut AdminClient<Channel>,
+    reply: &PushPolicyReply,
+    wait: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !json {
+        match reply.restores {
+            0 => eprintln!(
+                "serial {} signed for {}",
+                reply.serial,
+                reply.orgs.join(", ")
+            ),
+            r => eprintln!(
+                "serial {} restores {r} for {}",
+                reply.serial,
+                reply.orgs.join(", ")
+            ),
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut last = String::new();
+    let mut progress: Vec<Progress>;
+    loop {
+        progress = Vec::new();
+        for org in &reply.orgs {
+            let status = admin
+                .policy_status(PolicyStatusRequest {
+                    org_id: org.clone(),
+                })
+                .await
+                .map_err(refused("cannot read the policy status"))?
+                .into_inner();
+            let connected: Vec<&AgentPolicy> =
+                status.agents.iter().filter(|a| a.connected).collect();
+            let refusals: Vec<&&AgentPolicy> = connected
+                .iter()
+                .filter(|a| a.refused_serial >= reply.serial && a.applied_serial < reply.serial)
+                .collect();
+            progress.push(Progress {
+                org: org.clone(),
+                serial: reply.serial,
+                connected: connected.len(),
+                applied: connected
+                    .iter()
+                    .filter(|a| a.applied_serial >= reply.serial)
+                    .count(),
+                refused: refusals.len(),
+                errors: refusals
+                    .iter()
+                    .map(|a| (a.device_id.clone(), a.error.clone()))
+                    .collect(),
+            });
+        }
+        let line = progress
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}: {}/{} applied, {} refused",
+                    p.org, p.applied, p.connected, p.refused
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if !json && line != last {
+            eprintln!("  {line}");
+            last = line;
+        }
+        let done = progress
+            .iter()
+            .all(|p| p.applied + p.refused == p.connected);
+        if done || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "serial": reply.serial,
+                "restores": (reply.restores > 0).then_some(reply.restores),
+                "rollout": progress,
+            }))?
+        );
+    } else {
+        for p in &progress {
+            for (device, error) in &p.errors {
+                eprintln!("  {device} refused serial {}: {error}", p.serial);
+            }
+        }
+    }
+    let refusals: usize = progress.iter().map(|p| p.refused).sum();
+    if refusals > 0 {
+        bail!("{refusals} agent(s) refused serial {}", reply.serial);
+    }
+    Ok(())
+}
+
+fn status_json(status: &PolicyStatusReply) -> serde_json::Value {
+    serde_json::json!({
+        "org": status.org_id,
+        "serial": status.serial,
+        "agents": status.agents.iter().map(|a| serde_json::json!({
+            "device": a.device_id,
+            "applied_serial": a.applied_serial,
+            "refused_serial": a.refused_serial,
+            "error": a.error,
+            "reported_unix": a.reported_unix,
+            "connected": a.connected,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(status: &PolicyStatusReply) {
+    println!(
+        "organisation {} — serial in force {}",
+        status.org_id, status.serial
+    );
+    println!(
+        "{:<24} {:>8} {:<9} PROBLEM",
+        "DEVICE", "APPLIED", "CONNECTED"
+    );
+    for a in &status.agents {
+        let problem = if a.refused_serial > a.applied_serial {
+            format!("refused {}: {}", a.refused_serial, a.error)
+        } else if a.applied_serial < status.serial {
+            "behind".to_owned()
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<24} {:>8} {:<9} {}",
+            a.device_id,
+            a.applied_serial,
+            if a.connected { "yes" } else { "no" },
+            problem
+        );
     }
 }
 
