@@ -364,7 +364,7 @@ impl Admin for AdminService {
             .map(|d| {
                 let report = reports.get(&d.device).cloned().unwrap_or_default();
                 AgentPolicy {
-                    connected: self.connected.count(&d.spiffe_id) > 0,
+                    connected: policy.is_watching(&d.spiffe_id),
                     device_id: d.device,
                     applied_serial: report.applied_serial,
                     refused_serial: report.refused_serial,

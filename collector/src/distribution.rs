@@ -37,6 +37,8 @@ pub struct PolicyDistribution {
     active: Mutex<BTreeMap<String, Arc<ActiveBundle>>>,
     /// By device SPIFFE id.
     agents: Mutex<BTreeMap<String, AgentPolicyState>>,
+    /// Open control channels per device (SPIFFE id).
+    watching: Arc<Mutex<BTreeMap<String, usize>>>,
     /// Bumped by every push and rollback.
     changes: tokio::sync::watch::Sender<u64>,
     /// Bumped by every report, for whoever follows a rollout.
@@ -50,6 +52,7 @@ impl PolicyDistribution {
         Ok(Self {
             store: PolicyStore::open(dir)?,
             active: Mutex::new(BTreeMap::new()),
+            watching: Arc::new(Mutex::new(BTreeMap::new())),
             agents: Mutex::new(BTreeMap::new()),
             changes,
             reports,
@@ -124,6 +127,30 @@ impl PolicyDistribution {
         Ok(issued)
     }
 
+    /// Registers an open control channel of `device` until the guard is
+    /// dropped.
+    pub fn watching(&self, device: &SpiffeId) -> WatchingGuard {
+        let key = device.to_string();
+        *self
+            .watching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        WatchingGuard {
+            watching: self.watching.clone(),
+            key,
+        }
+    }
+
+    /// Whether `device` (SPIFFE id) has a control channel open.
+    pub fn is_watching(&self, device: &str) -> bool {
+        self.watching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(device)
+    }
+
     /// Records what `device` did with a bundle.
     pub fn report(&self, device: &SpiffeId, serial: u64, applied: bool, error: &str) {
         {
@@ -161,4 +188,22 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// An open control channel; see [`PolicyDistribution::watching`].
+pub struct WatchingGuard {
+    watching: Arc<Mutex<BTreeMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for WatchingGuard {
+    fn drop(&mut self) {
+        let mut map = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }

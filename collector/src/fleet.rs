@@ -193,7 +193,10 @@ impl Fleet for FleetService {
         let mut versions = plane.watch_revocations();
         let mut policies = plane.policy().watch();
         let mut shutdown = self.shutdown.clone();
+        let watching = plane.policy().watching(&id);
         let stream = async_stream::try_stream! {
+            // Counted as watching while the stream lives.
+            let _watching = watching;
             if plane.revocation_list().version() != have {
                 yield revocation_update(&plane);
             }

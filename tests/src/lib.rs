@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cgroup;
 pub mod clickhouse;
+pub mod fleet_sim;
 pub mod netns;
 pub mod pki;
 pub mod process;
