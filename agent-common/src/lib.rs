@@ -416,6 +416,10 @@ pub enum VerdictAction {
     /// destination kept in [`TUNNEL_PENDING_MAP`]; other protocols cannot be
     /// tunnelled and fail with EPERM.
     Tunnel = 4,
+    /// The verdict depends on the caller: [`Verdict::rule`] is the index of
+    /// a [`GuardChain`] in [`GUARD_CHAINS_MAP`], walked with the caller's
+    /// user-group and binary-group bits.
+    Chain = 5,
 }
 
 impl VerdictAction {
@@ -425,6 +429,7 @@ impl VerdictAction {
             2 => Some(Self::Deny),
             3 => Some(Self::Audit),
             4 => Some(Self::Tunnel),
+            5 => Some(Self::Chain),
             _ => None,
         }
     }
@@ -476,6 +481,73 @@ pub struct GuardSettings {
 
 /// The rule index of a default verdict.
 pub const DEFAULT_RULE: u32 = u32::MAX;
+
+/// Array: chain index → [`GuardChain`], for destinations whose verdict
+/// depends on the caller's user or binary.
+pub const GUARD_CHAINS_MAP: &str = "GUARD_CHAINS";
+pub const GUARD_CHAINS_CAPACITY: u32 = 1_024;
+/// Candidates one chain holds (the kernel walks at most this many).
+pub const GUARD_CHAIN_LENGTH: usize = 32;
+/// Hash: uid → bits of the policy's user groups it belongs to.
+pub const USER_GROUPS_MAP: &str = "USER_GROUPS";
+pub const USER_GROUPS_CAPACITY: u32 = 8_192;
+/// Hash: [`InodeKey`] of an executable → bits of the policy's binary
+/// groups it belongs to; read at exec.
+pub const BINARY_INODES_MAP: &str = "BINARY_INODES";
+pub const BINARY_INODES_CAPACITY: u32 = 4_096;
+/// LRU hash: tgid → binary-group bits of the program it runs, set at exec
+/// from [`BINARY_INODES_MAP`] and inherited at fork.
+pub const PROCESS_BINARIES_MAP: &str = "PROCESS_BINARIES";
+pub const PROCESS_BINARIES_CAPACITY: u32 = 65_536;
+
+/// [`GuardCandidate::flags`]: a dry-run rule (records, never decides).
+pub const CANDIDATE_DRY_RUN: u32 = 1;
+
+/// One rule of a chain: it matches a caller in one of `users` (0: any) and
+/// one of `binaries` (0: any) and in none of the `except_*` groups.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardCandidate {
+    pub users: u64,
+    pub binaries: u64,
+    pub except_users: u64,
+    pub except_binaries: u64,
+    /// A [`VerdictAction`] id: allow, deny or tunnel.
+    pub action: u32,
+    /// [`CANDIDATE_DRY_RUN`].
+    pub flags: u32,
+    pub rule: u32,
+    pub _reserved: u32,
+}
+
+/// Candidates in precedence order: the first enforced match decides; an
+/// allow that a dry-run candidate before it would deny passes as audit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardChain {
+    pub len: u32,
+    pub _reserved: u32,
+    pub candidates: [GuardCandidate; GUARD_CHAIN_LENGTH],
+}
+
+impl Default for GuardChain {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            _reserved: 0,
+            candidates: [GuardCandidate::default(); GUARD_CHAIN_LENGTH],
+        }
+    }
+}
+
+/// An executable's identity in the kernel: its filesystem's device number
+/// as the kernel encodes it (`major << 20 | minor`) and its inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InodeKey {
+    pub dev: u64,
+    pub ino: u64,
+}
 
 /// Name of the `sock_ops` program that files a redirected socket's original
 /// destination under its local address once the kernel picked its port.
@@ -652,6 +724,13 @@ pub struct KernelOffsets {
     pub tcp_bytes_sent: u32,
     pub tcp_bytes_received: u32,
     pub sock_shutdown: u32,
+    /// `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`, `inode.i_sb`
+    /// and `super_block.s_dev` ([`OPT_EXE_INODE`]).
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
 }
 
 /// [`KernelOffsets::task_loginuid`] is valid.
@@ -661,6 +740,8 @@ pub const OPT_EXIT_GROUP_DEAD: u32 = 1 << 1;
 /// [`KernelOffsets::tcp_bytes_sent`], `tcp_bytes_received` and
 /// `sock_shutdown` are valid.
 pub const OPT_TCP_BYTES: u32 = 1 << 2;
+/// [`KernelOffsets::mm_exe_file`] and the inode offsets are valid.
+pub const OPT_EXE_INODE: u32 = 1 << 3;
 
 // Wire layout is part of the contract between kernel and user space: fixed
 // sizes, no implicit padding.
@@ -670,7 +751,7 @@ const _: () =
     assert!(size_of::<ExecEvent>() == 16 + 10 * 4 + 2 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
 const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
-const _: () = assert!(size_of::<KernelOffsets>() == 23 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 28 * 4);
 const _: () = assert!(size_of::<SocketOwner>() == 32);
 const _: () = assert!(size_of::<CredIds>() == 16);
 const _: () = assert!(size_of::<CredEvent>() == 16 + 8 + 2 * 16 + 8);
@@ -682,6 +763,9 @@ const _: () = assert!(
 const _: () = assert!(size_of::<VerdictKey>() == 20);
 const _: () = assert!(size_of::<Verdict>() == 8);
 const _: () = assert!(size_of::<GuardSettings>() == 24);
+const _: () = assert!(size_of::<GuardCandidate>() == 48);
+const _: () = assert!(size_of::<GuardChain>() == 8 + 48 * GUARD_CHAIN_LENGTH);
+const _: () = assert!(size_of::<InodeKey>() == 16);
 const _: () = assert!(size_of::<TunnelOrigin>() == 16 + 2 * 2 + 5 * 4 + 3 * 8);
 const _: () = assert!(size_of::<TunnelPeerKey>() == 20);
 const _: () = assert!(size_of::<DecisionEvent>() == 16 + 4 * 4 + 2 * 8 + 3 * 4 + 2 * 2 + 16);
@@ -701,6 +785,10 @@ mod user {
     unsafe impl aya::Pod for super::VerdictKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Verdict {}
+    // SAFETY: plain `#[repr(C)]` data without padding (sizes asserted above).
+    unsafe impl aya::Pod for super::GuardChain {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InodeKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardSettings {}
     // SAFETY: as above.

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{count_drop, kernel_offsets, CRITICAL_EVENTS},
+    maps::{count_drop, kernel_offsets, note_binary, CRITICAL_EVENTS},
     task::Task,
 };
 
@@ -34,6 +34,10 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 }
 
 fn try_sched_process_exec(ctx: &TracePointContext) -> Result<u32, i64> {
+    // The connection guard's binary groups follow the program, whether or
+    // not the event finds room in the ring.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    note_binary(tgid, Task::current().exe_inode(&kernel_offsets()));
     let Some(mut entry) = CRITICAL_EVENTS.reserve::<ExecEvent>(0) else {
         count_drop(DropReason::CriticalRingFull);
         return Ok(0);

@@ -19,10 +19,10 @@
 //! over loopback, i.e. from this host's agent.
 
 use agent_common::{
-    DecisionEvent, DropReason, EventHeader, EventKind, GuardSettings, TunnelOrigin, TunnelPeerKey,
-    Verdict, VerdictAction, VerdictKey, DECISION_FLAG_INBOUND, DEFAULT_RULE,
-    PROTECTED_PORTS_CAPACITY, TUNNEL_ORIGINS_CAPACITY, VERDICTS_CAPACITY,
-    VERDICT_KEY_ADDR_OFFSET_BITS,
+    DecisionEvent, DropReason, EventHeader, EventKind, GuardChain, GuardSettings, TunnelOrigin,
+    TunnelPeerKey, Verdict, VerdictAction, VerdictKey, CANDIDATE_DRY_RUN, DECISION_FLAG_INBOUND,
+    DEFAULT_RULE, GUARD_CHAINS_CAPACITY, GUARD_CHAIN_LENGTH, PROTECTED_PORTS_CAPACITY,
+    TUNNEL_ORIGINS_CAPACITY, USER_GROUPS_CAPACITY, VERDICTS_CAPACITY, VERDICT_KEY_ADDR_OFFSET_BITS,
 };
 use aya_ebpf::{
     helpers::{
@@ -37,7 +37,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 
-use crate::maps::{count_drop, CRITICAL_EVENTS};
+use crate::maps::{count_drop, CRITICAL_EVENTS, PROCESS_BINARIES};
 
 /// `cgroup_sock_addr` and `cgroup_skb` verdicts.
 const REFUSE: i32 = 0;
@@ -70,6 +70,12 @@ static TUNNEL_PENDING: LruHashMap<u64, TunnelOrigin> =
 #[map(name = "TUNNEL_ORIGINS")]
 static TUNNEL_ORIGINS: LruHashMap<TunnelPeerKey, TunnelOrigin> =
     LruHashMap::with_max_entries(TUNNEL_ORIGINS_CAPACITY, 0);
+
+#[map(name = "GUARD_CHAINS")]
+static GUARD_CHAINS: Array<GuardChain> = Array::with_max_entries(GUARD_CHAINS_CAPACITY, 0);
+
+#[map(name = "USER_GROUPS")]
+static USER_GROUPS: HashMap<u32, u64> = HashMap::with_max_entries(USER_GROUPS_CAPACITY, 0);
 
 #[map(name = "PROTECTED_PORTS")]
 static PROTECTED_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(PROTECTED_PORTS_CAPACITY, 0);
@@ -177,14 +183,18 @@ fn decide(
             addr,
         },
     );
-    let verdict = VERDICTS
+    let default = Verdict {
+        action: settings.default_action,
+        rule: DEFAULT_RULE,
+    };
+    let mut verdict = VERDICTS
         .get(&exact)
         .or_else(|| VERDICTS.get(&any_port))
         .copied()
-        .unwrap_or(Verdict {
-            action: settings.default_action,
-            rule: DEFAULT_RULE,
-        });
+        .unwrap_or(default);
+    if verdict.action == VerdictAction::Chain as u32 {
+        verdict = walk_chain(verdict.rule, (pid_tgid >> 32) as u32, default);
+    }
     let action = VerdictAction::from_u32(verdict.action).unwrap_or(VerdictAction::Allow);
     if action == VerdictAction::Tunnel {
         if call == Call::Connect
@@ -204,7 +214,75 @@ fn decide(
     }
     match action {
         VerdictAction::Deny => REFUSE,
-        VerdictAction::Allow | VerdictAction::Audit | VerdictAction::Tunnel => PASS,
+        // A chain always resolves to one of the others; a corrupt one passes
+        // as the default would not be known either.
+        VerdictAction::Allow
+        | VerdictAction::Audit
+        | VerdictAction::Tunnel
+        | VerdictAction::Chain => PASS,
+    }
+}
+
+/// Walks chain `index` with the caller's user-group bits (by uid) and
+/// binary-group bits (by tgid, set at exec): the first enforced candidate
+/// that matches decides; an allow that a dry-run candidate before it would
+/// deny passes as audit, naming the dry-run rule; with no enforced match,
+/// the default (audited the same way).
+#[inline(always)]
+fn walk_chain(index: u32, tgid: u32, default: Verdict) -> Verdict {
+    let Some(chain) = GUARD_CHAINS.get(index) else {
+        return default;
+    };
+    let uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: the values are copied out at once; a concurrent update from
+    // user space can only make them stale, never invalid.
+    let users = unsafe { USER_GROUPS.get(&uid) }.copied().unwrap_or(0);
+    // SAFETY: as above.
+    let binaries = unsafe { PROCESS_BINARIES.get(&tgid) }.copied().unwrap_or(0);
+    let mut would: Option<Verdict> = None;
+    let mut decided = default;
+    let len = chain.len as usize;
+    for i in 0..GUARD_CHAIN_LENGTH {
+        if i >= len {
+            break;
+        }
+        let Some(c) = chain.candidates.get(i) else {
+            break;
+        };
+        let matches = (c.users == 0 || c.users & users != 0)
+            && (c.binaries == 0 || c.binaries & binaries != 0)
+            && c.except_users & users == 0
+            && c.except_binaries & binaries == 0;
+        if !matches {
+            continue;
+        }
+        let candidate = Verdict {
+            action: c.action,
+            rule: c.rule,
+        };
+        if c.flags & CANDIDATE_DRY_RUN != 0 {
+            if would.is_none() {
+                would = Some(candidate);
+            }
+            continue;
+        }
+        decided = candidate;
+        if would.is_none() {
+            would = Some(candidate);
+        }
+        break;
+    }
+    match would {
+        Some(w)
+            if decided.action == VerdictAction::Allow as u32
+                && w.action == VerdictAction::Deny as u32 =>
+        {
+            Verdict {
+                action: VerdictAction::Audit as u32,
+                rule: w.rule,
+            }
+        }
+        _ => decided,
     }
 }
 

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{count_drop, kernel_offsets, CRITICAL_EVENTS},
+    maps::{count_drop, inherit_binary, kernel_offsets, CRITICAL_EVENTS},
     task::Task,
 };
 
@@ -37,6 +37,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: as above.
     let child_pid: i32 = unsafe { ctx.read_at(TP_NEWTASK_PID) }?;
     let pid_tgid = bpf_get_current_pid_tgid();
+    inherit_binary((pid_tgid >> 32) as u32, child_pid as u32);
     let uid_gid = bpf_get_current_uid_gid();
     let event = ForkEvent {
         header: agent_common::EventHeader {

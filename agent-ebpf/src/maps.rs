@@ -1,13 +1,14 @@
 //! Maps and globals shared by every program of the object.
 
 use agent_common::{
-    CredIds, DropReason, FileEvent, KernelOffsets, SocketOwner, WatchPrefix, BULK_RING_BYTES,
-    CRITICAL_RING_BYTES, DROP_REASONS, FILE_WATCH_CAPACITY,
+    CredIds, DropReason, FileEvent, InodeKey, KernelOffsets, SocketOwner, WatchPrefix,
+    BINARY_INODES_CAPACITY, BULK_RING_BYTES, CRITICAL_RING_BYTES, DROP_REASONS,
+    FILE_WATCH_CAPACITY, PROCESS_BINARIES_CAPACITY,
 };
 use aya_ebpf::{
     helpers::generated::bpf_get_prandom_u32,
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "CRITICAL_EVENTS")]
@@ -42,6 +43,11 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     tcp_bytes_sent: 0,
     tcp_bytes_received: 0,
     sock_shutdown: 0,
+    mm_exe_file: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
 };
 
 #[inline(always)]
@@ -100,3 +106,49 @@ pub static FILE_SCRATCH: PerCpuArray<FileEvent> = PerCpuArray::with_max_entries(
 /// Ids of a task between entry and exit of a setuid-family call.
 #[map(name = "CRED_PENDING")]
 pub static CRED_PENDING: LruHashMap<u64, CredIds> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Executables of the policy's binary groups, by inode (filled by the
+/// agent from policy).
+#[map(name = "BINARY_INODES")]
+pub static BINARY_INODES: HashMap<InodeKey, u64> =
+    HashMap::with_max_entries(BINARY_INODES_CAPACITY, 0);
+
+/// Binary-group bits of each process (tgid), for the connection guard.
+#[map(name = "PROCESS_BINARIES")]
+pub static PROCESS_BINARIES: LruHashMap<u32, u64> =
+    LruHashMap::with_max_entries(PROCESS_BINARIES_CAPACITY, 0);
+
+/// At exec: the new program's binary-group bits, or none.
+#[inline(always)]
+pub fn note_binary(tgid: u32, exe: Option<(u32, u64)>) {
+    let bits = exe.and_then(|(dev, ino)| {
+        let key = InodeKey {
+            dev: u64::from(dev),
+            ino,
+        };
+        // SAFETY: the value is copied out at once.
+        unsafe { BINARY_INODES.get(&key) }.copied()
+    });
+    match bits {
+        Some(bits) if bits != 0 => {
+            let _ = PROCESS_BINARIES.insert(&tgid, &bits, 0);
+        }
+        _ => {
+            let _ = PROCESS_BINARIES.remove(&tgid);
+        }
+    }
+}
+
+/// At fork: the child runs its parent's program.
+#[inline(always)]
+pub fn inherit_binary(parent: u32, child: u32) {
+    // SAFETY: the value is copied out at once.
+    match unsafe { PROCESS_BINARIES.get(&parent) }.copied() {
+        Some(bits) => {
+            let _ = PROCESS_BINARIES.insert(&child, &bits, 0);
+        }
+        None => {
+            let _ = PROCESS_BINARIES.remove(&child);
+        }
+    }
+}

@@ -46,6 +46,21 @@ impl Task {
 
     /// `(euid, egid)` of the task's subjective credentials.
     #[inline(always)]
+    /// `(s_dev, i_ino)` of the program the task runs
+    /// (`mm->exe_file->f_inode`), when the offsets are known.
+    pub fn exe_inode(self, o: &KernelOffsets) -> Option<(u32, u64)> {
+        if o.optional & agent_common::OPT_EXE_INODE == 0 {
+            return None;
+        }
+        let mm = Task(self.mm(o)?);
+        let file = mm.pointer_at(o.mm_exe_file)?;
+        let inode = file.pointer_at(o.file_inode)?;
+        let ino: u64 = inode.read(o.inode_ino)?;
+        let sb = inode.pointer_at(o.inode_sb)?;
+        let dev: u32 = sb.read(o.sb_dev)?;
+        Some((dev, ino))
+    }
+
     pub fn effective_ids(self, o: &KernelOffsets) -> Option<(u32, u32)> {
         let cred = self.pointer_at(o.task_cred)?;
         Some((cred.read(o.cred_euid)?, cred.read(o.cred_egid)?))

@@ -316,7 +316,9 @@ fn decode_decision(record: &[u8]) -> Result<GuardDecision, DecodeError> {
         gid: raw.gid,
         cgroup_id: raw.cgroup_id,
         policy_version: raw.policy_version,
+        // A chain is resolved in the kernel before anything is recorded.
         action: agent_common::VerdictAction::from_u32(raw.action)
+            .filter(|a| *a != agent_common::VerdictAction::Chain)
             .ok_or(DecodeError::UnknownAction(raw.action))?,
         rule: raw.rule,
         remote: (ip, raw.port).into(),

@@ -71,6 +71,11 @@ impl NewFile {
     }
 }
 
+/// Lowercase hex SHA-256 of the file at `path`.
+pub fn sha256_file(path: &std::path::Path) -> io::Result<String> {
+    sha256_hex(&mut File::open(path)?)
+}
+
 fn sha256_hex(file: &mut File) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];

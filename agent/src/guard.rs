@@ -11,8 +11,9 @@ use std::{
 };
 
 use agent_common::{
-    GuardSettings, TunnelOrigin, TunnelPeerKey, Verdict, VerdictKey, GUARD_SETTINGS_MAP,
-    PROTECTED_PORTS_MAP, TUNNEL_ORIGINS_MAP, VERDICTS_MAP,
+    GuardChain, GuardSettings, InodeKey, TunnelOrigin, TunnelPeerKey, Verdict, VerdictKey,
+    BINARY_INODES_MAP, GUARD_CHAINS_MAP, GUARD_SETTINGS_MAP, PROCESS_BINARIES_MAP,
+    PROTECTED_PORTS_MAP, TUNNEL_ORIGINS_MAP, USER_GROUPS_MAP, VERDICTS_MAP,
 };
 use aya::{
     maps::{
@@ -48,6 +49,10 @@ pub struct KernelGuard {
     verdicts: LpmTrie<MapData, VerdictKey, Verdict>,
     settings: Array<MapData, GuardSettings>,
     protected: HashMap<MapData, u16, u32>,
+    chains: Array<MapData, GuardChain>,
+    user_groups: HashMap<MapData, u32, u64>,
+    binary_inodes: HashMap<MapData, InodeKey, u64>,
+    process_binaries: HashMap<MapData, u32, u64>,
     /// Written into every policy's settings.
     tunnel_port: u16,
     agent_tgid: u32,
@@ -70,10 +75,22 @@ impl KernelGuard {
             .map_err(map_error(GUARD_SETTINGS_MAP))?;
         let protected = HashMap::try_from(take(ebpf, PROTECTED_PORTS_MAP)?)
             .map_err(map_error(PROTECTED_PORTS_MAP))?;
+        let chains =
+            Array::try_from(take(ebpf, GUARD_CHAINS_MAP)?).map_err(map_error(GUARD_CHAINS_MAP))?;
+        let user_groups =
+            HashMap::try_from(take(ebpf, USER_GROUPS_MAP)?).map_err(map_error(USER_GROUPS_MAP))?;
+        let binary_inodes = HashMap::try_from(take(ebpf, BINARY_INODES_MAP)?)
+            .map_err(map_error(BINARY_INODES_MAP))?;
+        let process_binaries = HashMap::try_from(take(ebpf, PROCESS_BINARIES_MAP)?)
+            .map_err(map_error(PROCESS_BINARIES_MAP))?;
         let mut guard = Self {
             verdicts,
             settings,
             protected,
+            chains,
+            user_groups,
+            binary_inodes,
+            process_binaries,
             tunnel_port,
             agent_tgid: std::process::id(),
             policy: Arc::new(RwLock::new(policy.clone())),
@@ -104,6 +121,46 @@ impl KernelGuard {
         old: Option<&CompiledPolicy>,
         new: &CompiledPolicy,
     ) -> Result<(), GuardError> {
+        // What verdicts point at goes in first: chains, then the groups
+        // they test.
+        for (index, chain) in new.chains.iter().enumerate() {
+            self.chains
+                .set(index as u32, *chain, 0)
+                .map_err(map_error(GUARD_CHAINS_MAP))?;
+        }
+        for (uid, bits) in &new.uid_bits {
+            self.user_groups
+                .insert(uid, bits, 0)
+                .map_err(map_error(USER_GROUPS_MAP))?;
+        }
+        for (inode, bits) in &new.binary_inodes {
+            self.binary_inodes
+                .insert(inode, bits, 0)
+                .map_err(map_error(BINARY_INODES_MAP))?;
+        }
+        if let Some(old) = old {
+            for uid in old
+                .uid_bits
+                .keys()
+                .filter(|u| !new.uid_bits.contains_key(u))
+            {
+                self.user_groups
+                    .remove(uid)
+                    .map_err(map_error(USER_GROUPS_MAP))?;
+            }
+            for inode in old
+                .binary_inodes
+                .keys()
+                .filter(|i| !new.binary_inodes.contains_key(i))
+            {
+                self.binary_inodes
+                    .remove(inode)
+                    .map_err(map_error(BINARY_INODES_MAP))?;
+            }
+        }
+        if old.is_none_or(|old| old.binary_inodes != new.binary_inodes) {
+            self.seed_process_binaries(&new.binary_inodes);
+        }
         for (prefix, key, verdict) in &new.entries {
             self.verdicts
                 .insert(&Key::new(*prefix, *key), *verdict, 0)
@@ -148,6 +205,31 @@ impl KernelGuard {
 
 /// The original destinations of redirected sockets, by the address the
 /// tunnel listener sees as their peer.
+impl KernelGuard {
+    /// The binary-group bits of processes already running, which the
+    /// kernel only learns at exec and fork: from `/proc/<pid>/exe`.
+    fn seed_process_binaries(&mut self, inodes: &std::collections::BTreeMap<InodeKey, u64>) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let bits = crate::guard_policy::inode_of(&entry.path().join("exe"))
+                .and_then(|key| inodes.get(&key).copied());
+            let _ = match bits {
+                Some(bits) => self.process_binaries.insert(pid, bits, 0),
+                None => self.process_binaries.remove(&pid),
+            };
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct TunnelOrigins {
     map: Arc<Mutex<HashMap<MapData, TunnelPeerKey, TunnelOrigin>>>,

@@ -64,11 +64,13 @@ use std::{
 };
 
 use agent_common::{
-    GuardSettings, Verdict, VerdictAction, VerdictKey, PROTECTED_PORTS_CAPACITY, VERDICTS_CAPACITY,
+    GuardCandidate, GuardChain, GuardSettings, InodeKey, Verdict, VerdictAction, VerdictKey,
+    CANDIDATE_DRY_RUN, GUARD_CHAINS_CAPACITY, PROTECTED_PORTS_CAPACITY, VERDICTS_CAPACITY,
     VERDICT_KEY_ADDR_OFFSET_BITS,
 };
 use ipnet::IpNet;
 use serde::Deserialize;
+use sha2::Digest as _;
 use zt_identity::SpiffeId;
 
 use crate::access::{AccessAction, AccessRule, GatewayPolicy, Service, ServiceClass};
@@ -138,6 +140,8 @@ pub enum PolicyError {
     UnknownService { rule: String, service: String },
     #[error("access rule {rule:?}: {value:?} is not a SHA-256 (64 hex digits)")]
     BadHash { rule: String, value: String },
+    #[error("{0}")]
+    Language(String),
     #[error("the policy protects {0} ports; the kernel map holds {PROTECTED_PORTS_CAPACITY}")]
     TooManyProtectedPorts(usize),
 }
@@ -244,6 +248,12 @@ pub struct CompiledPolicy {
     pub gateway: GatewayPolicy,
     /// `(port, rule index)` for the kernel's protected-port map.
     pub protected_ports: Vec<(u16, u32)>,
+    /// Chains of caller-dependent verdicts, by index (policy language).
+    pub chains: Vec<GuardChain>,
+    /// uid → user-group bits.
+    pub uid_bits: BTreeMap<u32, u64>,
+    /// Executable inode → binary-group bits.
+    pub binary_inodes: BTreeMap<InodeKey, u64>,
 }
 
 impl CompiledPolicy {
@@ -415,6 +425,186 @@ pub fn compile(text: &str) -> Result<CompiledPolicy, PolicyError> {
         tunnel_routes,
         gateway,
         protected_ports: protected_ports.into_iter().collect(),
+        chains: Vec::new(),
+        uid_bits: BTreeMap::new(),
+        binary_inodes: BTreeMap::new(),
+    })
+}
+
+/// Compiles a guard policy file: the policy language (YAML, a baseline;
+/// docs/policy.md) or this module's TOML, for the device `device` (its
+/// SPIFFE id; device conditions are decided here).
+pub fn compile_file(text: &str, device: &str) -> Result<CompiledPolicy, PolicyError> {
+    let is_language = text
+        .lines()
+        .any(|line| line.trim_start().starts_with("kind:"));
+    if !is_language {
+        return compile(text);
+    }
+    let set = policy::load(text, None).map_err(|e| PolicyError::Language(e.to_string()))?;
+    // A local file has no serial: its version names its content.
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let mut version = [0u8; 8];
+    version[2..].copy_from_slice(&digest[..6]);
+    from_policy(&set, device, u64::from_be_bytes(version))
+}
+
+/// The kernel tables of a linked policy for `device`, as the guard loads
+/// them; `version` is reported with every decision.
+pub fn from_policy(
+    set: &policy::PolicySet,
+    device: &str,
+    version: u64,
+) -> Result<CompiledPolicy, PolicyError> {
+    use policy::compile::{EntryTarget, KernelAction};
+    let users = crate::users::UserNames::from_file("/etc/passwd");
+    let uid_of = |name: &str| users.uid(name);
+    let tables = set
+        .compile(&policy::compile::Target {
+            device,
+            uid_of: &uid_of,
+        })
+        .map_err(|e| PolicyError::Language(e.to_string()))?;
+    let kernel = |action: KernelAction| match action {
+        KernelAction::Allow => VerdictAction::Allow,
+        KernelAction::Deny => VerdictAction::Deny,
+        KernelAction::Audit => VerdictAction::Audit,
+        KernelAction::Tunnel => VerdictAction::Tunnel,
+    } as u32;
+    let rule_action = |action: policy::Action| match action {
+        policy::Action::Allow => VerdictAction::Allow,
+        policy::Action::Deny => VerdictAction::Deny,
+        policy::Action::Tunnel => VerdictAction::Tunnel,
+    } as u32;
+    if tables.entries.len() > VERDICTS_CAPACITY as usize {
+        return Err(PolicyError::TooBig(tables.entries.len()));
+    }
+    if tables.chains.len() > GUARD_CHAINS_CAPACITY as usize {
+        return Err(PolicyError::Language(format!(
+            "{} condition chains; the kernel holds {GUARD_CHAINS_CAPACITY}",
+            tables.chains.len()
+        )));
+    }
+    let entries = tables
+        .entries
+        .iter()
+        .map(|e| {
+            let (prefix, key) = key_of(e.net, e.port);
+            let verdict = match e.target {
+                EntryTarget::Verdict(v) => Verdict {
+                    action: kernel(v.action),
+                    rule: v.rule,
+                },
+                EntryTarget::Chain(index) => Verdict {
+                    action: VerdictAction::Chain as u32,
+                    rule: index,
+                },
+            };
+            (prefix, key, verdict)
+        })
+        .collect();
+    let chains = tables
+        .chains
+        .iter()
+        .map(|chain| {
+            let mut out = GuardChain {
+                len: chain.candidates.len() as u32,
+                ..GuardChain::default()
+            };
+            for (slot, c) in out.candidates.iter_mut().zip(&chain.candidates) {
+                *slot = GuardCandidate {
+                    users: c.users,
+                    binaries: c.binaries,
+                    except_users: c.except_users,
+                    except_binaries: c.except_binaries,
+                    action: rule_action(c.action),
+                    flags: if c.dry_run { CANDIDATE_DRY_RUN } else { 0 },
+                    rule: c.rule,
+                    _reserved: 0,
+                };
+            }
+            out
+        })
+        .collect();
+    let mut binary_inodes: BTreeMap<InodeKey, u64> = BTreeMap::new();
+    for group in &tables.binary_bits {
+        for member in &group.members {
+            // Paths are matched by the file they name now (symlinks
+            // followed); a member by hash alone is checked where the hash
+            // is known (the gateway), not in the kernel.
+            let Some(path) = &member.path else { continue };
+            let Some(key) = inode_of(std::path::Path::new(path)) else {
+                continue;
+            };
+            if let Some(hash) = &member.sha256 {
+                let matches = crate::exe_hash::sha256_file(std::path::Path::new(path))
+                    .is_ok_and(|h| h.eq_ignore_ascii_case(hash));
+                if !matches {
+                    continue;
+                }
+            }
+            *binary_inodes.entry(key).or_default() |= 1u64 << group.bit;
+        }
+    }
+    let mut rule_ids = tables.rule_ids.clone();
+    let mut protected_ports = Vec::new();
+    let mut protect_index: BTreeMap<&str, u32> = BTreeMap::new();
+    for (port, service) in &tables.protected_ports {
+        let index = *protect_index.entry(service.as_str()).or_insert_with(|| {
+            rule_ids.push(format!("protect:{service}"));
+            (rule_ids.len() - 1) as u32
+        });
+        protected_ports.push((*port, index));
+    }
+    let mut tunnel_routes = BTreeMap::new();
+    for (index, rule) in set.rules.iter().enumerate() {
+        if rule.action != policy::Action::Tunnel {
+            continue;
+        }
+        let gateway = rule
+            .destinations
+            .iter()
+            .filter_map(|d| d.service.as_ref())
+            .filter_map(|s| set.services.get(s))
+            .find_map(|s| s.gateway.as_ref());
+        if let Some(gateway) = gateway {
+            tunnel_routes.insert(
+                index as u32,
+                TunnelRoute {
+                    gateway: gateway.address,
+                    gateway_id: SpiffeId::parse(&gateway.id).ok(),
+                },
+            );
+        }
+    }
+    Ok(CompiledPolicy {
+        settings: GuardSettings {
+            default_action: kernel(tables.default.action),
+            record_allows: u32::from(tables.record_allows),
+            policy_version: version,
+            ..GuardSettings::default()
+        },
+        rule_ids,
+        entries,
+        tunnel_routes,
+        gateway: GatewayPolicy::default(),
+        protected_ports,
+        chains,
+        uid_bits: tables.uid_bits.clone(),
+        binary_inodes,
+    })
+}
+
+/// The kernel's identity of the file `path` names (symlinks followed):
+/// its device as the kernel encodes it (`major << 20 | minor`) and inode.
+pub fn inode_of(path: &std::path::Path) -> Option<InodeKey> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+    Some(InodeKey {
+        dev: (major << 20) | minor,
+        ino: meta.ino(),
     })
 }
 

@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use agent_common::{KernelOffsets, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES};
+use agent_common::{
+    KernelOffsets, OPT_EXE_INODE, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES,
+};
 use btf_rs::{Btf, Struct, Type};
 
 /// Where the running kernel publishes its BTF.
@@ -91,6 +93,28 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
             offsets.sock_shutdown = shutdown;
             offsets.optional |= OPT_TCP_BYTES;
         }
+    }
+    // The executable's inode, for binary-group conditions; without them
+    // the guard treats every process as in no binary group.
+    let exe = (|| -> Result<[u32; 5], OffsetError> {
+        let file = find_struct(btf, "file")?;
+        let inode = find_struct(btf, "inode")?;
+        let sb = find_struct(btf, "super_block")?;
+        Ok([
+            byte_offset(btf, &mm, "mm_struct", "exe_file")?,
+            byte_offset(btf, &file, "file", "f_inode")?,
+            byte_offset(btf, &inode, "inode", "i_ino")?,
+            byte_offset(btf, &inode, "inode", "i_sb")?,
+            byte_offset(btf, &sb, "super_block", "s_dev")?,
+        ])
+    })();
+    if let Ok([exe_file, f_inode, i_ino, i_sb, s_dev]) = exe {
+        offsets.mm_exe_file = exe_file;
+        offsets.file_inode = f_inode;
+        offsets.inode_ino = i_ino;
+        offsets.inode_sb = i_sb;
+        offsets.sb_dev = s_dev;
+        offsets.optional |= OPT_EXE_INODE;
     }
     // Only with CONFIG_AUDIT.
     if let Ok(loginuid) = task_off("loginuid") {
@@ -211,6 +235,8 @@ mod tests {
         assert_ne!(offsets.optional & OPT_TCP_BYTES, 0);
         assert_ne!(offsets.tcp_bytes_sent, offsets.tcp_bytes_received);
         assert!(offsets.sock_shutdown > 0);
+        assert_ne!(offsets.optional & OPT_EXE_INODE, 0, "exe inode offsets");
+        assert!(offsets.mm_exe_file > 0 && offsets.inode_sb > 0 && offsets.sb_dev > 0);
     }
 
     #[test]

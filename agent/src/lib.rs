@@ -84,7 +84,12 @@ pub async fn run(
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the guard policy {}", path.display()))?;
-            let policy = guard_policy::compile(&text)
+            let device_id = device
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .id
+                .to_string();
+            let policy = guard_policy::compile_file(&text, &device_id)
                 .with_context(|| format!("guard policy {}", path.display()))?;
             info!(path = %path.display(), version = policy.version(), rules = policy.rule_ids.len(), "guard policy loaded");
             metrics

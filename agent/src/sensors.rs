@@ -1124,6 +1124,9 @@ impl Reader {
                     // The kernel records a tunnel verdict only when it could
                     // not redirect (not TCP, no tunnel listener, map full).
                     (agent_common::VerdictAction::Tunnel, _) => ("tunnel", "denied", "fail_closed"),
+                    // Never decoded (event.rs refuses it): the kernel
+                    // resolves chains before it records.
+                    (agent_common::VerdictAction::Chain, _) => ("allow", "allowed", ""),
                 };
                 if verdict == "denied" {
                     info!(pid = d.pid, exe = %exe, remote = %d.remote, rule = %rule_id, inbound = d.inbound, "connection denied");

@@ -761,7 +761,13 @@ async fn watch_policy(mut watch: PolicyWatch) {
             Ok(text) if text != applied => {
                 unreadable = false;
                 applied = text;
-                match crate::guard_policy::compile(&applied) {
+                let device_id = watch
+                    .device
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .id
+                    .to_string();
+                match crate::guard_policy::compile_file(&applied, &device_id) {
                     Ok(policy) => {
                         let version = policy.version();
                         match watch.guard.apply(Arc::new(policy)) {

@@ -1,0 +1,199 @@
+//! The policy language enforced in the kernel: a YAML policy whose rules
+//! depend on who connects — a user group (by uid) and a binary group (by
+//! the executable's inode, set at exec) — and with an exception and a
+//! dry-run rule. Real processes in the guarded cgroup connect as root and
+//! as `nobody`, with python3 and with a copy of it (same bytes, another
+//! file); every outcome must be what `PolicySet::evaluate` (and so
+//! `ztctl policy explain`) says, and the decisions name the rules.
+
+use std::{process::Stdio, time::Duration};
+
+use anyhow::{ensure, Context as _, Result};
+use zt_e2e::{
+    eventually,
+    stack::{spawn_in_cgroup_with, Stack},
+};
+
+/// Connects to each `host:port` argument; prints `target result`.
+const CONNECTOR: &str = r#"
+import errno, socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, int(port)))
+        print(target, "connected", flush=True)
+    except OSError as e:
+        print(target, errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+    finally:
+        s.close()
+"#;
+
+#[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
+struct DecisionRow {
+    pid: u32,
+    remote_addr: String,
+    action: String,
+    verdict: String,
+    rule_id: String,
+    uid: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_binary_conditions_are_enforced_as_explained() -> Result<()> {
+    let stack = Stack::new("e2e_guard_language").await?;
+    let _collector = stack.start_collector().await?;
+    let listeners: Vec<std::net::TcpListener> = (91..=94)
+        .map(|host| std::net::TcpListener::bind(format!("127.0.0.{host}:0")))
+        .collect::<std::io::Result<_>>()?;
+    let targets: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<_>>()?;
+    let python = std::fs::canonicalize("/usr/bin/python3")?;
+    // The same bytes in another file: not the binary the group names.
+    let copy = stack.dir.path().join("python-copy");
+    std::fs::copy(&python, &copy)?;
+    let policy_text = format!(
+        r#"version: 1
+kind: baseline
+groups:
+  users:
+    testers: [nobody]
+  binaries:
+    pythons: [{{path: {python}}}]
+rules:
+  - id: testers-not-to-91
+    action: deny
+    from: {{users: [testers]}}
+    to: {{addresses: [127.0.0.91]}}
+  - id: python-not-to-92
+    action: deny
+    from: {{binaries: [pythons]}}
+    to: {{addresses: [127.0.0.92], ports: [{port92}]}}
+  - id: trial-block-93-for-testers
+    action: deny
+    mode: dry-run
+    from: {{users: [testers]}}
+    to: {{addresses: [127.0.0.93]}}
+  - id: block-94-except-testers
+    action: deny
+    to: {{addresses: [127.0.0.94]}}
+    except: {{users: [testers]}}
+defaults: {{outbound: allow}}
+"#,
+        python = python.display(),
+        port92 = listeners[1].local_addr()?.port(),
+    );
+    let set = policy::load(&policy_text, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let policy_file = stack.dir.path().join("guard.yaml");
+    std::fs::write(&policy_file, &policy_text)?;
+    let _agent = stack
+        .start_agent_named(
+            "agent",
+            &[(
+                "ZT_AGENT_GUARD__POLICY_FILE",
+                policy_file.display().to_string(),
+            )],
+        )
+        .await?;
+
+    let copy_path = copy.display().to_string();
+    let callers: [(&str, &str, Vec<&str>); 3] = [
+        ("root", python.to_str().context("path")?, vec![]),
+        (
+            "nobody",
+            python.to_str().context("path")?,
+            vec!["--reuid=65534", "--regid=65534", "--clear-groups"],
+        ),
+        ("root", &copy_path, vec![]),
+    ];
+    let mut pids = Vec::new();
+    for (user, exe, setpriv) in &callers {
+        let mut args: Vec<&str> = setpriv.clone();
+        args.push(exe);
+        args.extend(["-c", CONNECTOR]);
+        args.extend(targets.iter().map(String::as_str));
+        let child =
+            spawn_in_cgroup_with(&stack.guarded, "/usr/bin/setpriv", &args, Stdio::piped())?;
+        pids.push(child.id());
+        let output = child.wait_with_output()?;
+        ensure!(output.status.success(), "{user} {exe}: {output:?}");
+        let results = String::from_utf8(output.stdout)?;
+        for target in &targets {
+            let flow = policy::Flow {
+                direction: policy::Direction::Outbound,
+                device: "spiffe://zt.local/org/org-e2e/device/agent",
+                user,
+                exe,
+                exe_sha256: "",
+                destination: target.parse()?,
+            };
+            let decision = set.evaluate(&flow);
+            let expected = if decision.verdict == policy::Action::Deny {
+                "EPERM"
+            } else {
+                "connected"
+            };
+            ensure!(
+                results.contains(&format!("{target} {expected}")),
+                "{user} running {exe} to {target}: explain says {} ({}), the kernel did otherwise:\n{results}",
+                decision.summary(),
+                expected
+            );
+        }
+    }
+
+    // The decisions name the rules, the dry-run one as a would-be denial.
+    let rows: Vec<DecisionRow> = eventually(Duration::from_secs(10), || async {
+        let rows = stack
+            .db()
+            .query("SELECT ?fields FROM decisions FINAL WHERE has(?, pid) ORDER BY time_ns")
+            .bind(&pids)
+            .fetch_all::<DecisionRow>()
+            .await
+            .ok()?;
+        (rows.len() >= 6).then_some(rows)
+    })
+    .await
+    .with_context(|| format!("decisions not stored\n{}", stack.logs()))?;
+    let seen: Vec<(u32, &str, &str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.uid,
+                r.remote_addr.as_str(),
+                r.action.as_str(),
+                r.verdict.as_str(),
+                r.rule_id.as_str(),
+            )
+        })
+        .collect();
+    for expected in [
+        (0, "127.0.0.92", "deny", "denied", "python-not-to-92"),
+        (0, "127.0.0.94", "deny", "denied", "block-94-except-testers"),
+        (65534, "127.0.0.91", "deny", "denied", "testers-not-to-91"),
+        (65534, "127.0.0.92", "deny", "denied", "python-not-to-92"),
+        (
+            65534,
+            "127.0.0.93",
+            "audit",
+            "would_deny",
+            "trial-block-93-for-testers",
+        ),
+    ] {
+        ensure!(
+            seen.contains(&expected),
+            "missing {expected:?} in {seen:#?}"
+        );
+    }
+    // The copy is not python by inode: only the exception-less rule denied it.
+    let copy_pid = pids[2];
+    let copy_rows: Vec<&DecisionRow> = rows.iter().filter(|r| r.pid == copy_pid).collect();
+    ensure!(
+        copy_rows.len() == 1 && copy_rows[0].rule_id == "block-94-except-testers",
+        "{copy_rows:#?}"
+    );
+    Ok(())
+}
