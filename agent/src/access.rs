@@ -105,6 +105,9 @@ pub struct GatewayPolicy {
     version: u64,
     services: Vec<Service>,
     access: Vec<AccessRule>,
+    /// A policy in the policy language: evaluated by the policy crate, the
+    /// same evaluation `ztctl policy explain` uses.
+    language: Option<std::sync::Arc<policy::PolicySet>>,
 }
 
 /// Nearest rules reported with a default denial at most.
@@ -116,6 +119,38 @@ impl GatewayPolicy {
             version,
             services,
             access,
+            language: None,
+        }
+    }
+
+    /// The gateway side of a policy in the policy language: the services
+    /// whose gateway is `device`, decided by [`policy::PolicySet::evaluate`]
+    /// on inbound flows.
+    pub fn from_language(
+        set: std::sync::Arc<policy::PolicySet>,
+        device: &str,
+        version: u64,
+    ) -> Self {
+        let services = set
+            .services
+            .values()
+            .filter(|s| s.gateway.as_ref().is_some_and(|g| g.id == device))
+            .map(|s| Service {
+                name: s.service.name.clone(),
+                destinations: s.service.addresses.clone(),
+                ports: s.service.ports.clone(),
+                target: s.service.target,
+                class: match s.service.class {
+                    policy::ServiceClass::Protected => ServiceClass::Protected,
+                    policy::ServiceClass::Standard => ServiceClass::Standard,
+                },
+            })
+            .collect();
+        Self {
+            version,
+            services,
+            access: Vec::new(),
+            language: Some(set),
         }
     }
 
@@ -151,6 +186,9 @@ impl GatewayPolicy {
     /// Decides a flow: a matching `deny` rule beats any `allow`; with
     /// neither, the default is to refuse.
     pub fn evaluate(&self, flow: &Flow<'_>) -> AccessDecision {
+        if let Some(set) = &self.language {
+            return self.evaluate_language(set, flow);
+        }
         let Some(service) = self.service_for(flow.destination) else {
             return AccessDecision {
                 allowed: false,
@@ -203,6 +241,48 @@ impl GatewayPolicy {
 }
 
 /// The conditions of `rule` that `flow` does not meet, in words.
+impl GatewayPolicy {
+    /// A tunnelled connection for a service this gateway serves, decided
+    /// by the policy language's evaluation (inbound).
+    fn evaluate_language(&self, set: &policy::PolicySet, flow: &Flow<'_>) -> AccessDecision {
+        let Some(service) = self.service_for(flow.destination) else {
+            return AccessDecision {
+                allowed: false,
+                rule_id: String::new(),
+                service: None,
+                class: ServiceClass::Protected,
+                target: flow.destination,
+                nearest: Vec::new(),
+            };
+        };
+        let device = flow.device.to_string();
+        let decision = set.evaluate(&policy::Flow {
+            direction: policy::Direction::Inbound,
+            device: &device,
+            user: flow.user,
+            exe: flow.exe,
+            exe_sha256: flow.exe_sha256,
+            destination: flow.destination,
+        });
+        AccessDecision {
+            allowed: decision.verdict == policy::Action::Allow,
+            rule_id: if decision.rule == policy::eval::DEFAULT_RULE {
+                String::new()
+            } else {
+                decision.rule.clone()
+            },
+            service: Some(service.name.clone()),
+            class: service.class,
+            target: service.target_for(flow.destination),
+            nearest: decision
+                .nearest
+                .iter()
+                .map(|n| format!("{}: {}", n.rule, n.failed.join("; ")))
+                .collect(),
+        }
+    }
+}
+
 fn mismatches(rule: &AccessRule, flow: &Flow<'_>) -> Vec<String> {
     let mut failed = Vec::new();
     if !rule.orgs.is_empty() && !rule.orgs.iter().any(|o| o == flow.device.org()) {

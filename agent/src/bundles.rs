@@ -52,6 +52,14 @@ pub struct AcceptedBundle {
     pub tables: AgentTables,
 }
 
+/// A checked bundle handed to the enforcement, which answers whether it is
+/// in force.
+#[derive(Debug)]
+pub struct BundleApply {
+    pub bundle: std::sync::Arc<AcceptedBundle>,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct BundleKeeper {
     state_dir: PathBuf,
@@ -138,11 +146,23 @@ impl BundleKeeper {
         })
     }
 
-    /// Checks a bundle from the collector and, when it is accepted, keeps
-    /// it as the last good one.
-    pub fn accept(&self, signed_json: &str) -> Result<AcceptedBundle, BundleRefused> {
+    /// Checks a bundle from the collector: signature, organisation, a
+    /// newer serial, and that its policy links and compiles here.
+    pub fn check_new(&self, signed_json: &str) -> Result<AcceptedBundle, BundleRefused> {
         let signed = SignedBundle::from_json(signed_json)?;
-        let accepted = self.check(&signed, self.newest_seen())?;
+        self.check(&signed, self.newest_seen())
+    }
+
+    /// Checks a bundle and keeps it as the last good one.
+    pub fn accept(&self, signed_json: &str) -> Result<AcceptedBundle, BundleRefused> {
+        let accepted = self.check_new(signed_json)?;
+        self.keep(signed_json, accepted.bundle.serial)?;
+        Ok(accepted)
+    }
+
+    /// Keeps a checked (and enforced) bundle as the last good one; its
+    /// serial becomes the newest seen.
+    pub fn keep(&self, signed_json: &str, serial: u64) -> Result<(), BundleRefused> {
         let dir = self.policy_dir();
         let store = |e: std::io::Error| BundleRefused::Store(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(&dir).map_err(store)?;
@@ -151,11 +171,8 @@ impl BundleKeeper {
                 .map_err(|e| BundleRefused::Store(e.to_string()))
         };
         write(BUNDLE_FILE, signed_json.as_bytes())?;
-        write(
-            SERIAL_FILE,
-            format!("{}\n", accepted.bundle.serial).as_bytes(),
-        )?;
-        Ok(accepted)
+        write(SERIAL_FILE, format!("{serial}\n").as_bytes())?;
+        Ok(())
     }
 
     /// The last accepted bundle, checked again (the key, the organisation,

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use zt_identity::{RevocationList, SharedRevocationList};
 
 use crate::{
-    bundles::{AcceptedBundle, BundleKeeper},
+    bundles::{BundleApply, BundleKeeper},
     enrollment::SharedIdentity,
     metrics::AgentMetrics,
 };
@@ -37,6 +37,8 @@ const CHANNEL_SEEN_FILE: &str = "control-channel-seen";
 const CHANNEL_SEEN_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long the guard may take to put a bundle in force.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the control channel tasks need.
 #[derive(Clone)]
@@ -45,8 +47,9 @@ pub struct ControlChannel {
     pub device: SharedIdentity,
     pub metrics: Arc<AgentMetrics>,
     pub state_dir: PathBuf,
-    /// Where accepted policy bundles go (the enforcement follows it).
-    pub policies: Option<tokio::sync::watch::Sender<Option<Arc<AcceptedBundle>>>>,
+    /// Where checked policy bundles go to be enforced; `None`: a bundle
+    /// that checks is kept and acknowledged as it is.
+    pub policies: Option<tokio::sync::mpsc::Sender<BundleApply>>,
 }
 
 impl ControlChannel {
@@ -209,7 +212,9 @@ impl ControlChannel {
             let wire = match update.update {
                 Some(Update::Revocations(wire)) => wire,
                 Some(Update::Policy(bundle)) => {
-                    let ack = self.apply_bundle(&keeper, bundle.serial, &bundle.signed_json);
+                    let ack = self
+                        .apply_bundle(&keeper, bundle.serial, &bundle.signed_json)
+                        .await;
                     if let Err(status) = client.ack_policy(ack).await {
                         warn!(%status, serial = bundle.serial, "cannot report the policy bundle's outcome");
                     }
@@ -249,38 +254,74 @@ impl ControlChannel {
             .clone()
     }
 
-    /// Checks a bundle, keeps it when it is good and hands it to the
-    /// enforcement; the answer is what the collector is told.
-    fn apply_bundle(&self, keeper: &BundleKeeper, serial: u64, signed_json: &str) -> PolicyAck {
-        match keeper.accept(signed_json) {
-            Ok(accepted) => {
-                let serial = accepted.bundle.serial;
-                info!(
-                    serial,
-                    restores = ?accepted.bundle.restores,
-                    rules = accepted.policy.rules.len(),
-                    "policy bundle accepted"
-                );
-                self.metrics
-                    .policy_bundle_serial
-                    .store(serial, std::sync::atomic::Ordering::Relaxed);
-                if let Some(policies) = &self.policies {
-                    policies.send_replace(Some(Arc::new(accepted)));
-                }
-                PolicyAck {
-                    serial,
-                    applied: true,
-                    error: String::new(),
-                }
+    /// Checks a bundle, has it enforced, and keeps it as the last good one
+    /// once it is in force; the answer is what the collector is told.
+    async fn apply_bundle(
+        &self,
+        keeper: &BundleKeeper,
+        serial: u64,
+        signed_json: &str,
+    ) -> PolicyAck {
+        let refused = |error: String| {
+            warn!(serial, error = %error, "policy bundle refused; the policy in force stays");
+            PolicyAck {
+                serial,
+                applied: false,
+                error,
             }
-            Err(err) => {
-                warn!(serial, error = %err, "policy bundle refused; the last good one stays in force");
-                PolicyAck {
-                    serial,
-                    applied: false,
-                    error: err.to_string(),
-                }
+        };
+        // Verifying, linking and compiling is CPU work and keeping the
+        // bundle is synchronous disk work: off the async workers.
+        let checked = {
+            let (keeper, json) = (keeper.clone(), signed_json.to_owned());
+            tokio::task::spawn_blocking(move || keeper.check_new(&json)).await
+        };
+        let accepted = match checked {
+            Ok(Ok(accepted)) => Arc::new(accepted),
+            Ok(Err(err)) => return refused(err.to_string()),
+            Err(err) => return refused(format!("checking the bundle failed: {err}")),
+        };
+        let serial = accepted.bundle.serial;
+        if let Some(policies) = &self.policies {
+            let (done, result) = tokio::sync::oneshot::channel();
+            let apply = BundleApply {
+                bundle: accepted.clone(),
+                done,
+            };
+            if policies.send(apply).await.is_err() {
+                return refused("the guard is not running".to_owned());
             }
+            match tokio::time::timeout(APPLY_TIMEOUT, result).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => return refused(error),
+                Ok(Err(_)) | Err(_) => return refused("the guard did not answer".to_owned()),
+            }
+        }
+        let kept = {
+            let (keeper, json) = (keeper.clone(), signed_json.to_owned());
+            tokio::task::spawn_blocking(move || keeper.keep(&json, serial)).await
+        };
+        if let Err(err) = kept
+            .map_err(|e| e.to_string())
+            .and_then(|k| k.map_err(|e| e.to_string()))
+        {
+            // In force, but not kept: a restart falls back to the bundle
+            // kept before. Said, not hidden.
+            return refused(err);
+        }
+        info!(
+            serial,
+            restores = ?accepted.bundle.restores,
+            rules = accepted.policy.rules.len(),
+            "policy bundle in force"
+        );
+        self.metrics
+            .policy_bundle_serial
+            .store(serial, std::sync::atomic::Ordering::Relaxed);
+        PolicyAck {
+            serial,
+            applied: true,
+            error: String::new(),
         }
     }
 }

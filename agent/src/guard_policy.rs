@@ -257,6 +257,22 @@ pub struct CompiledPolicy {
 }
 
 impl CompiledPolicy {
+    /// No policy yet: the guard lets everything pass and records nothing
+    /// (a default action of 0), until a policy arrives.
+    pub fn pass_through() -> Self {
+        Self {
+            settings: GuardSettings::default(),
+            rule_ids: Vec::new(),
+            entries: Vec::new(),
+            tunnel_routes: BTreeMap::new(),
+            gateway: GatewayPolicy::default(),
+            protected_ports: Vec::new(),
+            chains: Vec::new(),
+            uid_bits: BTreeMap::new(),
+            binary_inodes: BTreeMap::new(),
+        }
+    }
+
     pub fn version(&self) -> u64 {
         self.settings.policy_version
     }
@@ -587,7 +603,7 @@ pub fn from_policy(
         rule_ids,
         entries,
         tunnel_routes,
-        gateway: GatewayPolicy::default(),
+        gateway: GatewayPolicy::from_language(std::sync::Arc::new(set.clone()), device, version),
         protected_ports,
         chains,
         uid_bits: tables.uid_bits.clone(),

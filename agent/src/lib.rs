@@ -78,42 +78,75 @@ pub async fn run(
         None => sysfs::cgroup2_mount().context("finding the cgroup v2 hierarchy to guard")?,
     };
     info!(cgroup = %guarded_cgroup.display(), "guarding cgroup");
-    // A policy that cannot be read or compiled stops the agent here, named:
-    // never a guard that silently allows what it was told to deny.
-    let policy = match &config.guard.policy_file {
-        Some(path) => {
+    // The guard's policy at start: the last policy bundle in force (it
+    // wins over a policy file: the agent is managed), else the policy file,
+    // else none yet — the guard is attached anyway and lets everything pass
+    // until a bundle arrives. A policy file that cannot be read or compiled
+    // stops the agent here, named: never a guard that silently allows what
+    // it was told to deny.
+    let device_id = device.read().unwrap_or_else(|p| p.into_inner()).id.clone();
+    let keeper = bundles::BundleKeeper::new(&config.state_dir, &device_id);
+    let last_good = match keeper.last_good() {
+        Ok(bundle) => bundle,
+        Err(err) => {
+            warn!(error = %err, "the kept policy bundle cannot be used; waiting for the collector's");
+            None
+        }
+    };
+    let from_bundle = last_good.as_ref().and_then(|bundle| {
+        let serial = bundle.bundle.serial;
+        match guard_policy::from_policy(&bundle.policy, &device_id.to_string(), serial) {
+            Ok(policy) => {
+                info!(
+                    serial,
+                    rules = bundle.policy.rules.len(),
+                    "the last policy bundle in force is enforced again"
+                );
+                metrics
+                    .policy_bundle_serial
+                    .store(serial, std::sync::atomic::Ordering::Relaxed);
+                Some(policy)
+            }
+            Err(err) => {
+                warn!(serial, error = %err, "the kept policy bundle does not compile here");
+                None
+            }
+        }
+    });
+    let managed = from_bundle.is_some();
+    let policy = match (from_bundle, &config.guard.policy_file) {
+        (Some(policy), file) => {
+            if let Some(path) = file {
+                info!(path = %path.display(), "a policy bundle is in force; the policy file is not read");
+            }
+            policy
+        }
+        (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the guard policy {}", path.display()))?;
-            let device_id = device
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .id
-                .to_string();
-            let policy = guard_policy::compile_file(&text, &device_id)
+            let policy = guard_policy::compile_file(&text, &device_id.to_string())
                 .with_context(|| format!("guard policy {}", path.display()))?;
             info!(path = %path.display(), version = policy.version(), rules = policy.rule_ids.len(), "guard policy loaded");
-            metrics
-                .policy_version
-                .store(policy.version(), std::sync::atomic::Ordering::Relaxed);
-            Some(Arc::new(policy))
+            policy
         }
-        None => None,
+        (None, None) => guard_policy::CompiledPolicy::pass_through(),
     };
-    // With a policy, the tunnel's loopback listener comes first: the guard
-    // redirects to its port.
-    let tunnel_listener = match &policy {
-        Some(_) => Some(
-            tunnel::TunnelListener::bind(config.tunnel.listen_port)
-                .await
-                .context("binding the tunnel listener")?,
-        ),
-        None => None,
-    };
+    metrics
+        .policy_version
+        .store(policy.version(), std::sync::atomic::Ordering::Relaxed);
+    let policy = Arc::new(policy);
+    // The tunnel's loopback listener comes first: the guard redirects to
+    // its port.
+    let tunnel_listener = Some(
+        tunnel::TunnelListener::bind(config.tunnel.listen_port)
+            .await
+            .context("binding the tunnel listener")?,
+    );
     let mut sensors = KernelSensors::start(
         &config.sensors,
         &guarded_cgroup,
         &config.budget,
-        policy.map(|policy| sensors::GuardSetup {
+        Some(sensors::GuardSetup {
             policy,
             tunnel_port: tunnel_listener.as_ref().map_or(0, |l| l.port()),
         }),
@@ -125,40 +158,24 @@ pub async fn run(
     let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
 
+    // Bundles the control channel checked go to the guard, which answers
+    // once they are in force.
+    let (bundle_tx, bundle_rx) = tokio::sync::mpsc::channel(4);
     let control = control_channel::ControlChannel {
         collector_url: collector_url.clone(),
         device: device.clone(),
         metrics: metrics.clone(),
         state_dir: config.state_dir.clone(),
-        // Bundles are checked, kept and acknowledged; the guard still
-        // enforces its policy file until it compiles bundles (issue 7).
-        policies: None,
+        policies: Some(bundle_tx),
     };
-    let keeper = bundles::BundleKeeper::new(
-        &config.state_dir,
-        &device.read().unwrap_or_else(|p| p.into_inner()).id,
-    );
-    match keeper.last_good() {
-        Ok(Some(last)) => {
-            metrics
-                .policy_bundle_serial
-                .store(last.bundle.serial, std::sync::atomic::Ordering::Relaxed);
-            info!(
-                serial = last.bundle.serial,
-                "last good policy bundle loaded"
-            );
-        }
-        Ok(None) => {}
-        Err(err) => {
-            warn!(error = %err, "the kept policy bundle cannot be used; waiting for the collector's")
-        }
-    }
     let revocations = control.saved_revocations().shared();
     control.restore_channel_seen();
     let zero_trust = match (sensors.take_guard(), &config.guard.policy_file) {
-        (Some(guard), Some(policy_file)) => Some(tunnel::start(tunnel::ZeroTrustSetup {
+        (Some(guard), policy_file) => Some(tunnel::start(tunnel::ZeroTrustSetup {
             config: config.tunnel.clone(),
             policy_file: policy_file.clone(),
+            bundles: Some(bundle_rx),
+            managed,
             guard,
             origins: sensors.tunnel_origins(),
             listener: tunnel_listener,

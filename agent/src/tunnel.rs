@@ -539,8 +539,12 @@ fn reason_name(reason: DenyReason) -> &'static str {
 /// What the zero-trust parts need at start.
 pub struct ZeroTrustSetup {
     pub config: crate::config::TunnelConfig,
-    /// Re-read when it changes.
-    pub policy_file: std::path::PathBuf,
+    /// Re-read when it changes, until a policy bundle is in force.
+    pub policy_file: Option<std::path::PathBuf>,
+    /// Policy bundles from the collector, checked, to put in force.
+    pub bundles: Option<mpsc::Receiver<crate::bundles::BundleApply>>,
+    /// A bundle is in force already (the last good one, at start).
+    pub managed: bool,
     pub guard: crate::guard::KernelGuard,
     /// With a tunnel listener: the redirected sockets' origins.
     pub origins: Option<TunnelOrigins>,
@@ -575,6 +579,8 @@ pub fn start(setup: ZeroTrustSetup) -> anyhow::Result<ZeroTrust> {
     let ZeroTrustSetup {
         config,
         policy_file,
+        bundles,
+        managed,
         guard,
         origins,
         listener,
@@ -650,6 +656,8 @@ pub fn start(setup: ZeroTrustSetup) -> anyhow::Result<ZeroTrust> {
     };
     tasks.push(tokio::spawn(watch_policy(PolicyWatch {
         path: policy_file,
+        bundles,
+        managed,
         guard,
         caller,
         gateway,
@@ -687,7 +695,10 @@ fn stateless_reset_key(state_dir: &std::path::Path) -> anyhow::Result<[u8; 32]> 
 }
 
 struct PolicyWatch {
-    path: std::path::PathBuf,
+    path: Option<std::path::PathBuf>,
+    bundles: Option<mpsc::Receiver<crate::bundles::BundleApply>>,
+    /// A bundle is in force: the policy file no longer is.
+    managed: bool,
     guard: crate::guard::KernelGuard,
     caller: Option<Arc<TunnelCaller>>,
     gateway: Option<zt_tunnel::GatewayHandle>,
@@ -698,6 +709,35 @@ struct PolicyWatch {
 }
 
 impl PolicyWatch {
+    fn device_id(&self) -> String {
+        self.device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .to_string()
+    }
+
+    /// Puts a checked bundle in force: its tables into the kernel maps and
+    /// its gateway side into the authorizer. From then on the policy file
+    /// is not read.
+    fn apply_bundle(&mut self, accepted: &crate::bundles::AcceptedBundle) -> Result<(), String> {
+        let serial = accepted.bundle.serial;
+        let policy = crate::guard_policy::from_policy(&accepted.policy, &self.device_id(), serial)
+            .map_err(|e| e.to_string())?;
+        self.guard
+            .apply(Arc::new(policy))
+            .map_err(|e| format!("cannot write the policy into the kernel maps: {e}"))?;
+        self.metrics.policy_version.store(serial, Ordering::Relaxed);
+        if !self.managed {
+            if let Some(path) = &self.path {
+                info!(path = %path.display(), "a policy bundle is in force; the policy file is no longer read");
+            }
+        }
+        self.managed = true;
+        info!(serial, "policy bundle applied to the guard");
+        Ok(())
+    }
+
     /// The certificate in use, as far as telling a renewal goes.
     fn certificate(&self) -> zt_identity::Validity {
         self.device
@@ -739,7 +779,11 @@ impl PolicyWatch {
 /// after every new policy and revocation list. A changed file that does not
 /// compile leaves the policy in force as it is.
 async fn watch_policy(mut watch: PolicyWatch) {
-    let mut applied = std::fs::read_to_string(&watch.path).unwrap_or_default();
+    let mut applied = watch
+        .path
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
     let revocation_version = |w: &PolicyWatch| {
         w.revocations
             .read()
@@ -750,51 +794,71 @@ async fn watch_policy(mut watch: PolicyWatch) {
     let mut certificate = watch.certificate();
     let mut unreadable = false;
     loop {
-        tokio::time::sleep(watch.interval).await;
+        let bundle = match watch.bundles.as_mut() {
+            Some(bundles) => tokio::select! {
+                bundle = bundles.recv() => bundle,
+                _ = tokio::time::sleep(watch.interval) => None,
+            },
+            None => {
+                tokio::time::sleep(watch.interval).await;
+                None
+            }
+        };
+        let mut recheck = false;
+        if let Some(apply) = bundle {
+            let result = watch.apply_bundle(&apply.bundle);
+            recheck |= result.is_ok();
+            let _ = apply.done.send(result);
+        }
         let current = watch.certificate();
         if current != certificate {
             certificate = current;
             watch.renew_tls();
         }
-        let mut recheck = false;
-        match std::fs::read_to_string(&watch.path) {
-            Ok(text) if text != applied => {
-                unreadable = false;
-                applied = text;
-                let device_id = watch
-                    .device
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .id
-                    .to_string();
-                match crate::guard_policy::compile_file(&applied, &device_id) {
-                    Ok(policy) => {
-                        let version = policy.version();
-                        match watch.guard.apply(Arc::new(policy)) {
-                            Ok(()) => {
-                                watch
-                                    .metrics
-                                    .policy_version
-                                    .store(version, Ordering::Relaxed);
-                                info!(path = %watch.path.display(), version, "guard policy applied");
-                                recheck = true;
-                            }
-                            Err(err) => {
-                                warn!(path = %watch.path.display(), error = %err, "cannot write the new policy into the kernel maps")
+        let file = match (&watch.path, watch.managed) {
+            (Some(path), false) => Some(path.clone()),
+            _ => None,
+        };
+        match file
+            .as_ref()
+            .map(|path| (path, std::fs::read_to_string(path)))
+            .map(|(p, r)| (p.clone(), r))
+        {
+            None => {}
+            Some((path, read)) => match read {
+                Ok(text) if text != applied => {
+                    unreadable = false;
+                    applied = text;
+                    let device_id = watch.device_id();
+                    match crate::guard_policy::compile_file(&applied, &device_id) {
+                        Ok(policy) => {
+                            let version = policy.version();
+                            match watch.guard.apply(Arc::new(policy)) {
+                                Ok(()) => {
+                                    watch
+                                        .metrics
+                                        .policy_version
+                                        .store(version, Ordering::Relaxed);
+                                    info!(path = %path.display(), version, "guard policy applied");
+                                    recheck = true;
+                                }
+                                Err(err) => {
+                                    warn!(path = %path.display(), error = %err, "cannot write the new policy into the kernel maps")
+                                }
                             }
                         }
-                    }
-                    Err(err) => {
-                        warn!(path = %watch.path.display(), error = %err, "the changed policy file does not compile; the policy in force stays")
+                        Err(err) => {
+                            warn!(path = %path.display(), error = %err, "the changed policy file does not compile; the policy in force stays")
+                        }
                     }
                 }
-            }
-            Ok(_) => unreadable = false,
-            Err(err) if !unreadable => {
-                unreadable = true;
-                warn!(path = %watch.path.display(), error = %err, "cannot read the policy file; the policy in force stays");
-            }
-            Err(_) => {}
+                Ok(_) => unreadable = false,
+                Err(err) if !unreadable => {
+                    unreadable = true;
+                    warn!(path = %path.display(), error = %err, "cannot read the policy file; the policy in force stays");
+                }
+                Err(_) => {}
+            },
         }
         let version = revocation_version(&watch);
         if version != revocations_seen {

@@ -197,3 +197,97 @@ defaults: {{outbound: allow}}
     );
     Ok(())
 }
+
+fn connect_in_guarded(stack: &Stack, target: &str) -> Result<String> {
+    let child = spawn_in_cgroup_with(
+        &stack.guarded,
+        "/usr/bin/python3",
+        &["-c", CONNECTOR, target],
+        Stdio::piped(),
+    )?;
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "{output:?}");
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// A bundle pushed through the collector is what the agent's kernel
+/// enforces, acknowledged only once it is in force, and it stays in force
+/// across an agent restart while the collector is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_collector() -> Result<()>
+{
+    let stack = Stack::new("e2e_guard_bundle").await?;
+    let mut collector = stack.start_collector().await?;
+    let soc = zt_e2e::ztctl::ZtctlUser::create(&stack, "pref", "soc", "soc")?;
+    let listener = std::net::TcpListener::bind("127.0.0.95:0")?;
+    let target = listener.local_addr()?.to_string();
+    let mut agent = stack.start_agent_named("agent", &[]).await?;
+    // No policy yet: the guard lets everything pass.
+    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} connected"));
+
+    let baseline = stack.dir.path().join("baseline.yaml");
+    std::fs::write(
+        &baseline,
+        format!(
+            "version: 1\nkind: baseline\nrules:\n  - id: no-95\n    action: deny\n    to: {{addresses: [127.0.0.95], ports: [{}]}}\n",
+            listener.local_addr()?.port()
+        ),
+    )?;
+    // Wait until the agent's control channel is open, then push.
+    let connected = eventually(Duration::from_secs(20), || async {
+        let status = soc
+            .json(&[
+                "policy",
+                "status",
+                "--org",
+                zt_e2e::stack::TEST_ORG,
+                "--json",
+            ])
+            .ok()?;
+        (status["agents"][0]["connected"] == true).then_some(())
+    })
+    .await;
+    ensure!(
+        connected.is_some(),
+        "the agent's control channel did not open\n{}",
+        stack.logs()
+    );
+    let reply = soc.json(&[
+        "policy",
+        "push",
+        baseline.to_str().context("path")?,
+        "--wait",
+        "30",
+        "--json",
+    ])?;
+    let serial = reply["serial"].as_u64().context("serial")?;
+    let rollout = &reply["rollout"][0];
+    ensure!(
+        rollout["applied"] == 1 && rollout["refused"] == 0,
+        "{reply}\n{}",
+        stack.logs()
+    );
+    // Acknowledged means in force: the very next connection is refused.
+    ensure!(
+        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        "the pushed policy is not enforced\n{}",
+        stack.logs()
+    );
+
+    // Without the collector, a restarted agent enforces the kept bundle
+    // before it could reach anyone.
+    collector.terminate(Duration::from_secs(10));
+    agent.terminate(Duration::from_secs(10));
+    let _agent = stack.start_agent_named("agent", &[]).await?;
+    ensure!(
+        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        "the kept bundle is not enforced after a restart\n{}",
+        stack.logs()
+    );
+    let log = stack.logs();
+    ensure!(
+        log.contains(&format!("serial={serial}")) && log.contains("enforced again"),
+        "{log}"
+    );
+    Ok(())
+}
