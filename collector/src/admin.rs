@@ -12,8 +12,8 @@ use std::{
 
 use proto::control::{
     admin_server::Admin, AgentPolicy, CreateEnrollmentTokenRequest, Device, DeviceList,
-    EnrollmentTokenReply, GetPolicyRequest, ListDevicesRequest, PolicyLayers, PolicyStatusReply,
-    PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RevokeDeviceReply,
+    EnrollmentTokenReply, GetPolicyRequest, ListDevicesRequest, PolicyLayers, PolicyRollout,
+    PolicyStatusReply, PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RevokeDeviceReply,
     RevokeDeviceRequest, RollbackPolicyRequest,
 };
 use tonic::{Request, Response, Status};
@@ -22,8 +22,10 @@ use zt_identity::SpiffeId;
 
 use crate::{
     control_plane::{ControlPlane, Role, UserRecord},
+    distribution::{CanaryRequest, EnrolledDevice},
     enrollment::caller_identity,
     fleet::ConnectedDevices,
+    rollout::Rollout,
     storage::{AuditRow, Storage},
 };
 
@@ -144,18 +146,56 @@ impl AdminService {
         .await;
     }
 
-    /// Stores an audit record; a record that cannot be stored is logged in
-    /// full, so the trail survives in the collector's log.
-    async fn write_audit(&self, mut row: AuditRow) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        row.time = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
-        row.time_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        info!(actor = %row.actor, action = %row.action, target = %row.target, org = %row.org_id, result = %row.result, detail = %row.detail, "audit");
-        if let Err(err) = self.storage.insert(std::slice::from_ref(&row)).await {
-            warn!(error = %err, record = ?row, "audit record not stored in ClickHouse");
-        }
+    async fn write_audit(&self, row: AuditRow) {
+        write_audit_row(&self.storage, row).await;
+    }
+}
+
+/// Stores an audit record, stamped now; a record that cannot be stored is
+/// logged in full, so the trail survives in the collector's log.
+pub async fn write_audit_row(storage: &Storage, mut row: AuditRow) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    row.time = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+    row.time_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+    info!(actor = %row.actor, action = %row.action, target = %row.target, org = %row.org_id, result = %row.result, detail = %row.detail, "audit");
+    if let Err(err) = storage.insert(std::slice::from_ref(&row)).await {
+        warn!(error = %err, record = ?row, "audit record not stored in ClickHouse");
+    }
+}
+
+/// A rollout as `org` sees it.
+pub fn rollout_reply(rollout: &Rollout, org: &str) -> PolicyRollout {
+    let stage = rollout.orgs.get(org);
+    let secs = |ms: u64| i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    let before = rollout.before.unwrap_or_default();
+    let during = rollout.during.unwrap_or_default();
+    PolicyRollout {
+        state: rollout.state.as_str().to_owned(),
+        serial: rollout.serial,
+        previous_serial: stage.map_or(0, |s| s.previous_serial),
+        layer: rollout.layer.as_str().to_owned(),
+        pushed_by: rollout.pushed_by.clone(),
+        canary_group: rollout.canary_group.clone(),
+        canary_devices: stage
+            .map(|s| s.canary_devices.iter().cloned().collect())
+            .unwrap_or_default(),
+        staged: stage.is_some_and(|s| s.staged),
+        canary_seconds: rollout.canary_seconds,
+        started_unix: secs(rollout.started_unix_ms),
+        finished_unix: secs(rollout.finished_unix_ms),
+        reason: if rollout.reason.is_empty() {
+            rollout.rollback_error.clone()
+        } else {
+            rollout.reason.clone()
+        },
+        rollback_serial: rollout.rollback_serial,
+        restores: rollout.restores,
+        deny_rate_before: before.deny_rate(),
+        deny_rate_during: during.deny_rate(),
+        error_rate_before: before.error_rate(),
+        error_rate_during: during.error_rate(),
     }
 }
 
@@ -375,6 +415,7 @@ impl Admin for AdminService {
             .collect();
         Ok(Response::new(PolicyStatusReply {
             serial: policy.store().active_serial(&org),
+            rollout: policy.rollout(&org).map(|r| rollout_reply(&r, &org)),
             org_id: org,
             agents,
         }))
@@ -389,6 +430,8 @@ fn push_refused(error: crate::policy_store::PolicyStoreError) -> Status {
         E::Invalid(_) | E::WrongOrganisation { .. } | E::WrongKind(_) => {
             Status::invalid_argument(error.to_string())
         }
+        E::Canary(_) => Status::invalid_argument(error.to_string()),
+        E::RolloutInProgress { .. } => Status::failed_precondition(error.to_string()),
         E::NoSuchSerial { .. } => Status::not_found(error.to_string()),
         other => Status::internal(other.to_string()),
     }
@@ -407,6 +450,20 @@ impl AdminService {
         orgs.sort();
         orgs.dedup();
         orgs
+    }
+
+    /// Every enrolled, unrevoked device: a canary group picks among them.
+    fn enrolled_devices(&self) -> Vec<EnrolledDevice> {
+        self.plane
+            .devices(None)
+            .into_iter()
+            .filter(|d| SpiffeId::parse(&d.spiffe_id).is_ok_and(|id| !self.plane.is_revoked(&id)))
+            .map(|d| EnrolledDevice {
+                org: d.org,
+                device_id: d.device,
+                spiffe_id: d.spiffe_id,
+            })
+            .collect()
     }
 
     async fn refuse<T>(
@@ -428,7 +485,11 @@ impl AdminService {
     ) -> Result<PushPolicyReply, Status> {
         const ACTION: &str = "policy.push";
         let caller = self.caller(&request, ACTION).await?;
-        let text = request.into_inner().text;
+        let PushPolicyRequest {
+            text,
+            canary_group,
+            canary_seconds,
+        } = request.into_inner();
         let layer = match policy::parse(&text) {
             Ok(layer) => layer,
             Err(d) => {
@@ -471,27 +532,58 @@ impl AdminService {
                 ))
             }
         };
+        if canary_group.is_empty() && canary_seconds > 0 {
+            return self
+                .refuse(
+                    &caller,
+                    &org,
+                    ACTION,
+                    &target,
+                    Status::invalid_argument("canary_seconds without a canary group"),
+                )
+                .await;
+        }
         let orgs = self.organisations();
+        let devices = self.enrolled_devices();
         let plane = self.plane.clone();
         let by = caller.id.to_string();
-        let pushed = tokio::task::spawn_blocking(move || plane.policy().push(&text, &orgs, &by))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let pushed = tokio::task::spawn_blocking(move || {
+            let canary = (!canary_group.is_empty()).then_some(CanaryRequest {
+                group: &canary_group,
+                seconds: canary_seconds,
+                devices: &devices,
+            });
+            plane.policy().push(&text, &orgs, &by, canary)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         match pushed {
-            Ok(issued) => {
+            Ok(pushed) => {
+                let (issued, rollout) = (pushed.issued, pushed.rollout);
                 let orgs: Vec<String> = issued
                     .bundles
                     .iter()
                     .filter_map(|b| b.verify(&[self.plane.policy().public_key()]).ok())
                     .map(|b| b.org)
                     .collect();
-                let detail = format!("serial {} for {}", issued.serial, orgs.join(", "));
+                let mut detail = format!("serial {} for {}", issued.serial, orgs.join(", "));
+                if rollout.is_running() {
+                    detail.push_str(&format!(
+                        "; canary group {} ({} devices) for {} s",
+                        rollout.canary_group,
+                        rollout.canary_device_count(),
+                        rollout.canary_seconds
+                    ));
+                }
                 self.audit(&caller, &org, ACTION, &target, "ok", &detail)
                     .await;
                 Ok(PushPolicyReply {
                     serial: issued.serial,
                     orgs,
                     restores: 0,
+                    canary_seconds: rollout.canary_seconds,
+                    canary_devices: u32::try_from(rollout.canary_device_count())
+                        .unwrap_or(u32::MAX),
                 })
             }
             Err(err) => {
@@ -527,6 +619,8 @@ impl AdminService {
                     serial: issued.serial,
                     orgs: vec![org],
                     restores: req.serial,
+                    canary_seconds: 0,
+                    canary_devices: 0,
                 })
             }
             Err(err) => {

@@ -58,6 +58,7 @@ pub struct CollectorConfig {
     pub clickhouse: ClickHouseConfig,
     pub batch: BatchConfig,
     pub identity: IdentityConfig,
+    pub policy: PolicyConfig,
     pub log_format: LogFormat,
 }
 
@@ -68,6 +69,7 @@ impl Default for CollectorConfig {
             clickhouse: ClickHouseConfig::default(),
             batch: BatchConfig::default(),
             identity: IdentityConfig::default(),
+            policy: PolicyConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -173,6 +175,103 @@ impl Default for IdentityConfig {
             server_names: vec!["localhost".to_owned()],
             server_addresses: vec![std::net::IpAddr::from([127, 0, 0, 1])],
         }
+    }
+}
+
+/// Staged policy rollouts (`ztctl policy push --canary GROUP`): how long a
+/// canary runs, and how much worse its health may get before the collector
+/// rolls the push back on its own (docs/policy.md, "Rollout").
+///
+/// The canary's health is the rate of denied decisions and of connection
+/// errors of its devices, per minute, summed over the canary devices: during
+/// the canary, against an equally long window before the push. A rate
+/// breaches its bound when it is above the rate before by more than the
+/// ratio *and* the canary has had at least `min_increase_events` more such
+/// events than the rate before predicts, so that a jump from 0 to 1 does
+/// not count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// How long a canary runs when the push does not say.
+    pub canary_seconds: u64,
+    /// The longest canary a push may ask for. The collector keeps twice
+    /// this much health history per device (in 128 buckets), so a smaller
+    /// value also makes the windows' edges sharper.
+    pub max_canary_seconds: u64,
+    /// How much higher (as a ratio of the rate before the push) the
+    /// canary's deny rate may get: 1.0 lets it double, 0.5 rise by half.
+    pub max_deny_rate_increase: f64,
+    /// The same for connection errors (failed connects, unreachable
+    /// gateways and services).
+    pub max_error_rate_increase: f64,
+    /// The fewest events above what the rate before the push predicts for
+    /// the canary so far that can count as a breach.
+    pub min_increase_events: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            canary_seconds: 300,
+            max_canary_seconds: 1800,
+            max_deny_rate_increase: 1.0,
+            max_error_rate_increase: 1.0,
+            min_increase_events: 20,
+        }
+    }
+}
+
+/// The longest `[policy] max_canary_seconds`.
+pub const MAX_CANARY_SECONDS_LIMIT: u64 = 7 * 86_400;
+
+impl PolicyConfig {
+    /// What the rollout machinery takes.
+    pub fn rollout_settings(&self) -> crate::rollout::RolloutSettings {
+        crate::rollout::RolloutSettings {
+            canary_seconds: self.canary_seconds,
+            max_canary_seconds: self.max_canary_seconds,
+            bounds: crate::rollout::Bounds {
+                max_deny_rate_increase: self.max_deny_rate_increase,
+                max_error_rate_increase: self.max_error_rate_increase,
+                min_increase_events: self.min_increase_events,
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_canary_seconds == 0 || self.max_canary_seconds > MAX_CANARY_SECONDS_LIMIT {
+            return Err(ConfigError::Value {
+                field: "policy.max_canary_seconds",
+                reason: format!(
+                    "{} s is outside 1..={MAX_CANARY_SECONDS_LIMIT} s",
+                    self.max_canary_seconds
+                ),
+            });
+        }
+        if self.canary_seconds == 0 || self.canary_seconds > self.max_canary_seconds {
+            return Err(ConfigError::Value {
+                field: "policy.canary_seconds",
+                reason: format!(
+                    "{} s is outside 1..={} s (policy.max_canary_seconds)",
+                    self.canary_seconds, self.max_canary_seconds
+                ),
+            });
+        }
+        for (field, ratio) in [
+            ("policy.max_deny_rate_increase", self.max_deny_rate_increase),
+            (
+                "policy.max_error_rate_increase",
+                self.max_error_rate_increase,
+            ),
+        ] {
+            if !ratio.is_finite() || ratio < 0.0 {
+                return Err(ConfigError::Value {
+                    field,
+                    reason: format!("{ratio} must be a ratio of 0 or more (1.0: may double)"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -420,7 +519,7 @@ impl CollectorConfig {
                 reason: "must be at least 1".to_owned(),
             });
         }
-        Ok(())
+        self.policy.validate()
     }
 }
 
@@ -537,6 +636,45 @@ mod tests {
         assert_eq!(config.batch.max_rows, 10_000);
         assert_eq!(config.batch.max_delay_ms, 200);
         assert_eq!(config.log_format, LogFormat::Plain);
+        assert_eq!(config.policy.canary_seconds, 300);
+        assert_eq!(config.policy.max_canary_seconds, 1800);
+        assert_eq!(config.policy.max_deny_rate_increase, 1.0);
+        assert_eq!(config.policy.max_error_rate_increase, 1.0);
+        assert_eq!(config.policy.min_increase_events, 20);
+    }
+
+    #[test]
+    fn rollout_bounds_come_from_the_policy_section_and_are_checked() {
+        let sources = ConfigSources {
+            file: file("[policy]\ncanary_seconds = 60\nmax_deny_rate_increase = 0.5\n"),
+            env: env(&[
+                ("ZT_COLLECTOR_POLICY__MAX_ERROR_RATE_INCREASE", "2"),
+                ("ZT_COLLECTOR_POLICY__MIN_INCREASE_EVENTS", "5"),
+            ]),
+            ..Default::default()
+        };
+        let config = sources.build().unwrap();
+        assert_eq!(config.policy.canary_seconds, 60);
+        assert_eq!(config.policy.max_deny_rate_increase, 0.5);
+        assert_eq!(config.policy.max_error_rate_increase, 2.0);
+        assert_eq!(config.policy.min_increase_events, 5);
+        let settings = config.policy.rollout_settings();
+        assert_eq!(settings.canary_seconds, 60);
+        assert_eq!(settings.bounds.min_increase_events, 5);
+        for (key, value) in [
+            ("ZT_COLLECTOR_POLICY__CANARY_SECONDS", "0"),
+            ("ZT_COLLECTOR_POLICY__CANARY_SECONDS", "1801"),
+            ("ZT_COLLECTOR_POLICY__MAX_CANARY_SECONDS", "0"),
+            ("ZT_COLLECTOR_POLICY__MAX_DENY_RATE_INCREASE", "-1"),
+            ("ZT_COLLECTOR_POLICY__MAX_ERROR_RATE_INCREASE", "nan"),
+            ("ZT_COLLECTOR_POLICY__CANARY_SECOND", "60"),
+        ] {
+            let sources = ConfigSources {
+                env: env(&[(key, value)]),
+                ..Default::default()
+            };
+            assert!(sources.build().is_err(), "{key}={value} accepted");
+        }
     }
 
     #[test]

@@ -106,8 +106,12 @@ fn revocation_update(plane: &ControlPlane) -> ControlUpdate {
     }
 }
 
-/// The bundle `id` should run, as an update, when it is newer than `have`.
+/// The bundle `id` should run, as an update, when it is newer than `have`;
+/// nothing before the first push (agents keep their local policy).
 fn policy_update(plane: &ControlPlane, id: &SpiffeId, have: u64) -> Option<ControlUpdate> {
+    if !plane.policy().store().anything_pushed() {
+        return None;
+    }
     match plane.policy().bundle_for(id) {
         Ok(bundle) => (bundle.serial > have).then(|| ControlUpdate {
             update: Some(Update::Policy(PolicyBundle {

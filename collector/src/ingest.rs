@@ -18,6 +18,10 @@
 //! unacknowledged batches fills a writer's batch instead of waiting out its
 //! delay once per batch; acks may therefore come out of order, and each names
 //! its batch.
+//!
+//! Once a batch is stored, its denied decisions and connection errors are
+//! counted for the device ([`crate::rollout::health_samples`]), which is
+//! how a policy canary's health is judged.
 
 pub mod convert;
 
@@ -143,6 +147,8 @@ impl TelemetryService {
                 "rejected malformed events"
             );
         }
+        // What a canary's health is judged by; counted once stored.
+        let health = crate::rollout::health_samples(&rows.decisions, &rows.network_events);
         // Every table at once; the ack waits for all of them. When one fails
         // the agent resends the whole batch, so the rows another table did
         // store arrive twice; the event tables fold such copies into one
@@ -174,6 +180,11 @@ impl TelemetryService {
                 batch_seq: batch.batch_seq,
                 source,
             })?;
+        if let (false, Some(agent)) = (health.is_empty(), batch.agent.as_ref()) {
+            self.plane
+                .policy()
+                .record_health(&agent.org_id, &agent.device_id, &health);
+        }
         Metrics::add(&self.metrics.batches_acked, 1);
         Ok(BatchAck {
             batch_seq: batch.batch_seq,

@@ -15,6 +15,8 @@
 //!   revocation), authorised by role and audited;
 //! - [`fleet`]: the `Fleet` service for agents (heartbeats, the control
 //!   channel);
+//! - [`distribution`], [`policy_store`], [`rollout`]: signed policy
+//!   bundles, which device gets which, staged (canary) rollouts;
 //! - [`metrics`]: counters and gauges;
 //! - [`server`]: wiring, start-up and graceful shutdown.
 //!
@@ -31,6 +33,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod policy_store;
 pub mod replay;
+pub mod rollout;
 pub mod server;
 pub mod storage;
 pub mod writer;

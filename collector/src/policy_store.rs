@@ -11,7 +11,13 @@
 //! with the layers it meets, and pass its own `tests:`. A baseline push
 //! re-issues every organisation's bundle under one new serial; an
 //! organisation's push issues that organisation's bundle. A rollback issues
-//! a new serial whose content is an earlier bundle's, marked `restores`.
+//! a new serial whose content is an earlier bundle's, marked `restores`; a
+//! baseline's rollback (a failed baseline canary) restores the earlier
+//! baseline for every organisation under one new serial.
+//!
+//! Which devices get which serial while a canary runs is the
+//! distribution's business ([`crate::distribution`]); the store only marks
+//! a staged push's bundles with the canary group.
 
 use std::{
     collections::BTreeMap,
@@ -52,6 +58,14 @@ pub enum PolicyStoreError {
     WrongKind(policy::LayerKind),
     #[error("no bundle with serial {serial} exists for {org:?}")]
     NoSuchSerial { serial: u64, org: String },
+    /// The canary asked for cannot be: no such device group, too long,
+    /// no device in it.
+    #[error("{0}")]
+    Canary(String),
+    #[error("the canary of serial {serial} is running for {org}; wait until it is promoted or rolled back")]
+    RolloutInProgress { org: String, serial: u64 },
+    #[error("rollouts: {0}")]
+    Rollouts(#[from] crate::rollout::RolloutsFileError),
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -158,12 +172,15 @@ impl PolicyStore {
         Ok(())
     }
 
+    /// Signs the current layers for `orgs` under a new serial; `restores`
+    /// says, per organisation, which serial a rollback restores.
     fn issue(
         &self,
         state: &mut State,
         orgs: Vec<String>,
         by: &str,
-        restores: Option<u64>,
+        restores: &dyn Fn(&str) -> Option<u64>,
+        canary: Option<&str>,
         now_unix: u64,
     ) -> Result<Issued, PolicyStoreError> {
         state.serial += 1;
@@ -179,8 +196,8 @@ impl PolicyStore {
                     issued_by: by.to_owned(),
                     baseline: state.baseline.clone(),
                     organisation: state.organisations.get(org).cloned(),
-                    restores,
-                    canary: None,
+                    restores: restores(org),
+                    canary: canary.map(str::to_owned),
                 })
             })
             .collect();
@@ -188,14 +205,31 @@ impl PolicyStore {
         Ok(Issued { serial, bundles })
     }
 
+    /// The organisations a baseline push issues bundles to: `orgs` (those
+    /// with devices), those with a layer and those with a bundle.
+    pub fn baseline_orgs(&self, orgs: &[String]) -> Vec<String> {
+        let state = self.lock();
+        Self::all_orgs(&state, orgs)
+    }
+
+    fn all_orgs(state: &State, orgs: &[String]) -> Vec<String> {
+        let mut all: Vec<String> = orgs.to_vec();
+        all.extend(state.organisations.keys().cloned());
+        all.extend(state.active.keys().cloned());
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// Pushes a new baseline; `orgs` are the organisations with devices,
     /// each of which gets a bundle. Every organisation's layer must still
-    /// link with it.
+    /// link with it. `canary` marks a staged push's bundles.
     pub fn push_baseline(
         &self,
         text: &str,
         orgs: &[String],
         by: &str,
+        canary: Option<&str>,
         now_unix: u64,
     ) -> Result<Issued, PolicyStoreError> {
         let layer = policy::parse(text).map_err(policy::LoadError::Baseline)?;
@@ -207,13 +241,9 @@ impl PolicyStore {
         for org_text in state.organisations.values() {
             policy::load(text, Some(org_text))?;
         }
-        let mut all: Vec<String> = orgs.to_vec();
-        all.extend(state.organisations.keys().cloned());
-        all.extend(state.active.keys().cloned());
-        all.sort();
-        all.dedup();
+        let all = Self::all_orgs(&state, orgs);
         state.baseline = text.to_owned();
-        self.issue(&mut state, all, by, None, now_unix)
+        self.issue(&mut state, all, by, &|_| None, canary, now_unix)
     }
 
     /// Pushes an organisation's layer.
@@ -222,6 +252,7 @@ impl PolicyStore {
         org: &str,
         text: &str,
         by: &str,
+        canary: Option<&str>,
         now_unix: u64,
     ) -> Result<Issued, PolicyStoreError> {
         let layer = policy::parse(text).map_err(policy::LoadError::Organisation)?;
@@ -237,7 +268,14 @@ impl PolicyStore {
         let mut state = self.lock();
         policy::load(&state.baseline, Some(text))?;
         state.organisations.insert(org.to_owned(), text.to_owned());
-        self.issue(&mut state, vec![org.to_owned()], by, None, now_unix)
+        self.issue(
+            &mut state,
+            vec![org.to_owned()],
+            by,
+            &|_| None,
+            canary,
+            now_unix,
+        )
     }
 
     /// Issues, under a new serial, the content `org`'s bundle had at
@@ -267,7 +305,64 @@ impl PolicyStore {
             Some(text) => state.organisations.insert(org.to_owned(), text),
             None => state.organisations.remove(org),
         };
-        self.issue(&mut state, vec![org.to_owned()], by, Some(serial), now_unix)
+        self.issue(
+            &mut state,
+            vec![org.to_owned()],
+            by,
+            &|_| Some(serial),
+            None,
+            now_unix,
+        )
+    }
+
+    /// Restores the baseline of the bundles in `previous` (organisation →
+    /// serial; each carries the baseline then in force) for every
+    /// organisation, under one new serial; each organisation's bundle
+    /// `restores` its serial in `previous`. Organisations' own layers stay.
+    pub fn rollback_baseline(
+        &self,
+        previous: &BTreeMap<String, u64>,
+        by: &str,
+        now_unix: u64,
+    ) -> Result<Issued, PolicyStoreError> {
+        let mut baseline = None;
+        for (org, &serial) in previous.iter().filter(|(_, &s)| s > 0) {
+            let old = self
+                .bundle(org, serial)?
+                .ok_or_else(|| PolicyStoreError::NoSuchSerial {
+                    serial,
+                    org: org.clone(),
+                })?
+                .verify(&[self.public_key()])
+                .map_err(PolicyStoreError::Key)?;
+            match &baseline {
+                None => baseline = Some(old.baseline),
+                Some(text) if *text == old.baseline => {}
+                Some(_) => return Err(PolicyStoreError::Corrupt {
+                    path: self.bundle_path(serial, org),
+                    reason:
+                        "its baseline differs from the other organisations' at the serials restored"
+                            .to_owned(),
+                }),
+            }
+        }
+        let baseline = baseline
+            .ok_or_else(|| PolicyStoreError::Canary("no earlier baseline to restore".to_owned()))?;
+        let mut state = self.lock();
+        policy::load(&baseline, None)?;
+        for org_text in state.organisations.values() {
+            policy::load(&baseline, Some(org_text))?;
+        }
+        let all = Self::all_orgs(&state, &previous.keys().cloned().collect::<Vec<_>>());
+        state.baseline = baseline;
+        self.issue(
+            &mut state,
+            all,
+            by,
+            &|org| previous.get(org).copied().filter(|&s| s > 0),
+            None,
+            now_unix,
+        )
     }
 
     /// A stored bundle.
@@ -306,10 +401,17 @@ impl PolicyStore {
             &mut state,
             vec![org.to_owned()],
             "collector",
+            &|_| None,
             None,
             now_unix,
         )?;
         Ok(issued.bundles.into_iter().next().expect("one bundle"))
+    }
+
+    /// Whether any policy was ever pushed. Until then agents get no bundle
+    /// and keep whatever policy they were given locally.
+    pub fn anything_pushed(&self) -> bool {
+        self.lock().serial > 0
     }
 
     /// The serial of `org`'s current bundle (0: none issued).
@@ -341,12 +443,18 @@ mod tests {
         let store = PolicyStore::open(dir.path()).unwrap();
         let key = store.public_key();
         let issued = store
-            .push_baseline(BASELINE, &["city-a".into(), "city-b".into()], ADMIN, 100)
+            .push_baseline(
+                BASELINE,
+                &["city-a".into(), "city-b".into()],
+                ADMIN,
+                None,
+                100,
+            )
             .unwrap();
         assert_eq!(issued.serial, 1);
         assert_eq!(issued.bundles.len(), 2);
         let issued = store
-            .push_organisation("city-a", CITY_A, ADMIN, 101)
+            .push_organisation("city-a", CITY_A, ADMIN, None, 101)
             .unwrap();
         assert_eq!(issued.serial, 2);
         let bundle =
@@ -379,26 +487,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = PolicyStore::open(dir.path()).unwrap();
         store
-            .push_baseline(BASELINE, &["city-a".into()], ADMIN, 100)
+            .push_baseline(BASELINE, &["city-a".into()], ADMIN, None, 100)
             .unwrap();
         let broken = CITY_A.replace("action: allow", "action: alow");
         assert!(matches!(
-            store.push_organisation("city-a", &broken, ADMIN, 101),
+            store.push_organisation("city-a", &broken, ADMIN, None, 101),
             Err(PolicyStoreError::Invalid(policy::LoadError::Organisation(
                 _
             )))
         ));
         assert!(matches!(
-            store.push_organisation("city-b", CITY_A, ADMIN, 101),
+            store.push_organisation("city-b", CITY_A, ADMIN, None, 101),
             Err(PolicyStoreError::WrongOrganisation { .. })
         ));
         // A baseline that would break city-a's layer is refused too.
         store
-            .push_organisation("city-a", CITY_A, ADMIN, 102)
+            .push_organisation("city-a", CITY_A, ADMIN, None, 102)
             .unwrap();
         let without_shells = BASELINE.replace("    remote-shells:", "    remote-shell-tools:");
         assert!(store
-            .push_baseline(&without_shells, &["city-a".into()], ADMIN, 103)
+            .push_baseline(&without_shells, &["city-a".into()], ADMIN, None, 103)
             .is_err());
         assert_eq!(store.active_serial("city-a"), 2);
     }
@@ -408,17 +516,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = PolicyStore::open(dir.path()).unwrap();
         store
-            .push_baseline(BASELINE, &["city-a".into()], ADMIN, 100)
+            .push_baseline(BASELINE, &["city-a".into()], ADMIN, None, 100)
             .unwrap();
         store
-            .push_organisation("city-a", CITY_A, ADMIN, 101)
+            .push_organisation("city-a", CITY_A, ADMIN, None, 101)
             .unwrap();
         let looser = CITY_A.replace(
             "defaults:\n  outbound: allow\n",
             "defaults:\n  outbound: deny\n",
         );
         store
-            .push_organisation("city-a", &looser, ADMIN, 102)
+            .push_organisation("city-a", &looser, ADMIN, None, 102)
             .unwrap();
         let issued = store.rollback("city-a", 2, ADMIN, 103).unwrap();
         assert_eq!(issued.serial, 4);
@@ -429,6 +537,52 @@ mod tests {
         assert!(matches!(
             store.rollback("city-a", 99, ADMIN, 104),
             Err(PolicyStoreError::NoSuchSerial { .. })
+        ));
+    }
+
+    #[test]
+    fn a_baseline_rollback_restores_the_earlier_baseline_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        let orgs = ["city-a".to_owned(), "city-b".to_owned()];
+        store
+            .push_baseline(BASELINE, &orgs, ADMIN, None, 100)
+            .unwrap();
+        store
+            .push_organisation("city-a", CITY_A, ADMIN, None, 101)
+            .unwrap();
+        let stricter = BASELINE.replace(
+            "    action: deny\n    to: {addresses: [169.254.169.254/32",
+            "    action: deny\n    to: {addresses: [169.254.0.0/16",
+        );
+        assert_ne!(stricter, BASELINE);
+        let staged = store
+            .push_baseline(&stricter, &orgs, ADMIN, Some("canaries"), 102)
+            .unwrap();
+        assert_eq!(staged.serial, 3);
+        let key = store.public_key();
+        let first = staged.bundles[0]
+            .verify(std::slice::from_ref(&key))
+            .unwrap();
+        assert_eq!(first.canary.as_deref(), Some("canaries"));
+        let previous: BTreeMap<String, u64> =
+            [("city-a".to_owned(), 2), ("city-b".to_owned(), 1)].into();
+        let issued = store
+            .rollback_baseline(&previous, "collector", 103)
+            .unwrap();
+        assert_eq!(issued.serial, 4);
+        for signed in &issued.bundles {
+            let bundle = signed.verify(std::slice::from_ref(&key)).unwrap();
+            assert_eq!(bundle.baseline, BASELINE);
+            assert_eq!(bundle.restores, previous.get(&bundle.org).copied());
+            assert_eq!(bundle.canary, None);
+            let expected_org = (bundle.org == "city-a").then_some(CITY_A);
+            assert_eq!(bundle.organisation.as_deref(), expected_org);
+        }
+        assert_eq!(store.layers("city-b").0, BASELINE);
+        assert!(matches!(
+            store.rollback_baseline(&BTreeMap::new(), "collector", 104),
+            Err(PolicyStoreError::Canary(_))
         ));
     }
 }

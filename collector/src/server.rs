@@ -28,10 +28,12 @@ use crate::{
     fleet::{ConnectedDevices, FleetService},
     ingest::TelemetryService,
     metrics::Metrics,
-    storage::{Storage, StorageError},
+    storage::{AuditRow, Storage, StorageError},
     writer::{self, BatchLimits, TableWriterTasks},
 };
 
+/// How often running policy canaries are judged.
+const ROLLOUT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long shutdown waits for streams to finish, then for the writers to flush.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -198,6 +200,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     let (table_writers, writers) = writer::spawn_tables(&storage, limits, metrics.clone());
 
     let plane = Arc::new(ControlPlane::open(&config.identity)?);
+    plane.policy().configure(config.policy.rollout_settings());
     let tls = plane.server_tls()?;
     info!(
         trust_domain = %plane.trust_domain(),
@@ -230,6 +233,11 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     let enrollment = EnrollmentService::new(plane.clone());
     let admin = AdminService::new(plane.clone(), storage.clone(), connected);
     let fleet = FleetService::new(plane.clone(), storage.clone(), shutdown_rx.clone());
+    tokio::spawn(check_rollouts(
+        plane.clone(),
+        storage.clone(),
+        shutdown_rx.clone(),
+    ));
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
     let server = tokio::spawn(
@@ -252,6 +260,99 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         server: Some(server),
         writers,
     })
+}
+
+/// Judges the running policy canaries every second until shutdown:
+/// promotes or rolls back (see [`crate::rollout`]), and audits each as the
+/// collector's own act.
+async fn check_rollouts(
+    plane: Arc<ControlPlane>,
+    storage: Storage,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(ROLLOUT_CHECK_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let checking = plane.clone();
+        let events = match tokio::task::spawn_blocking(move || {
+            checking
+                .policy()
+                .check_rollouts(crate::distribution::unix_now_ms())
+        })
+        .await
+        {
+            Ok(events) => events,
+            Err(join) => {
+                error!(error = %join, "policy rollout check failed");
+                continue;
+            }
+        };
+        for event in events {
+            for row in rollout_audit(&event) {
+                crate::admin::write_audit_row(&storage, row).await;
+            }
+        }
+    }
+}
+
+/// The audit records of a canary's end: one per organisation concerned.
+fn rollout_audit(event: &crate::distribution::RolloutEvent) -> Vec<AuditRow> {
+    use crate::rollout::RolloutState;
+    let rollout = &event.rollout;
+    let rates = |r: Option<crate::rollout::Observed>| {
+        let r = r.unwrap_or_default();
+        format!(
+            "{:.1} denied/min, {:.1} errors/min",
+            r.deny_rate(),
+            r.error_rate()
+        )
+    };
+    let health = format!(
+        "canary {} ({} devices): before the push {}; during {}",
+        rollout.canary_group,
+        rollout.canary_device_count(),
+        rates(rollout.before),
+        rates(rollout.during)
+    );
+    let (action, result, detail) = match (&event.error, rollout.state) {
+        (Some(error), _) => ("policy.rollback", "error", format!("{error}; {health}")),
+        (None, RolloutState::RolledBack) => (
+            "policy.rollback",
+            "ok",
+            format!(
+                "serial {} restores the previous serial, automatically: {}; {health}",
+                rollout.rollback_serial, rollout.reason
+            ),
+        ),
+        (None, _) => (
+            "policy.promote",
+            "ok",
+            format!(
+                "serial {} goes to every device after {} s of canary; {health}",
+                rollout.serial, rollout.canary_seconds
+            ),
+        ),
+    };
+    rollout
+        .orgs
+        .keys()
+        .map(|org| AuditRow {
+            org_id: org.clone(),
+            time: 0,
+            time_ns: 0,
+            actor: crate::distribution::COLLECTOR_ACTOR.to_owned(),
+            actor_role: String::new(),
+            action: action.to_owned(),
+            target: format!("serial {}", rollout.serial),
+            source: String::new(),
+            result: result.to_owned(),
+            detail: detail.clone(),
+        })
+        .collect()
 }
 
 /// Pings ClickHouse with backoff until it answers or `timeout` has passed.

@@ -2,13 +2,19 @@
 //! key over real gRPC and runs the agent's own control channel
 //! (`zt_agent::control_channel`), so it receives, checks, keeps and
 //! acknowledges policy bundles as a real agent does — without sensors, so
-//! hundreds fit on this machine.
+//! hundreds fit on this machine. A simulated agent also lends its device
+//! certificate ([`SimulatedAgent::client_tls`]) to a test that sends
+//! telemetry as that device, and shows the bundle it keeps
+//! ([`SimulatedAgent::kept_bundle`]).
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use tokio::task::JoinHandle;
-use zt_agent::{control_channel::ControlChannel, metrics::AgentMetrics};
+use zt_agent::{
+    bundles::BundleKeeper, control_channel::ControlChannel, enrollment::SharedIdentity,
+    metrics::AgentMetrics,
+};
 
 use crate::{stack::Stack, ztctl::ZtctlUser};
 
@@ -16,7 +22,18 @@ pub struct SimulatedAgent {
     pub device_id: String,
     pub state_dir: PathBuf,
     pub metrics: Arc<AgentMetrics>,
+    device: SharedIdentity,
     task: JoinHandle<()>,
+}
+
+/// What a simulated agent's last accepted bundle says of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptBundle {
+    pub serial: u64,
+    /// For a rollback: the serial whose content it restores.
+    pub restores: Option<u64>,
+    /// For a staged push: its canary group.
+    pub canary: Option<String>,
 }
 
 impl SimulatedAgent {
@@ -25,6 +42,44 @@ impl SimulatedAgent {
         self.metrics
             .policy_bundle_serial
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Its SPIFFE id.
+    pub fn spiffe_id(&self) -> String {
+        self.device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .to_string()
+    }
+
+    /// Client TLS with its device certificate: to open, say, a telemetry
+    /// stream as this device.
+    pub fn client_tls(&self) -> Result<rustls::ClientConfig> {
+        Ok(self
+            .device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .client_tls()?)
+    }
+
+    /// The bundle it keeps as the last good one, checked again as the
+    /// agent does at start (`None`: none accepted yet).
+    pub fn kept_bundle(&self) -> Result<Option<KeptBundle>> {
+        let id = self
+            .device
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .id
+            .clone();
+        let kept = BundleKeeper::new(&self.state_dir, &id)
+            .last_good()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.device_id))?;
+        Ok(kept.map(|accepted| KeptBundle {
+            serial: accepted.bundle.serial,
+            restores: accepted.bundle.restores,
+            canary: accepted.bundle.canary,
+        }))
     }
 }
 
@@ -64,9 +119,10 @@ pub async fn start_fleet(
             .await
             .with_context(|| format!("enrolling {device_id}"))?;
         let metrics = Arc::new(AgentMetrics::default());
+        let device: SharedIdentity = Arc::new(std::sync::RwLock::new(identity));
         let channel = ControlChannel {
             collector_url: stack.collector_url(),
-            device: Arc::new(std::sync::RwLock::new(identity)),
+            device: device.clone(),
             metrics: metrics.clone(),
             state_dir: state_dir.clone(),
             policies: None,
@@ -77,6 +133,7 @@ pub async fn start_fleet(
             device_id,
             state_dir,
             metrics,
+            device,
             task,
         });
     }

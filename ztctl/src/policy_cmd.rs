@@ -4,7 +4,8 @@
 //! `validate` works on files (an organisation's layer is checked against
 //! the baseline it will be layered on, `--baseline`); `explain` on files or
 //! on the policy in force; `push`, `rollback`, `status` and `diff` talk to
-//! the collector.
+//! the collector. `push --canary GROUP` stages the push: the group's
+//! devices first, then everyone, unless the collector rolls it back.
 
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -15,7 +16,7 @@ use anyhow::{bail, Context as _};
 use clap::Subcommand;
 use policy::{Diagnostics, Direction, Flow, LayerKind, LoadError, PolicySet};
 use proto::control::{
-    admin_client::AdminClient, AgentPolicy, GetPolicyRequest, PolicyStatusReply,
+    admin_client::AdminClient, AgentPolicy, GetPolicyRequest, PolicyRollout, PolicyStatusReply,
     PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RollbackPolicyRequest,
 };
 use tonic::transport::Channel;
@@ -25,15 +26,29 @@ pub enum PolicyCommand {
     /// Checks a layer against what is in force, signs it into a bundle for
     /// every organisation it concerns, and follows the rollout until every
     /// connected agent applied it (or refused it) or `--wait` ends.
+    ///
+    /// With `--canary GROUP`, only the devices of that device group get it
+    /// first; the others keep their serial until the canary time is over.
+    /// If the canary's rate of denied decisions or connection errors jumps
+    /// past the collector's bounds meanwhile, the collector rolls the push
+    /// back on its own, and this command fails with the reason.
     Push {
         file: PathBuf,
-        /// How long to follow the rollout, in seconds (0: do not wait).
+        /// How long to follow the rollout, in seconds, after the canary
+        /// (0: do not wait).
         #[arg(long, default_value_t = 30)]
         wait: u64,
+        /// A device group (in the layer or the baseline) to get it first.
+        #[arg(long, value_name = "GROUP")]
+        canary: Option<String>,
+        /// How long the canary runs [default: the collector's]
+        #[arg(long, value_name = "N", requires = "canary")]
+        canary_seconds: Option<u64>,
         #[arg(long)]
         json: bool,
     },
-    /// The serial each agent of an organisation applied.
+    /// The serial each agent of an organisation applied, and the latest
+    /// rollout (canary, promoted, rolled back, complete).
     Status {
         /// [default: yours]
         #[arg(long, default_value = "")]
@@ -176,7 +191,13 @@ where
     Fut: std::future::Future<Output = anyhow::Result<AdminClient<Channel>>>,
 {
     match command {
-        PolicyCommand::Push { file, wait, json } => {
+        PolicyCommand::Push {
+            file,
+            wait,
+            canary,
+            canary_seconds,
+            json,
+        } => {
             let text = read(&file)?;
             let layer = match policy::parse(&text) {
                 Ok(layer) => layer,
@@ -207,11 +228,19 @@ where
                 report_load_error(e, &file, &text)?;
             }
             let reply = admin
-                .push_policy(PushPolicyRequest { text })
+                .push_policy(PushPolicyRequest {
+                    text,
+                    canary_group: canary.unwrap_or_default(),
+                    canary_seconds: canary_seconds.unwrap_or(0),
+                })
                 .await
                 .map_err(refused("push refused"))?
                 .into_inner();
-            follow(&mut admin, &reply, wait, json).await
+            if reply.canary_seconds > 0 {
+                follow_canary(&mut admin, &reply, wait, json).await
+            } else {
+                follow(&mut admin, &reply, wait, json).await
+            }
         }
         PolicyCommand::Rollback {
             serial,
@@ -467,39 +496,91 @@ async fn follow(
         }
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
-    let mut last = String::new();
-    let mut progress: Vec<Progress>;
-    loop {
-        progress = Vec::new();
-        for org in &reply.orgs {
-            let status = admin
+    let progress = follow_serial(admin, &reply.orgs, reply.serial, deadline, json).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "serial": reply.serial,
+                "restores": (reply.restores > 0).then_some(reply.restores),
+                "rollout": progress,
+            }))?
+        );
+    }
+    refusals_fail(&progress)
+}
+
+fn refusals_fail(progress: &[Progress]) -> anyhow::Result<()> {
+    for p in progress {
+        for (device, error) in &p.errors {
+            eprintln!("  {device} refused serial {}: {error}", p.serial);
+        }
+    }
+    let refusals: usize = progress.iter().map(|p| p.refused).sum();
+    if let (true, Some(p)) = (refusals > 0, progress.first()) {
+        bail!("{refusals} agent(s) refused serial {}", p.serial);
+    }
+    Ok(())
+}
+
+/// One organisation's progress on `serial`.
+fn progress_of(status: &PolicyStatusReply, serial: u64) -> Progress {
+    let connected: Vec<&AgentPolicy> = status.agents.iter().filter(|a| a.connected).collect();
+    let refusals: Vec<&&AgentPolicy> = connected
+        .iter()
+        .filter(|a| a.refused_serial >= serial && a.applied_serial < serial)
+        .collect();
+    Progress {
+        org: status.org_id.clone(),
+        serial,
+        connected: connected.len(),
+        applied: connected
+            .iter()
+            .filter(|a| a.applied_serial >= serial)
+            .count(),
+        refused: refusals.len(),
+        errors: refusals
+            .iter()
+            .map(|a| (a.device_id.clone(), a.error.clone()))
+            .collect(),
+    }
+}
+
+async fn statuses(
+    admin: &mut AdminClient<Channel>,
+    orgs: &[String],
+) -> anyhow::Result<Vec<PolicyStatusReply>> {
+    let mut out = Vec::with_capacity(orgs.len());
+    for org in orgs {
+        out.push(
+            admin
                 .policy_status(PolicyStatusRequest {
                     org_id: org.clone(),
                 })
                 .await
                 .map_err(refused("cannot read the policy status"))?
-                .into_inner();
-            let connected: Vec<&AgentPolicy> =
-                status.agents.iter().filter(|a| a.connected).collect();
-            let refusals: Vec<&&AgentPolicy> = connected
-                .iter()
-                .filter(|a| a.refused_serial >= reply.serial && a.applied_serial < reply.serial)
-                .collect();
-            progress.push(Progress {
-                org: org.clone(),
-                serial: reply.serial,
-                connected: connected.len(),
-                applied: connected
-                    .iter()
-                    .filter(|a| a.applied_serial >= reply.serial)
-                    .count(),
-                refused: refusals.len(),
-                errors: refusals
-                    .iter()
-                    .map(|a| (a.device_id.clone(), a.error.clone()))
-                    .collect(),
-            });
-        }
+                .into_inner(),
+        );
+    }
+    Ok(out)
+}
+
+/// Follows `serial` until every connected agent of `orgs` reported it
+/// (applied or refused) or `deadline`, printing progress as it changes.
+async fn follow_serial(
+    admin: &mut AdminClient<Channel>,
+    orgs: &[String],
+    serial: u64,
+    deadline: std::time::Instant,
+    json: bool,
+) -> anyhow::Result<Vec<Progress>> {
+    let mut last = String::new();
+    loop {
+        let progress: Vec<Progress> = statuses(admin, orgs)
+            .await?
+            .iter()
+            .map(|s| progress_of(s, serial))
+            .collect();
         let line = progress
             .iter()
             .map(|p| {
@@ -518,37 +599,230 @@ async fn follow(
             .iter()
             .all(|p| p.applied + p.refused == p.connected);
         if done || std::time::Instant::now() >= deadline {
-            break;
+            return Ok(progress);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "serial": reply.serial,
-                "restores": (reply.restores > 0).then_some(reply.restores),
-                "rollout": progress,
-            }))?
+}
+
+/// Follows a staged push: the canary devices applying it, then its
+/// promotion (and everyone applying it) or its rollback (and everyone
+/// applying the rollback, then failing with the reason).
+async fn follow_canary(
+    admin: &mut AdminClient<Channel>,
+    reply: &PushPolicyReply,
+    wait: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let serial = reply.serial;
+    if !json {
+        eprintln!(
+            "serial {serial} signed for {}; canary: {} device(s) for {} s, everyone else keeps their serial meanwhile",
+            reply.orgs.join(", "),
+            reply.canary_devices,
+            reply.canary_seconds
         );
-    } else {
-        for p in &progress {
-            for (device, error) in &p.errors {
-                eprintln!("  {device} refused serial {}: {error}", p.serial);
+    }
+    if wait == 0 {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"serial": serial}))?
+            );
+        }
+        return Ok(());
+    }
+    // The collector judges the canary every second: a little beyond its
+    // end, it is decided.
+    let decided_by =
+        std::time::Instant::now() + std::time::Duration::from_secs(reply.canary_seconds + 30);
+    let mut last = String::new();
+    let rollout = loop {
+        let statuses = statuses(admin, &reply.orgs).await?;
+        let rollouts: Vec<(&PolicyStatusReply, &PolicyRollout)> = statuses
+            .iter()
+            .filter_map(|s| Some((s, s.rollout.as_ref().filter(|r| r.serial == serial)?)))
+            .collect();
+        let Some(&(_, rollout)) = rollouts.first() else {
+            bail!("the collector no longer reports the rollout of serial {serial}");
+        };
+        if rollout.state != "canary" {
+            break rollout.clone();
+        }
+        let line = rollouts
+            .iter()
+            .map(|(status, r)| {
+                let applied = status
+                    .agents
+                    .iter()
+                    .filter(|a| r.canary_devices.contains(&a.device_id))
+                    .filter(|a| a.applied_serial >= serial)
+                    .count();
+                format!(
+                    "{}: canary {applied}/{} applied",
+                    status.org_id,
+                    r.canary_devices.len()
+                )
+            })
+            .chain(std::iter::once(health_line(rollout)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if !json && line != last {
+            eprintln!("  {line}");
+            last = line;
+        }
+        if std::time::Instant::now() >= decided_by {
+            bail!("the canary of serial {serial} is still running; follow it with `ztctl policy status`");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    match rollout.state.as_str() {
+        "rolled_back" => {
+            if !json {
+                eprintln!(
+                    "canary failed, rolled back: {}\nserial {} restores serial {} for everyone",
+                    rollout.reason, rollout.rollback_serial, rollout.previous_serial
+                );
             }
+            let progress =
+                follow_serial(admin, &reply.orgs, rollout.rollback_serial, deadline, json).await?;
+            if json {
+                print_canary_json(serial, &rollout, &progress)?;
+            }
+            bail!(
+                "serial {serial} was rolled back (serial {} restores {}): {}",
+                rollout.rollback_serial,
+                rollout.previous_serial,
+                rollout.reason
+            );
+        }
+        state => {
+            if !json {
+                eprintln!(
+                    "canary passed ({}); serial {serial} goes to everyone",
+                    health_line(&rollout)
+                );
+            }
+            let progress = follow_serial(admin, &reply.orgs, serial, deadline, json).await?;
+            if json {
+                print_canary_json(serial, &rollout, &progress)?;
+            }
+            if state != "promoted" {
+                bail!("the rollout of serial {serial} ended {state}");
+            }
+            refusals_fail(&progress)
         }
     }
-    let refusals: usize = progress.iter().map(|p| p.refused).sum();
-    if refusals > 0 {
-        bail!("{refusals} agent(s) refused serial {}", reply.serial);
-    }
+}
+
+fn print_canary_json(
+    serial: u64,
+    rollout: &PolicyRollout,
+    progress: &[Progress],
+) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "serial": serial,
+            "canary": rollout_json(rollout),
+            "rollout": progress,
+        }))?
+    );
     Ok(())
+}
+
+fn health_line(r: &PolicyRollout) -> String {
+    format!(
+        "denied {:.1}/min (before {:.1}), connection errors {:.1}/min (before {:.1})",
+        r.deny_rate_during, r.deny_rate_before, r.error_rate_during, r.error_rate_before
+    )
+}
+
+fn rollout_json(r: &PolicyRollout) -> serde_json::Value {
+    serde_json::json!({
+        "state": r.state,
+        "serial": r.serial,
+        "previous_serial": r.previous_serial,
+        "layer": r.layer,
+        "pushed_by": r.pushed_by,
+        "canary_group": r.canary_group,
+        "canary_devices": r.canary_devices,
+        "staged": r.staged,
+        "canary_seconds": r.canary_seconds,
+        "started_unix": r.started_unix,
+        "finished_unix": r.finished_unix,
+        "reason": r.reason,
+        "rollback_serial": r.rollback_serial,
+        "restores": r.restores,
+        "deny_rate_before": r.deny_rate_before,
+        "deny_rate_during": r.deny_rate_during,
+        "error_rate_before": r.error_rate_before,
+        "error_rate_during": r.error_rate_during,
+    })
+}
+
+/// What `status` says about the latest rollout.
+fn rollout_lines(r: &PolicyRollout) -> Vec<String> {
+    let mut lines = Vec::new();
+    let what = format!(
+        "serial {} ({} layer, by {})",
+        r.serial, r.layer, r.pushed_by
+    );
+    match r.state.as_str() {
+        "canary" => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let ends = r.started_unix + r.canary_seconds as i64;
+            lines.push(format!(
+                "rollout: {what}: canary of group {} ({} device(s) here), ends in {} s; {}",
+                r.canary_group,
+                r.canary_devices.len(),
+                (ends - now).max(0),
+                if r.staged {
+                    format!("the other devices keep serial {}", r.previous_serial)
+                } else {
+                    "not staged here (no serial before)".to_owned()
+                }
+            ));
+            lines.push(format!("  canary health: {}", health_line(r)));
+        }
+        "promoted" => {
+            lines.push(format!(
+                "rollout: {what}: promoted after a {} s canary of group {}",
+                r.canary_seconds, r.canary_group
+            ));
+            lines.push(format!("  canary health: {}", health_line(r)));
+        }
+        "rolled_back" => {
+            lines.push(format!(
+                "rollout: {what}: rolled back; serial {} restores serial {}",
+                r.rollback_serial, r.previous_serial
+            ));
+            lines.push(format!("  reason: {}", r.reason));
+            if !r.canary_group.is_empty() {
+                lines.push(format!("  canary health: {}", health_line(r)));
+            }
+        }
+        state => {
+            let restores = if r.restores > 0 {
+                format!(" (restores serial {})", r.restores)
+            } else {
+                String::new()
+            };
+            lines.push(format!("rollout: {what}{restores}: {state}"));
+        }
+    }
+    lines
 }
 
 fn status_json(status: &PolicyStatusReply) -> serde_json::Value {
     serde_json::json!({
         "org": status.org_id,
         "serial": status.serial,
+        "rollout": status.rollout.as_ref().map(rollout_json),
         "agents": status.agents.iter().map(|a| serde_json::json!({
             "device": a.device_id,
             "applied_serial": a.applied_serial,
@@ -565,15 +839,32 @@ fn print_status(status: &PolicyStatusReply) {
         "organisation {} — serial in force {}",
         status.org_id, status.serial
     );
+    if let Some(rollout) = &status.rollout {
+        for line in rollout_lines(rollout) {
+            println!("{line}");
+        }
+    }
+    // While a canary runs, the devices outside it should run the serial
+    // before.
+    let held_back = status
+        .rollout
+        .as_ref()
+        .filter(|r| r.state == "canary" && r.staged && r.serial == status.serial);
     println!(
         "{:<24} {:>8} {:<9} PROBLEM",
         "DEVICE", "APPLIED", "CONNECTED"
     );
     for a in &status.agents {
+        let expected = match held_back {
+            Some(r) if !r.canary_devices.contains(&a.device_id) => r.previous_serial,
+            _ => status.serial,
+        };
         let problem = if a.refused_serial > a.applied_serial {
             format!("refused {}: {}", a.refused_serial, a.error)
-        } else if a.applied_serial < status.serial {
+        } else if a.applied_serial < expected {
             "behind".to_owned()
+        } else if expected < status.serial {
+            "waits for the canary".to_owned()
         } else {
             String::new()
         };
