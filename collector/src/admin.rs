@@ -13,8 +13,9 @@ use std::{
 use proto::control::{
     admin_server::Admin, AgentPolicy, CreateEnrollmentTokenRequest, Device, DeviceList,
     EnrollmentTokenReply, GetPolicyRequest, ListDevicesRequest, PolicyLayers, PolicyRollout,
-    PolicyStatusReply, PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RevokeDeviceReply,
-    RevokeDeviceRequest, RollbackPolicyRequest,
+    PolicyStatusReply, PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, ReplayPolicyReply,
+    ReplayPolicyRequest, ReplayedFlow, RevokeDeviceReply, RevokeDeviceRequest,
+    RollbackPolicyRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -385,6 +386,89 @@ impl Admin for AdminService {
             serial: policy.store().active_serial(&org),
             baseline,
             organisation: organisation.unwrap_or_default(),
+        }))
+    }
+
+    async fn replay_policy(
+        &self,
+        request: Request<ReplayPolicyRequest>,
+    ) -> Result<Response<ReplayPolicyReply>, Status> {
+        const ACTION: &str = "policy.replay";
+        /// Decisions read when the request sets no limit.
+        const DEFAULT_LIMIT: u64 = 100_000;
+        let req = request.get_ref().clone();
+        let layer = policy::parse(&req.text)
+            .map_err(|d| Status::invalid_argument(format!("the candidate does not parse: {d}")))?;
+        let requested = match (&layer.org, req.org_id.is_empty()) {
+            (Some(org), true) => org.clone(),
+            _ => req.org_id.clone(),
+        };
+        let org = self.read_org(&request, &requested, ACTION).await?;
+        let (baseline, organisation) = self.plane.policy().store().layers(&org);
+        let candidate = match layer.kind {
+            policy::LayerKind::Baseline => policy::load(&req.text, organisation.as_deref()),
+            policy::LayerKind::Organisation => {
+                if layer.org.as_deref() != Some(org.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "the candidate is organisation {:?}'s layer; the decisions are {org}'s",
+                        layer.org.unwrap_or_default()
+                    )));
+                }
+                policy::load(&baseline, Some(&req.text))
+            }
+        }
+        .map_err(|e| Status::invalid_argument(format!("the candidate does not load: {e}")))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let query = crate::replay::ReplayQuery {
+            org: org.clone(),
+            since_unix: i64::try_from(now.saturating_sub(req.since_seconds)).unwrap_or(0),
+            limit: usize::try_from(if req.limit == 0 {
+                DEFAULT_LIMIT
+            } else {
+                req.limit
+            })
+            .unwrap_or(usize::MAX),
+        };
+        let report = crate::replay::replay(
+            &self.storage,
+            self.plane.trust_domain().as_str(),
+            &query,
+            &candidate,
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot read the stored decisions: {e}")))?;
+        Ok(Response::new(ReplayPolicyReply {
+            org_id: org,
+            decisions_read: report.decisions_read,
+            skipped: report.skipped,
+            distinct_flows: report.distinct_flows,
+            truncated: report.truncated,
+            changed: report
+                .changed
+                .into_iter()
+                .map(|c| ReplayedFlow {
+                    device: c.device,
+                    user: c.user,
+                    exe: c.exe,
+                    destination: c.destination,
+                    direction: c.direction.as_str().to_owned(),
+                    time_unix: c.time_unix,
+                    old_verdict: c.old_verdict.to_string(),
+                    old_rule: c.old_rule,
+                    new_verdict: c.new_verdict.to_string(),
+                    new_rule: c.new_rule,
+                    new_dry_run_verdict: c
+                        .new_dry_run
+                        .as_ref()
+                        .map(|(v, _)| v.to_string())
+                        .unwrap_or_default(),
+                    new_dry_run_rule: c.new_dry_run.map(|(_, r)| r).unwrap_or_default(),
+                    count: c.count,
+                })
+                .collect(),
         }))
     }
 

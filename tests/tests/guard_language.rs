@@ -211,8 +211,9 @@ fn connect_in_guarded(stack: &Stack, target: &str) -> Result<String> {
 }
 
 /// A bundle pushed through the collector is what the agent's kernel
-/// enforces, acknowledged only once it is in force, and it stays in force
-/// across an agent restart while the collector is away.
+/// enforces, acknowledged only once it is in force; `policy replay` shows
+/// what a candidate would change about the stored decision; and the bundle
+/// stays in force across an agent restart while the collector is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_collector() -> Result<()>
 {
@@ -272,6 +273,38 @@ async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_colle
         connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
         "the pushed policy is not enforced\n{}",
         stack.logs()
+    );
+
+    // Replay: the stored denial would be allowed under a candidate without
+    // the rule.
+    let candidate = stack.dir.path().join("candidate.yaml");
+    std::fs::write(&candidate, "version: 1\nkind: baseline\n")?;
+    let replay = eventually(Duration::from_secs(15), || async {
+        let reply = soc
+            .json(&[
+                "policy",
+                "replay",
+                candidate.to_str()?,
+                "--org",
+                zt_e2e::stack::TEST_ORG,
+                "--since",
+                "1h",
+                "--json",
+            ])
+            .ok()?;
+        (!reply["changed"].as_array()?.is_empty()).then_some(reply)
+    })
+    .await
+    .with_context(|| format!("no replayed change\n{}", stack.logs()))?;
+    let changed = &replay["changed"][0];
+    ensure!(
+        changed["destination"] == target.as_str()
+            && changed["old"]["verdict"] == "deny"
+            && changed["old"]["rule"] == "no-95"
+            && changed["new"]["verdict"] == "allow"
+            && changed["new"]["rule"] == "default"
+            && changed["count"].as_u64() >= Some(1),
+        "{replay}"
     );
 
     // Without the collector, a restarted agent enforces the kept bundle

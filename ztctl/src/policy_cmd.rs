@@ -17,7 +17,8 @@ use clap::Subcommand;
 use policy::{Diagnostics, Direction, Flow, LayerKind, LoadError, PolicySet};
 use proto::control::{
     admin_client::AdminClient, AgentPolicy, GetPolicyRequest, PolicyRollout, PolicyStatusReply,
-    PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, RollbackPolicyRequest,
+    PolicyStatusRequest, PushPolicyReply, PushPolicyRequest, ReplayPolicyReply,
+    ReplayPolicyRequest, RollbackPolicyRequest,
 };
 use tonic::transport::Channel;
 
@@ -68,6 +69,23 @@ pub enum PolicyCommand {
     },
     /// What a layer would change against the one in force: rules, groups,
     /// services and defaults added, removed or changed.
+    /// Re-evaluates the decisions stored in the last `--since` under a
+    /// candidate layer and lists the flows whose verdict or rule would
+    /// change, most frequent first.
+    Replay {
+        file: PathBuf,
+        /// How far back: 90s, 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = zt_identity::parse_lifetime)]
+        since: std::time::Duration,
+        /// Whose decisions [default: the layer's organisation, else yours].
+        #[arg(long, default_value = "")]
+        org: String,
+        /// Most decisions read (0: the collector's default, 100,000).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        #[arg(long)]
+        json: bool,
+    },
     Diff {
         file: PathBuf,
         /// Whose layer in force to compare with [default: the file's org].
@@ -270,6 +288,36 @@ where
                 println!("{}", serde_json::to_string_pretty(&status_json(&status))?);
             } else {
                 print_status(&status);
+            }
+            Ok(())
+        }
+        PolicyCommand::Replay {
+            file,
+            since,
+            org,
+            limit,
+            json,
+        } => {
+            let text = read(&file)?;
+            if let Err(d) = policy::parse(&text) {
+                eprint!("{}", d.render(&text, &file.display().to_string()));
+                bail!("{}: does not parse", file.display());
+            }
+            let mut admin = collector().await?;
+            let reply = admin
+                .replay_policy(ReplayPolicyRequest {
+                    text,
+                    org_id: org,
+                    since_seconds: since.as_secs(),
+                    limit,
+                })
+                .await
+                .map_err(refused("replay refused"))?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&replay_json(&reply))?);
+            } else {
+                print_replay(&reply);
             }
             Ok(())
         }
@@ -816,6 +864,60 @@ fn rollout_lines(r: &PolicyRollout) -> Vec<String> {
         }
     }
     lines
+}
+
+fn replay_json(reply: &ReplayPolicyReply) -> serde_json::Value {
+    serde_json::json!({
+        "org": reply.org_id,
+        "decisions_read": reply.decisions_read,
+        "skipped": reply.skipped,
+        "distinct_flows": reply.distinct_flows,
+        "truncated": reply.truncated,
+        "changed": reply.changed.iter().map(|c| serde_json::json!({
+            "device": c.device,
+            "user": c.user,
+            "exe": c.exe,
+            "destination": c.destination,
+            "direction": c.direction,
+            "time_unix": c.time_unix,
+            "count": c.count,
+            "old": {"verdict": c.old_verdict, "rule": c.old_rule},
+            "new": {"verdict": c.new_verdict, "rule": c.new_rule},
+            "new_dry_run": (!c.new_dry_run_verdict.is_empty()).then(|| serde_json::json!({
+                "verdict": c.new_dry_run_verdict, "rule": c.new_dry_run_rule,
+            })),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_replay(reply: &ReplayPolicyReply) {
+    println!(
+        "{}: {} decisions read ({} not replayable), {} distinct flows, {} would change{}",
+        reply.org_id,
+        reply.decisions_read,
+        reply.skipped,
+        reply.distinct_flows,
+        reply.changed.len(),
+        if reply.truncated {
+            " (only the most recent decisions were read)"
+        } else {
+            ""
+        }
+    );
+    for c in &reply.changed {
+        println!(
+            "{:>6}× {} {} {} → {}: {} by `{}` → {} by `{}`",
+            c.count,
+            c.device,
+            c.user,
+            c.exe,
+            c.destination,
+            c.old_verdict,
+            c.old_rule,
+            c.new_verdict,
+            c.new_rule
+        );
+    }
 }
 
 fn status_json(status: &PolicyStatusReply) -> serde_json::Value {
