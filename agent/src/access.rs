@@ -272,7 +272,16 @@ impl GatewayPolicy {
                 decision.rule.clone()
             },
             service: Some(service.name.clone()),
-            class: service.class,
+            // What the gateway does while the control plane is away follows
+            // the policy's fail mode for the service's class.
+            class: match set
+                .services
+                .get(&service.name)
+                .map(|s| set.defaults.fail_mode(s.service.class))
+            {
+                Some(policy::FailMode::Open) => ServiceClass::Standard,
+                _ => ServiceClass::Protected,
+            },
             target: service.target_for(flow.destination),
             nearest: decision
                 .nearest
@@ -396,6 +405,50 @@ mod tests {
         assert_eq!(d.service.as_deref(), Some("web"));
         assert_eq!(d.target, "127.0.0.1:18080".parse().unwrap());
         assert_eq!(d.class, ServiceClass::Protected);
+    }
+
+    #[test]
+    fn a_language_policy_decides_inbound_flows_with_its_fail_modes() {
+        let set = policy::load(
+            include_str!("../../policy/examples/baseline.yaml"),
+            Some(include_str!("../../policy/examples/city-a.yaml")),
+        )
+        .unwrap();
+        let set = std::sync::Arc::new(set);
+        let ledger_gw = GatewayPolicy::from_language(
+            set.clone(),
+            "spiffe://pref.example/org/city-a/device/srv-gw",
+            7,
+        );
+        assert_eq!(
+            ledger_gw.services().len(),
+            1,
+            "only what this gateway fronts"
+        );
+        let fin = SpiffeId::parse("spiffe://pref.example/org/city-a/device/fin-07").unwrap();
+        let d = ledger_gw.evaluate(&flow(&fin, "tanaka", "/usr/bin/curl", "10.30.0.10:443"));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.rule_id, "ledger-for-finance");
+        assert_eq!(d.target, "127.0.0.1:443".parse().unwrap());
+        assert_eq!(d.class, ServiceClass::Protected, "protected fails closed");
+        let d = ledger_gw.evaluate(&flow(&fin, "tanaka", "/usr/bin/wget", "10.30.0.10:443"));
+        assert!(!d.allowed);
+        assert_eq!(d.rule_id, "");
+        assert!(
+            d.nearest[0].starts_with("ledger-for-finance: binary /usr/bin/wget"),
+            "{:?}",
+            d.nearest
+        );
+        // Not a service of this gateway: refused as no service.
+        let d = ledger_gw.evaluate(&flow(&fin, "tanaka", "/usr/bin/curl", "10.20.0.20:80"));
+        assert!(!d.allowed && d.service.is_none());
+        // The prefecture's gateway fronts the portal, a standard service
+        // that fails open by the baseline's fail_mode.
+        let dc_gw =
+            GatewayPolicy::from_language(set, "spiffe://pref.example/org/pref/device/dc-gw1", 7);
+        let d = dc_gw.evaluate(&flow(&fin, "kato", "/usr/bin/curl", "10.20.0.20:80"));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(d.class, ServiceClass::Standard);
     }
 
     #[test]
