@@ -398,32 +398,42 @@ fn ip(args: &[&str]) -> Result<String> {
 /// SIGKILLs every process (other than this one) still in namespace
 /// `netns`; says which ones on stderr.
 fn kill_processes_in(netns: &str) -> Result<()> {
-    if !netns_path(netns).exists() {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = netns_path(netns);
+    let Ok(meta) = std::fs::metadata(&path) else {
         return Ok(());
-    }
+    };
+    // The namespace as /proc/<pid>/ns/net names it. Scanned here rather
+    // than with `ip netns pids`, and again until none is left: a process
+    // that was entering the namespace during one pass is caught by the next.
+    let wanted = format!("net:[{}]", meta.ino());
     let own = std::process::id();
-    let pids: Vec<u32> = ip(&["netns", "pids", netns])?
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .filter(|&pid| pid != own)
-        .collect();
-    if pids.is_empty() {
-        return Ok(());
-    }
-    eprintln!("note: killing processes left in network namespace {netns}: {pids:?}");
-    for pid in pids {
-        let Ok(pid) = libc::pid_t::try_from(pid) else {
-            continue;
-        };
-        // SAFETY: plain syscall; `pid` is a positive id from the kernel.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                eprintln!("warning: kill -9 {pid}: {e}");
+    for _ in 0..5 {
+        let pids: Vec<libc::pid_t> = std::fs::read_dir("/proc")?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+            .filter(|&pid| u32::try_from(pid).is_ok_and(|p| p != own))
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|link| link.to_string_lossy() == wanted)
+            })
+            .collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        eprintln!("note: killing processes left in network namespace {netns}: {pids:?}");
+        for pid in pids {
+            // SAFETY: plain syscall; `pid` is a positive id from /proc.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    eprintln!("warning: kill -9 {pid}: {e}");
+                }
             }
         }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Ok(())
+    anyhow::bail!("processes keep appearing in network namespace {netns}")
 }
 
 /// IPv4 networks in use in the root namespace: every interface address
