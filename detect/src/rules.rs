@@ -1,20 +1,20 @@
 //! Rules: the YAML format (see docs/detections.md), parsed with every problem reported
 //! at its line and column, and compiled to typed matchers.
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    fmt,
-    net::IpAddr,
-};
+use std::{collections::HashSet, fmt, net::IpAddr};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use ipnet::IpNet;
 use regex::Regex;
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{Scalar, YamlData};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    diag::{did_you_mean, Diagnostic, Diagnostics, Position},
+    diag::{
+        did_you_mean,
+        yaml::{self, position, Fields, Node, YamlReader},
+        Diagnostics, Position,
+    },
     event::{Ancestor, Event, FieldRef, FieldType, Kind, Value},
 };
 
@@ -307,19 +307,10 @@ pub const FIXTURE_EPOCH_NS: u64 = 1_700_000_000 * 1_000_000_000;
 
 /// Parses a rule file: a mapping with `rules:`, a list of rules.
 pub fn parse_rules(text: &str) -> Result<Vec<Rule>, Diagnostics> {
-    let documents = MarkedYaml::load_from_str(text).map_err(|err| {
-        let marker = err.marker();
-        Diagnostics(vec![Diagnostic::new(
-            Position {
-                line: marker.line(),
-                column: marker.col() + 1,
-            },
-            format!("not valid YAML: {}", err.info()),
-        )])
-    })?;
+    let documents = yaml::load(text)?;
     let mut reader = Reader {
         text,
-        diagnostics: Vec::new(),
+        yaml: YamlReader::default(),
     };
     let rules = match documents.as_slice() {
         [] => {
@@ -338,34 +329,28 @@ pub fn parse_rules(text: &str) -> Result<Vec<Rule>, Diagnostics> {
     if reader.diagnostics.is_empty() {
         Ok(rules)
     } else {
-        reader.diagnostics.sort_by_key(|d| d.position);
-        Err(Diagnostics(reader.diagnostics))
+        Err(reader.yaml.into_diagnostics())
     }
 }
 
-type Node<'a> = MarkedYaml<'a>;
-
-fn position(node: &Node<'_>) -> Position {
-    Position {
-        line: node.span.start.line(),
-        column: node.span.start.col() + 1,
-    }
-}
-
-struct Fields<'n, 'a> {
-    at: Position,
-    entries: BTreeMap<String, (Position, &'n Node<'a>)>,
-}
-
-impl<'n, 'a> Fields<'n, 'a> {
-    fn get(&self, key: &str) -> Option<&'n Node<'a>> {
-        self.entries.get(key).map(|(_, n)| *n)
-    }
-}
-
+/// The rule parser: the shared YAML reader, and the text (for messages
+/// that quote it).
 struct Reader<'t> {
     text: &'t str,
-    diagnostics: Vec<Diagnostic>,
+    yaml: YamlReader,
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = YamlReader;
+    fn deref(&self) -> &YamlReader {
+        &self.yaml
+    }
+}
+
+impl std::ops::DerefMut for Reader<'_> {
+    fn deref_mut(&mut self) -> &mut YamlReader {
+        &mut self.yaml
+    }
 }
 
 const FILE_KEYS: &[&str] = &["rules"];
@@ -423,23 +408,6 @@ const EVENT_KEYS: &[&str] = &[
 ];
 
 impl Reader<'_> {
-    fn error(&mut self, at: Position, message: impl Into<String>) {
-        self.diagnostics.push(Diagnostic::new(at, message));
-    }
-
-    fn error_hint(&mut self, at: Position, message: impl Into<String>, hint: impl Into<String>) {
-        self.diagnostics
-            .push(Diagnostic::new(at, message).with_hint(hint));
-    }
-
-    fn unknown_key(&mut self, at: Position, name: &str, what: &str, allowed: &[&str]) {
-        let message = format!("unknown key `{name}` in {what}");
-        match did_you_mean(name, allowed.iter().copied()) {
-            Some(near) => self.error_hint(at, message, format!("did you mean `{near}`?")),
-            None => self.error_hint(at, message, format!("{what} takes: {}", allowed.join(", "))),
-        }
-    }
-
     /// A mapping whose keys are all in `allowed`.
     fn mapping<'n, 'a>(
         &mut self,
@@ -447,44 +415,14 @@ impl Reader<'_> {
         what: &str,
         allowed: Option<&[&str]>,
     ) -> Option<Fields<'n, 'a>> {
-        let YamlData::Mapping(map) = &node.data else {
+        let fields = self.fields(node, what, allowed);
+        if fields.is_none() {
             self.error(
                 position(node),
                 format!("{what} must be a mapping (key: value)"),
             );
-            return None;
-        };
-        let mut entries = BTreeMap::new();
-        for (key, value) in map.iter() {
-            let Some(name) = key.data.as_str() else {
-                self.error(position(key), format!("keys of {what} must be text"));
-                continue;
-            };
-            if let Some(allowed) = allowed {
-                if !allowed.contains(&name) {
-                    self.unknown_key(position(key), name, what, allowed);
-                    continue;
-                }
-            }
-            entries.insert(name.to_owned(), (position(key), value));
         }
-        Some(Fields {
-            at: position(node),
-            entries,
-        })
-    }
-
-    fn required<'n, 'a>(
-        &mut self,
-        fields: &Fields<'n, 'a>,
-        key: &str,
-        what: &str,
-    ) -> Option<&'n Node<'a>> {
-        let node = fields.get(key);
-        if node.is_none() {
-            self.error(fields.at, format!("{what} needs `{key}`"));
-        }
-        node
+        fields
     }
 
     fn string(&mut self, node: &Node<'_>, what: &str) -> Option<String> {
@@ -578,20 +516,7 @@ impl Reader<'_> {
         parse: impl Fn(&str) -> Option<T>,
     ) -> Option<T> {
         let text = self.string(node, what)?;
-        match parse(&text) {
-            Some(value) => Some(value),
-            None => {
-                self.error_hint(
-                    position(node),
-                    format!("{what} `{text}` is not one of {}", options.join(", ")),
-                    match did_you_mean(&text, options.iter().copied()) {
-                        Some(near) => format!("did you mean `{near}`?"),
-                        None => format!("write one of {}", options.join(", ")),
-                    },
-                );
-                None
-            }
-        }
+        self.choose(node, &text, what, options, parse)
     }
 
     /// A time span: `500ms`, `30s`, `5m`, `1h`, `2d`, or a number of seconds.

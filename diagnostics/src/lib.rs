@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+pub mod yaml;
+
 /// A place in a document.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {

@@ -8,25 +8,19 @@ use std::{
 };
 
 use ipnet::IpNet;
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr::{Scalar, YamlData};
 
 use crate::{
-    diag::{did_you_mean, Diagnostic, Diagnostics, Position},
+    diag::{
+        yaml::{self, position, Fields, Node, YamlReader},
+        Diagnostics, Position,
+    },
     model::*,
 };
 
 /// Parses and checks one layer document.
 pub fn parse(text: &str) -> Result<Policy, Diagnostics> {
-    let documents = MarkedYaml::load_from_str(text).map_err(|err| {
-        let marker = err.marker();
-        Diagnostics(vec![Diagnostic::new(
-            Position {
-                line: marker.line(),
-                column: marker.col() + 1,
-            },
-            format!("not valid YAML: {}", err.info()),
-        )])
-    })?;
+    let documents = yaml::load(text)?;
     let mut reader = Reader::default();
     let policy = match documents.as_slice() {
         [] => {
@@ -44,37 +38,27 @@ pub fn parse(text: &str) -> Result<Policy, Diagnostics> {
     };
     match policy {
         Some(policy) if reader.diagnostics.is_empty() => Ok(policy),
-        _ => {
-            reader.diagnostics.sort_by_key(|d| d.position);
-            Err(Diagnostics(reader.diagnostics))
-        }
+        _ => Err(reader.yaml.into_diagnostics()),
     }
 }
 
-fn position(node: &MarkedYaml<'_>) -> Position {
-    Position {
-        line: node.span.start.line(),
-        column: node.span.start.col() + 1,
-    }
-}
-
-type Node<'a> = MarkedYaml<'a>;
-
-/// The fields of a mapping, by key, with the key's position.
-struct Fields<'n, 'a> {
-    at: Position,
-    entries: BTreeMap<String, (Position, &'n Node<'a>)>,
-}
-
-impl<'n, 'a> Fields<'n, 'a> {
-    fn get(&self, key: &str) -> Option<&'n Node<'a>> {
-        self.entries.get(key).map(|(_, n)| *n)
-    }
-}
-
+/// The policy parser: the shared YAML reader and this format's values.
 #[derive(Default)]
 struct Reader {
-    diagnostics: Vec<Diagnostic>,
+    yaml: YamlReader,
+}
+
+impl std::ops::Deref for Reader {
+    type Target = YamlReader;
+    fn deref(&self) -> &YamlReader {
+        &self.yaml
+    }
+}
+
+impl std::ops::DerefMut for Reader {
+    fn deref_mut(&mut self) -> &mut YamlReader {
+        &mut self.yaml
+    }
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -92,78 +76,25 @@ const TOP_KEYS: &[&str] = &[
 ];
 
 impl Reader {
-    fn error(&mut self, at: Position, message: impl Into<String>) {
-        self.diagnostics.push(Diagnostic::new(at, message));
-    }
-
-    fn error_hint(&mut self, at: Position, message: impl Into<String>, hint: impl Into<String>) {
-        self.diagnostics
-            .push(Diagnostic::new(at, message).with_hint(hint));
-    }
-
-    /// A mapping whose keys are all in `allowed` (`None`: any key).
+    /// A mapping whose keys are all in `allowed` (`None`: any key); an
+    /// empty value reads as an empty mapping.
     fn mapping<'n, 'a>(
         &mut self,
         node: &'n Node<'a>,
         what: &str,
         allowed: Option<&[&str]>,
     ) -> Option<Fields<'n, 'a>> {
-        let YamlData::Mapping(map) = &node.data else {
-            if !matches!(node.data, YamlData::Value(Scalar::Null)) {
-                self.error(
-                    position(node),
-                    format!("{what} must be a mapping (key: value)"),
-                );
-                return None;
-            }
-            return Some(Fields {
-                at: position(node),
-                entries: BTreeMap::new(),
-            });
-        };
-        let mut entries = BTreeMap::new();
-        for (key, value) in map.iter() {
-            let Some(name) = key.data.as_str() else {
-                self.error(position(key), format!("keys of {what} must be text"));
-                continue;
-            };
-            if let Some(allowed) = allowed {
-                if !allowed.contains(&name) {
-                    let message = format!("unknown key `{name}` in {what}");
-                    match did_you_mean(name, allowed.iter().copied()) {
-                        Some(near) => self.error_hint(
-                            position(key),
-                            message,
-                            format!("did you mean `{near}`?"),
-                        ),
-                        None => self.error_hint(
-                            position(key),
-                            message,
-                            format!("{what} takes: {}", allowed.join(", ")),
-                        ),
-                    }
-                    continue;
-                }
-            }
-            entries.insert(name.to_owned(), (position(key), value));
+        if let Some(fields) = self.fields(node, what, allowed) {
+            return Some(fields);
         }
-        Some(Fields {
-            at: position(node),
-            entries,
-        })
-    }
-
-    fn required<'n, 'a>(
-        &mut self,
-        fields: &Fields<'n, 'a>,
-        key: &str,
-        what: &str,
-    ) -> Option<&'n Node<'a>> {
-        let node = fields.get(key);
-        if node.is_none() {
-            self.error(fields.at, format!("{what} needs `{key}`"));
+        if matches!(node.data, YamlData::Value(Scalar::Null)) {
+            return Some(Fields::empty(position(node)));
         }
-        node
+        self.error(
+            position(node),
+            format!("{what} must be a mapping (key: value)"),
+        );
+        None
     }
 
     fn string(&mut self, node: &Node<'_>, what: &str) -> Option<String> {
@@ -377,20 +308,7 @@ impl Reader {
         parse: impl Fn(&str) -> Option<T>,
     ) -> Option<T> {
         let text = self.string(node, what)?;
-        match parse(&text) {
-            Some(value) => Some(value),
-            None => {
-                self.error_hint(
-                    position(node),
-                    format!("{what} `{text}` is not one of {}", options.join(", ")),
-                    match did_you_mean(&text, options.iter().copied()) {
-                        Some(near) => format!("did you mean `{near}`?"),
-                        None => format!("write one of {}", options.join(", ")),
-                    },
-                );
-                None
-            }
-        }
+        self.choose(node, &text, what, options, parse)
     }
 
     fn policy(&mut self, root: &Node<'_>) -> Option<Policy> {

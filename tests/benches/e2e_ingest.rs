@@ -124,10 +124,10 @@ fn main() -> ExitCode {
 async fn run(filter: Option<&str>) -> Result<()> {
     let clickhouse = ClickHouseServer::start().await?;
     println!("# e2e_ingest\n");
-    println!("{}\n", machine_line());
+    println!("{}\n", zt_e2e::bench::machine_line());
     if filter.is_none_or(|f| f == "throughput") {
-        let events = env_number("ZT_BENCH_EVENTS", 200_000)?;
-        let budget = Duration::from_secs(env_number("ZT_BENCH_SECONDS", 30)? as u64);
+        let events = zt_e2e::bench::env_number("ZT_BENCH_EVENTS", 200_000)?;
+        let budget = Duration::from_secs(zt_e2e::bench::env_number("ZT_BENCH_SECONDS", 30)? as u64);
         let mut results = Vec::new();
         for delay_ms in COLLECTOR_DELAYS_MS {
             for agents in AGENT_COUNTS {
@@ -143,7 +143,7 @@ async fn run(filter: Option<&str>) -> Result<()> {
         print_throughput(&results, events, budget);
     }
     if filter.is_none_or(|f| f == "latency") {
-        let execs = env_number("ZT_BENCH_EXECS", 200)?;
+        let execs = zt_e2e::bench::env_number("ZT_BENCH_EXECS", 200)?;
         let agent = workspace_binary("zt-agent")
             .context("the latency part runs the release agent: `cargo build --release --bins`")?;
         // SAFETY: no arguments, cannot fail.
@@ -697,25 +697,10 @@ fn unix_ns(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .with_context(|| format!("{name}={value:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 async fn drop_database(clickhouse: &ClickHouseServer, database: &str) {
     let _ = clickhouse
         .client()
         .query(&format!("DROP DATABASE IF EXISTS {database}"))
         .execute()
         .await;
-}
-
-fn machine_line() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("machine: {cores} cores, Linux {}", kernel.trim())
 }

@@ -82,10 +82,10 @@ struct Knobs {
 impl Knobs {
     fn from_env() -> Result<Self> {
         let knobs = Self {
-            agents: env_number("ZT_POLICY_BENCH_AGENTS", 1000)?,
-            orgs: env_number("ZT_POLICY_BENCH_ORGS", 4)?,
-            pushes: env_number("ZT_POLICY_BENCH_PUSHES", 5)?,
-            chunk: env_number("ZT_POLICY_BENCH_CHUNK", 50)?.max(1),
+            agents: zt_e2e::bench::env_number("ZT_POLICY_BENCH_AGENTS", 1000)?,
+            orgs: zt_e2e::bench::env_number("ZT_POLICY_BENCH_ORGS", 4)?,
+            pushes: zt_e2e::bench::env_number("ZT_POLICY_BENCH_PUSHES", 5)?,
+            chunk: zt_e2e::bench::env_number("ZT_POLICY_BENCH_CHUNK", 50)?.max(1),
         };
         ensure!(
             knobs.orgs >= 1 && knobs.agents >= knobs.orgs && knobs.pushes >= 1,
@@ -144,7 +144,7 @@ async fn run() -> Result<()> {
         collector_binary.display()
     );
     // Before the collector starts: it inherits the limit.
-    let nofile = raise_nofile();
+    let nofile = zt_e2e::bench::raise_nofile();
     let load = load_average();
     eprintln!(
         "policy_push: {} agents in {} organisations, {} pushes; load average {load:.2}; open files {}",
@@ -498,7 +498,7 @@ fn print_report(
     knobs: &Knobs,
     orgs: &[(String, usize)],
     load: f64,
-    nofile: &NoFile,
+    nofile: &zt_e2e::bench::NoFile,
     binaries: &[&std::path::Path],
     enrollment: &Enrollment,
     ztctl_round_trip: Duration,
@@ -506,7 +506,7 @@ fn print_report(
     keeper: &KeeperCost,
 ) {
     println!("# policy_push\n");
-    println!("{}", machine_line());
+    println!("{}", zt_e2e::bench::machine_line());
     println!("load average at start: {load:.2}");
     println!(
         "binaries: {}",
@@ -649,76 +649,11 @@ fn ms(d: Duration) -> String {
     }
 }
 
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .with_context(|| format!("{name}={value:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn machine_line() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("machine: {cores} cores, Linux {}", kernel.trim())
-}
-
 fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
-}
-
-/// The open-file limits before and after [`raise_nofile`].
-struct NoFile {
-    soft_before: u64,
-    soft: u64,
-    hard: u64,
-}
-
-impl NoFile {
-    fn describe(&self) -> String {
-        if self.soft_before == self.soft {
-            format!("soft {} = hard {} (not raised)", self.soft, self.hard)
-        } else {
-            format!(
-                "soft raised {} → {} (hard {})",
-                self.soft_before, self.soft, self.hard
-            )
-        }
-    }
-}
-
-/// Raises the soft open-file limit to the hard one: each agent holds a
-/// connection here and in the collector.
-fn raise_nofile() -> NoFile {
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return NoFile {
-                soft_before: 0,
-                soft: 0,
-                hard: 0,
-            };
-        }
-        let soft_before = limit.rlim_cur;
-        if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        }
-        NoFile {
-            soft_before,
-            soft: limit.rlim_cur,
-            hard: limit.rlim_max,
-        }
-    }
 }
 
 fn clock_ticks() -> f64 {

@@ -184,9 +184,9 @@ struct Storm {
 }
 
 fn storms(files: &Path) -> Result<Vec<Storm>> {
-    let execs = env_number("ZT_STORM_EXECS", 20_000)?;
-    let connects = env_number("ZT_STORM_CONNECTS", 50_000)?;
-    let opens = env_number("ZT_STORM_OPENS", 1_000_000)?;
+    let execs = zt_e2e::bench::env_number("ZT_STORM_EXECS", 20_000)?;
+    let connects = zt_e2e::bench::env_number("ZT_STORM_CONNECTS", 50_000)?;
+    let opens = zt_e2e::bench::env_number("ZT_STORM_OPENS", 1_000_000)?;
     let watched = files.join("watched").display().to_string();
     let unwatched = files.join("unwatched").display().to_string();
     let only = std::env::var("ZT_STORM_ONLY").ok();
@@ -747,7 +747,7 @@ fn print_report(
     last_words: &str,
 ) {
     println!("# sensor_storms\n");
-    println!("{}\n", machine_line());
+    println!("{}\n", zt_e2e::bench::machine_line());
     println!(
         "Release zt-agent and zt-collector; agent budget.cpu_percent = {cpu_budget} \
          (over it the agent samples file events, never critical ones), other settings as the \
@@ -975,19 +975,4 @@ fn unix_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-fn env_number(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .with_context(|| format!("{name}={value:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn machine_line() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("machine: {cores} cores, Linux {}", kernel.trim())
 }

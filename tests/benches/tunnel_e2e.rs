@@ -112,15 +112,15 @@ struct Knobs {
 impl Knobs {
     fn from_env() -> Result<Self> {
         Ok(Self {
-            runs: env_number("ZT_TUNNEL_BENCH_RUNS", 3)?,
-            samples: env_number("ZT_TUNNEL_BENCH_SAMPLES", 3000)?,
-            warmup: env_number("ZT_TUNNEL_BENCH_WARMUP", 200)?,
-            cold: env_number("ZT_TUNNEL_BENCH_COLD", 5)?,
-            hold: env_number("ZT_TUNNEL_BENCH_HOLD", 1000)?,
-            bulk_mib: env_number("ZT_TUNNEL_BENCH_BULK_MIB", 256)?,
-            bulk_reps: env_number("ZT_TUNNEL_BENCH_BULK_REPS", 3)?,
-            connections: env_number("ZT_TUNNEL_BENCH_CONNECTIONS", 20_000)?,
-            concurrency: env_number("ZT_TUNNEL_BENCH_CONCURRENCY", 64)?,
+            runs: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_RUNS", 3)?,
+            samples: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_SAMPLES", 3000)?,
+            warmup: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_WARMUP", 200)?,
+            cold: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_COLD", 5)?,
+            hold: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_HOLD", 1000)?,
+            bulk_mib: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_BULK_MIB", 256)?,
+            bulk_reps: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_BULK_REPS", 3)?,
+            connections: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_CONNECTIONS", 20_000)?,
+            concurrency: zt_e2e::bench::env_number("ZT_TUNNEL_BENCH_CONCURRENCY", 64)?,
             max_load: match std::env::var("ZT_TUNNEL_BENCH_MAX_LOAD") {
                 Ok(v) => v
                     .parse()
@@ -160,7 +160,7 @@ async fn run() -> Result<()> {
     );
     let exe = std::env::current_exe()?;
     println!("# tunnel_e2e\n");
-    println!("{}", machine_line());
+    println!("{}", zt_e2e::bench::machine_line());
     println!(
         "binaries: {}, {}, client and service {}",
         agent.display(),
@@ -913,37 +913,7 @@ fn format_number(value: f64) -> String {
     }
 }
 
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .with_context(|| format!("{name}={value:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn machine_line() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("machine: {cores} cores, Linux {}", kernel.trim())
-}
-
 // ------------------------------------------------------------- both modes
-
-/// Raises the open-file limit to the hard limit (1,000 held connections).
-fn raise_nofile() {
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
 
 /// Exits when the bench that started this process is gone (it would
 /// otherwise outlive a killed bench), and after `limit` in any case.
@@ -1001,13 +971,13 @@ mod client {
     use serde_json::{json, Value};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::{cpu_self_s, exit_with_parent, protocol, raise_nofile};
+    use super::{cpu_self_s, exit_with_parent, protocol};
 
     const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
     pub fn main(args: &[String]) -> ExitCode {
         exit_with_parent(Duration::from_secs(10 * 60));
-        raise_nofile();
+        zt_e2e::bench::raise_nofile();
         match run(args) {
             Ok(report) => {
                 println!("{report}");
@@ -1298,13 +1268,13 @@ mod service {
         net::{TcpSocket, TcpStream},
     };
 
-    use super::{exit_with_parent, protocol, raise_nofile};
+    use super::{exit_with_parent, protocol};
 
     /// `service <port>...`: the protocol in [`protocol`] on every port, on
     /// all addresses.
     pub fn main(args: &[String]) -> ExitCode {
         exit_with_parent(Duration::from_secs(2 * 60 * 60));
-        raise_nofile();
+        zt_e2e::bench::raise_nofile();
         let outcome = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

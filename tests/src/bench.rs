@@ -68,3 +68,74 @@ fn scratch_dir(name: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
+
+/// A number from the environment, or `default` when unset.
+pub fn env_number<T>(name: &str, default: T) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .map_err(|e| anyhow!("{name}={value:?} is not a number: {e}")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// `machine: <cores> cores, Linux <release>`, for reports.
+pub fn machine_line() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("machine: {cores} cores, Linux {}", kernel.trim())
+}
+
+/// The open-file limits before and after [`raise_nofile`].
+pub struct NoFile {
+    pub soft_before: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+impl NoFile {
+    pub fn describe(&self) -> String {
+        if self.soft_before == self.soft {
+            format!("soft {} = hard {} (not raised)", self.soft, self.hard)
+        } else {
+            format!(
+                "soft raised {} → {} (hard {})",
+                self.soft_before, self.soft, self.hard
+            )
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (benches that hold
+/// thousands of connections).
+pub fn raise_nofile() -> NoFile {
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return NoFile {
+                soft_before: 0,
+                soft: 0,
+                hard: 0,
+            };
+        }
+        let soft_before = limit.rlim_cur;
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+        NoFile {
+            soft_before,
+            soft: limit.rlim_cur,
+            hard: limit.rlim_max,
+        }
+    }
+}

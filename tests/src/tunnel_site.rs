@@ -58,6 +58,23 @@ async def main():
 asyncio.run(main())
 "#;
 
+/// Connects once and sends a request; prints `answered`, `closed`,
+/// `timeout` or the errno name.
+pub const CONNECT_ONCE: &str = r#"
+import errno, socket, sys
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    data = s.recv(100)
+    print("answered" if data else "closed", flush=True)
+except socket.timeout:
+    print("timeout", flush=True)
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"#;
+
 /// What a site has besides the test's own services and rules.
 #[derive(Debug, Default, Clone)]
 pub struct SiteOptions {

@@ -25,7 +25,8 @@ use zt_e2e::{
     eventually, pki,
     stack::{Stack, TEST_ORG},
     tunnel_site::{
-        run_on, server_policy_text, spawn_in, Site, DENIED_PORT, ECHO_PORT, GATEWAY_PORT, WEB_PORT,
+        run_on, server_policy_text, spawn_in, Site, CONNECT_ONCE, DENIED_PORT, ECHO_PORT,
+        GATEWAY_PORT, WEB_PORT,
     },
 };
 
@@ -80,22 +81,6 @@ except socket.timeout:
     print("still open", flush=True)
 except OSError as e:
     print("closed_at=%f error=%s" % (time.time(), e), flush=True)
-"#;
-
-/// Connects once; prints `connected`, or the errno name.
-const CONNECT_ONCE: &str = r#"
-import errno, socket, sys
-s = socket.socket()
-s.settimeout(3)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    data = s.recv(100)
-    print("answered" if data else "closed", flush=True)
-except socket.timeout:
-    print("timeout", flush=True)
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
 "#;
 
 #[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]

@@ -11,25 +11,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _, Result};
 use zt_e2e::{
     stack::TEST_ORG,
-    tunnel_site::{Site, DENIED_PORT, GATEWAY_PORT, WEB_PORT},
+    tunnel_site::{Site, CONNECT_ONCE, DENIED_PORT, GATEWAY_PORT, WEB_PORT},
     ztctl::ZtctlUser,
 };
-
-/// Connects, sends a request, says what happened.
-const CONNECT_ONCE: &str = r#"
-import errno, socket, sys
-s = socket.socket()
-s.settimeout(3)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    data = s.recv(100)
-    print("answered" if data else "closed", flush=True)
-except socket.timeout:
-    print("timeout", flush=True)
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)), flush=True)
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_pushed_policy_decides_at_the_source_and_at_the_gateway() -> Result<()> {
