@@ -1,11 +1,19 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_build::configure().compile_protos(
-        &[
-            "proto/telemetry.proto",
-            "proto/control.proto",
-            "proto/enrollment.proto",
-        ],
-        &["proto"],
-    )?;
+    tonic_build::configure()
+        // The query API is also served as HTTP/JSON: its messages are the
+        // JSON bodies, by their proto field names.
+        .type_attribute(
+            ".zt.query.v1",
+            "#[derive(serde::Serialize, serde::Deserialize)] #[serde(default)]",
+        )
+        .compile_protos(
+            &[
+                "proto/telemetry.proto",
+                "proto/control.proto",
+                "proto/enrollment.proto",
+                "proto/query.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -59,6 +59,7 @@ pub struct CollectorConfig {
     pub batch: BatchConfig,
     pub identity: IdentityConfig,
     pub policy: PolicyConfig,
+    pub detection: DetectionConfig,
     pub log_format: LogFormat,
 }
 
@@ -70,6 +71,7 @@ impl Default for CollectorConfig {
             batch: BatchConfig::default(),
             identity: IdentityConfig::default(),
             policy: PolicyConfig::default(),
+            detection: DetectionConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -219,6 +221,101 @@ impl Default for PolicyConfig {
             min_increase_events: 20,
         }
     }
+}
+
+/// Detection on the live stream and incidents (docs/detections.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectionConfig {
+    /// Run the rules over ingested events and raise incidents.
+    pub enabled: bool,
+    /// Load the embedded default rule pack.
+    pub default_rules: bool,
+    /// More rule files (`*.yaml`), loaded after the default pack; ids must
+    /// be unique across all of them.
+    pub rules_dir: Option<PathBuf>,
+    /// How late an event may arrive and still count in sequences and
+    /// thresholds.
+    pub lateness_secs: u64,
+    /// Alerts of one rule, host and process tree within this long of the
+    /// incident's last alert join it.
+    pub group_window_secs: u64,
+    /// An incident with this many alerts is one severity level up.
+    pub repeat_escalation: u64,
+    /// A rule firing on this many hosts of an organisation within the
+    /// window raises each of their incidents one level.
+    pub spread_hosts: usize,
+    /// How often the engine's state is saved (also at shutdown).
+    pub snapshot_interval_secs: u64,
+    /// The offset from UTC of the clock the fiscal year (April to March) is
+    /// counted in, `+HH:MM` or `-HH:MM`: Japan's by default.
+    pub fiscal_year_utc_offset: String,
+}
+
+impl Default for DetectionConfig {
+    fn default() -> Self {
+        DetectionConfig {
+            enabled: true,
+            default_rules: true,
+            rules_dir: None,
+            lateness_secs: 60,
+            group_window_secs: 3600,
+            repeat_escalation: 10,
+            spread_hosts: 3,
+            snapshot_interval_secs: 10,
+            fiscal_year_utc_offset: "+09:00".to_owned(),
+        }
+    }
+}
+
+impl DetectionConfig {
+    /// `fiscal_year_utc_offset` in seconds.
+    pub fn utc_offset_secs(&self) -> Result<i32, ConfigError> {
+        parse_utc_offset(&self.fiscal_year_utc_offset).ok_or_else(|| ConfigError::Value {
+            field: "detection.fiscal_year_utc_offset",
+            reason: format!(
+                "{:?} is not an offset like +09:00 or -05:30",
+                self.fiscal_year_utc_offset
+            ),
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.utc_offset_secs()?;
+        for (field, value) in [
+            ("detection.group_window_secs", self.group_window_secs),
+            ("detection.repeat_escalation", self.repeat_escalation),
+            ("detection.spread_hosts", self.spread_hosts as u64),
+            (
+                "detection.snapshot_interval_secs",
+                self.snapshot_interval_secs,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Value {
+                    field,
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `+HH:MM` / `-HH:MM` (hours up to 14) in seconds.
+fn parse_utc_offset(text: &str) -> Option<i32> {
+    let (sign, rest) = match text.as_bytes().first()? {
+        b'+' => (1, &text[1..]),
+        b'-' => (-1, &text[1..]),
+        _ => return None,
+    };
+    let (hours, minutes) = rest.split_once(':')?;
+    if hours.len() != 2 || minutes.len() != 2 {
+        return None;
+    }
+    let hours: i32 = hours.parse().ok()?;
+    let minutes: i32 = minutes.parse().ok()?;
+    (hours <= 14 && minutes < 60).then_some(sign * (hours * 3600 + minutes * 60))
 }
 
 /// The longest `[policy] max_canary_seconds`.
@@ -519,7 +616,8 @@ impl CollectorConfig {
                 reason: "must be at least 1".to_owned(),
             });
         }
-        self.policy.validate()
+        self.policy.validate()?;
+        self.detection.validate()
     }
 }
 
@@ -621,6 +719,51 @@ mod tests {
 
     fn file(text: &str) -> Option<(PathBuf, String)> {
         Some((PathBuf::from("/test/collector.toml"), text.to_owned()))
+    }
+
+    #[test]
+    fn detection_settings_are_checked() {
+        let config = (ConfigSources {
+            file: file("[detection]\nfiscal_year_utc_offset = \"-05:30\"\nspread_hosts = 5\n"),
+            ..ConfigSources::default()
+        })
+        .build()
+        .unwrap();
+        assert_eq!(
+            config.detection.utc_offset_secs().unwrap(),
+            -(5 * 3600 + 1800)
+        );
+        assert_eq!(config.detection.spread_hosts, 5);
+        assert_eq!(
+            CollectorConfig::default()
+                .detection
+                .utc_offset_secs()
+                .unwrap(),
+            9 * 3600
+        );
+        for bad in ["9", "+9:00", "+15:00", "+09:60", "JST"] {
+            let err = (ConfigSources {
+                file: file(&format!(
+                    "[detection]\nfiscal_year_utc_offset = \"{bad}\"\n"
+                )),
+                ..ConfigSources::default()
+            })
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("detection.fiscal_year_utc_offset"),
+                "{bad}: {err}"
+            );
+        }
+        let err = (ConfigSources {
+            file: file("[detection]\ngroup_window_secs = 0\n"),
+            ..ConfigSources::default()
+        })
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("detection.group_window_secs"), "{err}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use zt_identity::SpiffeId;
 
 use crate::{
     control_plane::ControlPlane,
+    detection::DetectionHandle,
     enrollment::caller_device,
     storage::{AgentRow, Storage},
 };
@@ -79,6 +80,8 @@ pub struct FleetService {
     storage: Storage,
     /// Turning true ends every control channel (graceful shutdown).
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Heartbeats feed the absence rules (agent silent).
+    detection: DetectionHandle,
 }
 
 impl FleetService {
@@ -91,7 +94,14 @@ impl FleetService {
             plane,
             storage,
             shutdown,
+            detection: DetectionHandle::disabled(),
         }
+    }
+
+    /// Heartbeats go to detection too.
+    pub fn with_detection(mut self, detection: DetectionHandle) -> Self {
+        self.detection = detection;
+        self
     }
 }
 
@@ -177,6 +187,11 @@ impl Fleet for FleetService {
             .insert(std::slice::from_ref(&row))
             .await
             .map_err(|e| Status::unavailable(format!("heartbeat not stored: {e}")))?;
+        if self.detection.is_enabled() {
+            let now_ns = crate::detection::now_ns();
+            let beat = crate::detection::events::from_heartbeat(&row, now_ns);
+            self.detection.feed(vec![beat]).await;
+        }
         debug!(device = %id, "heartbeat");
         Ok(Response::new(HeartbeatReply {
             server_time_unix: i64::try_from(now).unwrap_or(i64::MAX),

@@ -19,7 +19,8 @@
 //! delay once per batch; acks may therefore come out of order, and each names
 //! its batch.
 //!
-//! Once a batch is stored, its denied decisions and connection errors are
+//! Once a batch is stored, its events go to detection
+//! ([`crate::detection`]), and its denied decisions and connection errors are
 //! counted for the device ([`crate::rollout::health_samples`]), which is
 //! how a policy canary's health is judged.
 
@@ -37,6 +38,7 @@ use zt_identity::SpiffeId;
 
 use crate::{
     control_plane::ControlPlane,
+    detection::DetectionHandle,
     fleet::ConnectedDevices,
     metrics::{ConnectedAgent, Metrics},
     writer::{TableWriters, WriteError},
@@ -72,6 +74,7 @@ pub struct TelemetryService {
     shutdown: watch::Receiver<bool>,
     plane: Arc<ControlPlane>,
     connected: ConnectedDevices,
+    detection: DetectionHandle,
 }
 
 /// Who sends a stream, by its certificate and the device registry.
@@ -117,6 +120,7 @@ impl TelemetryService {
         shutdown: watch::Receiver<bool>,
         plane: Arc<ControlPlane>,
         connected: ConnectedDevices,
+        detection: DetectionHandle,
     ) -> TelemetryService {
         TelemetryService {
             writers,
@@ -124,6 +128,7 @@ impl TelemetryService {
             shutdown,
             plane,
             connected,
+            detection,
         }
     }
 
@@ -149,6 +154,12 @@ impl TelemetryService {
         }
         // What a canary's health is judged by; counted once stored.
         let health = crate::rollout::health_samples(&rows.decisions, &rows.network_events);
+        // What detection sees, once stored (so incidents link stored rows).
+        let detect_events = if self.detection.is_enabled() {
+            crate::detection::events::from_rows(&rows)
+        } else {
+            Vec::new()
+        };
         // Every table at once; the ack waits for all of them. When one fails
         // the agent resends the whole batch, so the rows another table did
         // store arrive twice; the event tables fold such copies into one
@@ -185,6 +196,7 @@ impl TelemetryService {
                 .policy()
                 .record_health(&agent.org_id, &agent.device_id, &health);
         }
+        self.detection.feed(detect_events).await;
         Metrics::add(&self.metrics.batches_acked, 1);
         Ok(BatchAck {
             batch_seq: batch.batch_seq,

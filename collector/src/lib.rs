@@ -17,6 +17,10 @@
 //!   channel);
 //! - [`distribution`], [`policy_store`], [`rollout`]: signed policy
 //!   bundles, which device gets which, staged (canary) rollouts;
+//! - [`detection`], [`incidents`]: the rule engine on the live stream,
+//!   alerts grouped into incidents, stored in `zt.incidents`;
+//! - [`query`]: the SOC's API (incidents, events, fleet, KPI) over gRPC
+//!   and HTTP/JSON;
 //! - [`metrics`]: counters and gauges;
 //! - [`server`]: wiring, start-up and graceful shutdown.
 //!
@@ -26,12 +30,15 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod control_plane;
+pub mod detection;
 pub mod distribution;
 pub mod enrollment;
 pub mod fleet;
+pub mod incidents;
 pub mod ingest;
 pub mod metrics;
 pub mod policy_store;
+pub mod query;
 pub mod replay;
 pub mod rollout;
 pub mod server;

@@ -23,6 +23,14 @@ pub struct Metrics {
     pub connected_agents: AtomicU64,
     /// Batch acknowledgements sent to agents.
     pub batches_acked: AtomicU64,
+    /// Events the detection engine analysed.
+    pub detection_events: AtomicU64,
+    /// Alerts the rules raised (before grouping into incidents).
+    pub alerts_raised: AtomicU64,
+    /// Incident versions written to `zt.incidents`.
+    pub incident_versions_stored: AtomicU64,
+    /// Incident-to-event links given up while ClickHouse refused them.
+    pub incident_links_dropped: AtomicU64,
     started: Instant,
 }
 
@@ -34,6 +42,10 @@ pub struct MetricsSnapshot {
     pub insert_failures: u64,
     pub connected_agents: u64,
     pub batches_acked: u64,
+    pub detection_events: u64,
+    pub alerts_raised: u64,
+    pub incident_versions_stored: u64,
+    pub incident_links_dropped: u64,
     pub uptime: Duration,
 }
 
@@ -45,6 +57,10 @@ impl Metrics {
             insert_failures: AtomicU64::new(0),
             connected_agents: AtomicU64::new(0),
             batches_acked: AtomicU64::new(0),
+            detection_events: AtomicU64::new(0),
+            alerts_raised: AtomicU64::new(0),
+            incident_versions_stored: AtomicU64::new(0),
+            incident_links_dropped: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
@@ -61,6 +77,10 @@ impl Metrics {
             insert_failures: get(&self.insert_failures),
             connected_agents: get(&self.connected_agents),
             batches_acked: get(&self.batches_acked),
+            detection_events: get(&self.detection_events),
+            alerts_raised: get(&self.alerts_raised),
+            incident_versions_stored: get(&self.incident_versions_stored),
+            incident_links_dropped: get(&self.incident_links_dropped),
             uptime: self.started.elapsed(),
         }
     }

@@ -13,10 +13,11 @@ use proto::{
         admin_server::AdminServer, control_server::ControlServer, fleet_server::FleetServer,
     },
     enrollment::enrollment_server::EnrollmentServer,
+    query::query_server::QueryServer,
     telemetry::telemetry_server::TelemetryServer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::Server;
+use tonic::{service::Routes, transport::Server};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -24,10 +25,12 @@ use crate::{
     config::CollectorConfig,
     control::ControlService,
     control_plane::{ControlPlane, ControlPlaneError},
+    detection::{Detection, DetectionError},
     enrollment::EnrollmentService,
     fleet::{ConnectedDevices, FleetService},
     ingest::TelemetryService,
     metrics::Metrics,
+    query::QueryService,
     storage::{AuditRow, Storage, StorageError},
     writer::{self, BatchLimits, TableWriterTasks},
 };
@@ -68,6 +71,10 @@ pub enum RunError {
     ControlPlane(#[from] ControlPlaneError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Detection(#[from] DetectionError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::ConfigError),
 }
 
 /// A collector started by [`start`]; stop it with [`RunningCollector::shutdown`].
@@ -80,6 +87,7 @@ pub struct RunningCollector {
     /// `None` once the server task has been awaited.
     server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     writers: TableWriterTasks,
+    detection: Detection,
 }
 
 impl RunningCollector {
@@ -121,6 +129,7 @@ impl RunningCollector {
         let _ = self.shutdown.send(true);
         let Some(mut server) = self.server else {
             self.writers.shutdown(SHUTDOWN_GRACE).await;
+            self.detection.shutdown(SHUTDOWN_GRACE).await;
             return Ok(());
         };
         let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
@@ -143,6 +152,14 @@ impl RunningCollector {
         } else {
             warn!(
                 "batch writers could not flush within {} s; unacknowledged batches will be resent by agents",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+        // Ingest has stopped: detection analyses what is queued, stores its
+        // incidents and saves its state.
+        if !self.detection.shutdown(SHUTDOWN_GRACE).await {
+            warn!(
+                "detection could not finish within {} s; its state was saved at the last interval",
                 SHUTDOWN_GRACE.as_secs()
             );
         }
@@ -221,6 +238,15 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     })?;
     let incoming = zt_grpc_tls::serve_tls(listener, tls);
 
+    let utc_offset_secs = config.detection.utc_offset_secs()?;
+    let detection = Detection::start(
+        &config.detection,
+        &config.identity.state_dir,
+        storage.clone(),
+        metrics.clone(),
+    )
+    .await?;
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connected = ConnectedDevices::default();
     let telemetry = TelemetryService::new(
@@ -229,10 +255,19 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         shutdown_rx.clone(),
         plane.clone(),
         connected.clone(),
+        detection.handle(),
     );
     let enrollment = EnrollmentService::new(plane.clone());
+    let query = QueryService::new(
+        plane.clone(),
+        storage.clone(),
+        connected.clone(),
+        detection.book(),
+        utc_offset_secs,
+    );
     let admin = AdminService::new(plane.clone(), storage.clone(), connected);
-    let fleet = FleetService::new(plane.clone(), storage.clone(), shutdown_rx.clone());
+    let fleet = FleetService::new(plane.clone(), storage.clone(), shutdown_rx.clone())
+        .with_detection(detection.handle());
     tokio::spawn(check_rollouts(
         plane.clone(),
         storage.clone(),
@@ -240,13 +275,18 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     ));
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
+    // The gRPC services and, on the same port, the query API as HTTP/JSON.
+    let routes = Routes::new(TelemetryServer::new(telemetry))
+        .add_service(ControlServer::new(control))
+        .add_service(EnrollmentServer::new(enrollment))
+        .add_service(AdminServer::new(admin))
+        .add_service(FleetServer::new(fleet))
+        .add_service(QueryServer::new(query.clone()))
+        .into_axum_router()
+        .merge(crate::query::http::router(query));
     let server = tokio::spawn(
         Server::builder()
-            .add_service(TelemetryServer::new(telemetry))
-            .add_service(ControlServer::new(control))
-            .add_service(EnrollmentServer::new(enrollment))
-            .add_service(AdminServer::new(admin))
-            .add_service(FleetServer::new(fleet))
+            .add_routes(Routes::from(routes))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             }),
@@ -259,6 +299,7 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         shutdown,
         server: Some(server),
         writers,
+        detection,
     })
 }
 

@@ -78,7 +78,10 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    fn clickhouse(what: impl Into<String>, error: clickhouse::error::Error) -> StorageError {
+    pub(crate) fn clickhouse(
+        what: impl Into<String>,
+        error: clickhouse::error::Error,
+    ) -> StorageError {
         StorageError::ClickHouse {
             what: what.into(),
             error,

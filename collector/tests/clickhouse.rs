@@ -290,7 +290,7 @@ async fn migrations_apply_on_a_fresh_database_and_are_idempotent() {
 }
 
 /// Every migration's version: what a rerun finds recorded.
-const ALL_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+const ALL_VERSIONS: [u32; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 
 /// Columns of `zt.process_events` after every migration, with their types.
 const PROCESS_EVENTS_COLUMNS: &[(&str, &str)] = &[
@@ -611,7 +611,7 @@ async fn a_database_at_migration_1_upgrades_with_its_rows_intact() {
     let report = storage.migrate().await.unwrap();
     assert_eq!(
         report.applied,
-        vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+        vec![2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     );
     assert_eq!(report.already_applied, vec![1]);
     assert_eq!(
@@ -712,7 +712,7 @@ async fn a_database_at_migration_3_gains_network_events_and_keeps_its_rows() {
     let report = storage.migrate().await.unwrap();
     assert_eq!(
         report.applied,
-        vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+        vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
     );
     assert_eq!(report.already_applied, vec![1, 2, 3]);
     assert_eq!(
@@ -790,7 +790,10 @@ async fn a_database_at_migration_4_gains_file_events_and_keeps_its_rows() {
         .is_empty());
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(
+        report.applied,
+        vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+    );
     assert_eq!(report.already_applied, vec![1, 2, 3, 4]);
     assert_eq!(
         table_columns(&server, &database, "file_events").await,
@@ -1084,7 +1087,7 @@ async fn a_database_at_migration_5_gains_exec_hash_and_user_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(report.applied, vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1228,7 +1231,7 @@ async fn a_database_at_migration_6_gains_credential_columns_and_keeps_its_rows()
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(report.applied, vec![7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1352,7 +1355,7 @@ async fn a_database_at_migration_7_gains_container_columns_and_keeps_its_rows() 
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(report.applied, vec![8, 9, 10, 11, 12, 13, 14, 15, 16]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(
         table_columns(&server, &database, "process_events").await,
@@ -1553,7 +1556,7 @@ async fn a_database_at_migration_8_gains_owner_columns_and_dns_events_and_keeps_
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![9, 10, 11, 12, 13, 14, 15]);
+    assert_eq!(report.applied, vec![9, 10, 11, 12, 13, 14, 15, 16]);
     assert_eq!(report.already_applied, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     for (table, columns) in [
         ("process_events", PROCESS_EVENTS_COLUMNS),
@@ -3268,7 +3271,7 @@ async fn events_stored_twice_are_one_event_and_the_rebuild_resumes() {
     }
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![13, 14, 15]);
+    assert_eq!(report.applied, vec![13, 14, 15, 16]);
     let count = |sql: &'static str| {
         let client = client.clone();
         async move { client.query(sql).fetch_one::<u64>().await.unwrap() }

@@ -577,10 +577,10 @@ pub fn entity_key(by: By, e: &Event) -> String {
     match by {
         By::Host => format!("{org}/{host}"),
         By::Process => format!("{org}/{host}/pid:{}@{}", e.pid, e.start_ns),
-        By::ProcessTree => match e.ancestry.iter().rev().find(|a| a.pid > 1) {
-            Some(root) => format!("{org}/{host}/tree:{}:{}", root.pid, root.exe),
-            None => format!("{org}/{host}/tree:{}:{}", e.pid, e.exe),
-        },
+        By::ProcessTree => {
+            let (pid, exe) = tree_root(e);
+            format!("{org}/{host}/tree:{pid}:{exe}")
+        }
         By::User => {
             if !e.user.is_empty() {
                 format!("{org}/user:{}", e.user)
@@ -590,6 +590,16 @@ pub fn entity_key(by: By, e: &Event) -> String {
                 format!("{org}/{host}/user:?")
             }
         }
+    }
+}
+
+/// The pid and program of the process tree's root: the topmost ancestor
+/// below pid 1 (the ancestry runs parent first, up to pid 1), or the process
+/// itself when it has no ancestor below pid 1.
+pub(crate) fn tree_root(e: &Event) -> (u32, &str) {
+    match e.ancestry.iter().rev().find(|a| a.pid > 1) {
+        Some(root) => (root.pid, &root.exe),
+        None => (e.pid, &e.exe),
     }
 }
 

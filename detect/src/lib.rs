@@ -1,12 +1,15 @@
 //! Detection engine (sans-IO): YAML rules — single-event matches,
 //! sequences, thresholds and absence — run over the collector's live event
 //! stream, with bounded state that survives a restart through
-//! [`Engine::snapshot`] / [`Engine::restore`]. The rule format is described
-//! in docs/detections.md.
+//! [`Engine::snapshot`] / [`Engine::restore`]; and [`Incidents`], which groups
+//! the alerts into incidents with a lifecycle, and the zero-incident
+//! [`kpi`]. The rule format and incidents are described in
+//! docs/detections.md.
 
 pub mod diag;
 pub mod engine;
 pub mod event;
+pub mod incidents;
 pub mod rules;
 
 pub use diag::{Diagnostic, Diagnostics, Position};
@@ -15,6 +18,11 @@ pub use engine::{
     Snapshot, Stats,
 };
 pub use event::{Ancestor, Event, FieldRef, Kind, Value};
+pub use incidents::{
+    alert_tree_root, incident_id, kpi, process_tree_root, Action as IncidentAction, Changes,
+    FiscalYear, Incident, IncidentConfig, Incidents, KpiFigures, Linked, ParseNameError,
+    Status as IncidentStatus, TransitionError, MAX_NOTE_BYTES,
+};
 pub use rules::{parse_rules, Rule, Severity};
 
 /// The default rule pack, one file per theme.

@@ -29,6 +29,14 @@ pub enum Severity {
 }
 
 impl Severity {
+    /// Lowest first; the order [`Ord`] follows.
+    pub const ALL: [Severity; 4] = [
+        Severity::Low,
+        Severity::Medium,
+        Severity::High,
+        Severity::Critical,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Severity::Low => "low",
@@ -36,6 +44,21 @@ impl Severity {
             Severity::High => "high",
             Severity::Critical => "critical",
         }
+    }
+
+    /// The name (`low`, `medium`, `high`, `critical`); same as [`name`](Self::name).
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+
+    pub fn from_name(name: &str) -> Option<Severity> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// `levels` steps up, capped at [`Severity::Critical`].
+    pub fn raised(self, levels: u32) -> Severity {
+        let i = (self as usize).saturating_add(levels as usize);
+        Self::ALL[i.min(Self::ALL.len() - 1)]
     }
 }
 

@@ -20,3 +20,9 @@ pub mod control {
 pub mod enrollment {
     tonic::include_proto!("zt.enrollment.v1");
 }
+
+/// The SOC's query API (`zt.query.v1`): incidents, events, fleet, KPI; its
+/// messages are also the HTTP/JSON bodies.
+pub mod query {
+    tonic::include_proto!("zt.query.v1");
+}

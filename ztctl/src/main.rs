@@ -6,6 +6,9 @@
 mod config;
 mod policy_cmd;
 mod policy_diff;
+mod soc_cmd;
+mod soc_render;
+mod when;
 
 use std::path::PathBuf;
 
@@ -17,6 +20,7 @@ use proto::control::{
     admin_client::AdminClient, control_client::ControlClient, CreateEnrollmentTokenRequest, Device,
     ListDevicesRequest, RevokeDeviceRequest, StatusReply, StatusRequest,
 };
+use proto::query::query_client::QueryClient;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -53,6 +57,9 @@ enum Command {
     /// (see docs/policy.md).
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Incidents, events, fleet and KPI: the SOC's commands (see docs/cli.md).
+    #[command(flatten)]
+    Soc(soc_cmd::SocCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +134,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy(command) => {
             policy_cmd::run(command, || async {
                 Ok(AdminClient::new(connect(&config).await?))
+            })
+            .await?
+        }
+        Command::Soc(command) => {
+            soc_cmd::run(command, || async {
+                Ok(QueryClient::new(connect(&config).await?))
             })
             .await?
         }

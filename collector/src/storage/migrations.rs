@@ -494,7 +494,63 @@ pub const MIGRATIONS: &[Migration] = &[
             columns: DECISIONS_V15_COLUMNS,
         }],
     },
+    Migration {
+        version: 16,
+        name: "incidents",
+        steps: &[
+            Step::Execute(CREATE_INCIDENTS),
+            Step::Execute(CREATE_INCIDENT_EVENTS),
+        ],
+    },
 ];
+
+/// Every version of every incident; the newest (`updated_ns`) is the
+/// incident: `FINAL` reads it, merges keep it.
+const CREATE_INCIDENTS: &str = "
+CREATE TABLE IF NOT EXISTS incidents
+(
+    org_id             String,
+    incident_id        String,
+    opened             DateTime,
+    first_seen_ns      UInt64,
+    last_seen_ns       UInt64,
+    updated_ns         UInt64,
+    rule_id            String,
+    title              String,
+    rule_severity      String,
+    severity           String,
+    escalation         String,
+    mitre              Array(String),
+    hostname           String,
+    process_tree_root  String,
+    spread_hosts       Array(String),
+    status             String,
+    count              UInt64,
+    acknowledged_by    String,
+    acknowledged_ns    UInt64,
+    resolved_by        String,
+    resolved_ns        UInt64,
+    note               String
+)
+ENGINE = ReplacingMergeTree(updated_ns)
+PARTITION BY toYYYYMM(opened)
+ORDER BY (org_id, incident_id)";
+
+/// The events behind each incident's alerts (`event_id` = `seq * 8 + table`,
+/// found again with the organisation, host and time).
+const CREATE_INCIDENT_EVENTS: &str = "
+CREATE TABLE IF NOT EXISTS incident_events
+(
+    org_id         String,
+    incident_id    String,
+    time           DateTime,
+    event_time_ns  UInt64,
+    event_id       UInt64,
+    hostname       String
+)
+ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(time)
+ORDER BY (org_id, incident_id, event_time_ns, event_id)";
 
 /// One row per agent heartbeat: the fleet's state over time. The latest row
 /// of a device is its current state (`argMax(..., time)`).
