@@ -15,7 +15,7 @@ mod read;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use detect::IncidentAction;
+use detect::{IncidentAction, TransitionError};
 use proto::query::{
     query_server::Query, EventList, FleetList, GetIncidentRequest, Incident as WireIncident,
     IncidentDetail, IncidentList, Kpi, KpiRequest, ListFleetRequest, ListIncidentsRequest,
@@ -282,7 +282,15 @@ impl QueryService {
                     &e.to_string(),
                 )
                 .await;
-                Err(QueryError::FailedPrecondition(e.to_string()))
+                Err(match e {
+                    // The request is wrong whatever the incident's status.
+                    TransitionError::NoteRequired
+                    | TransitionError::NoteTooLong { .. }
+                    | TransitionError::NoActor => QueryError::InvalidArgument(e.to_string()),
+                    TransitionError::AlreadyResolved | TransitionError::AlreadyAcknowledged => {
+                        QueryError::FailedPrecondition(e.to_string())
+                    }
+                })
             }
             Err(TransitionFailure::NotStored(e)) => {
                 self.audit(caller, &org, audit_action, &req.id, "error", &e.to_string())

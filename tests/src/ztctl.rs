@@ -46,6 +46,51 @@ impl ZtctlUser {
         Ok(ZtctlUser { config })
     }
 
+    /// The directory with the user's `credential.pem` (certificate and
+    /// key) and `ca.pem`.
+    pub fn credential_dir(&self) -> PathBuf {
+        self.config.parent().map(PathBuf::from).unwrap_or_default()
+    }
+
+    /// Calls the collector's HTTP/JSON API with `curl` and this user's
+    /// certificate (`None`: no client certificate); returns the HTTP status
+    /// and the body as JSON.
+    pub fn https(
+        &self,
+        stack: &Stack,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        with_certificate: bool,
+    ) -> Result<(u16, serde_json::Value)> {
+        let dir = self.credential_dir();
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--http2", "--max-time", "10", "-X", method])
+            .arg("--cacert")
+            .arg(dir.join("ca.pem"))
+            .args(["-w", "\n%{http_code}"]);
+        if with_certificate {
+            curl.arg("--cert").arg(dir.join("credential.pem"));
+        }
+        if let Some(body) = body {
+            curl.args(["-H", "content-type: application/json", "--data", body]);
+        }
+        let output = curl
+            .arg(format!("{}{path}", stack.collector_url()))
+            .output()?;
+        ensure!(output.status.success(), "curl {path}: {output:?}");
+        let text = String::from_utf8(output.stdout)?;
+        let (json, status) = text
+            .rsplit_once('\n')
+            .ok_or_else(|| anyhow::anyhow!("curl {path}: no status in {text:?}"))?;
+        let value = if json.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(json).map_err(|e| anyhow::anyhow!("curl {path}: {e}: {json:?}"))?
+        };
+        Ok((status.trim().parse()?, value))
+    }
+
     /// Runs ztctl; `Ok(stdout)` on success, `Err(stderr)` otherwise.
     pub fn ztctl(&self, args: &[&str]) -> Result<std::result::Result<String, String>> {
         let output = Command::new(workspace_binary("ztctl")?)
