@@ -309,6 +309,28 @@ async fn incidents_are_scoped_triaged_and_counted() -> Result<()> {
         "a misspelt filter must not widen the list: {body}"
     );
 
+    // Pages: one at a time, newest first, and all of them with --all.
+    let (status, page) = soc.https(&stack, "GET", "/v1/incidents?page_size=1", None, true)?;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["incidents"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page["incidents"][0]["id"].as_str(), Some(id_b.as_str()));
+    let token = page["next_page_token"].as_str().context("no next page")?;
+    let (_, next) = soc.https(
+        &stack,
+        "GET",
+        &format!("/v1/incidents?page_size=1&page_token={token}"),
+        None,
+        true,
+    )?;
+    assert_eq!(next["incidents"][0]["id"].as_str(), Some(id_a.as_str()));
+    assert_eq!(next["next_page_token"], "");
+    let all = incidents(&soc, &["--limit", "1", "--all"])?;
+    assert_eq!(all.len(), 2);
+    let events = soc.json(&["events", "search", "--limit", "1", "--all", "--json"])?;
+    assert_eq!(events.as_array().map(Vec::len), Some(4), "{events}");
+    let (status, _) = soc.https(&stack, "GET", "/v1/incidents?page_token=1%27--", None, true)?;
+    assert_eq!(status, 400);
+
     // The same service over HTTP/JSON.
     let (status, body) = analyst_a.https(&stack, "GET", "/v1/incidents", None, true)?;
     assert_eq!(status, 200, "{body}");
