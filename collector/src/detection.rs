@@ -249,13 +249,15 @@ impl IncidentBook {
             return Ok(());
         }
         let rows: Vec<IncidentRow> = incidents.into_values().collect();
+        // The links first: an incident must not show up before its events
+        // (links alone are invisible; stored twice, they fold into one).
         let mut result = Ok(());
-        if !rows.is_empty() {
-            result = self.storage.insert(&rows).await;
-        }
-        let stored_rows = result.is_ok();
-        if stored_rows && !links.is_empty() {
+        if !links.is_empty() {
             result = self.storage.insert(&links).await;
+        }
+        let stored_links = result.is_ok();
+        if stored_links && !rows.is_empty() {
+            result = self.storage.insert(&rows).await;
         }
         match result {
             Ok(()) => {
@@ -264,7 +266,7 @@ impl IncidentBook {
             }
             Err(e) => {
                 let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                let rows = if stored_rows { Vec::new() } else { rows };
+                let links = if stored_links { Vec::new() } else { links };
                 pending.add(rows, links, &self.metrics);
                 Err(e)
             }

@@ -346,6 +346,88 @@ impl Host {
     }
 }
 
+/// A network namespace with nothing but loopback (up), for a test's
+/// processes that talk to each other on `127.0.0.1` apart from the
+/// machine's own loopback (any port is free in it). Dropping it kills the
+/// processes still inside and deletes it; it never panics.
+#[derive(Debug)]
+pub struct LoopbackNetns {
+    name: String,
+}
+
+impl LoopbackNetns {
+    /// Creates namespace `ztlo-<name>-<random>` with `lo` up.
+    pub fn create(name: &str) -> Result<Self> {
+        check_name("namespace", name)?;
+        let full = format!("ztlo-{name}-{}", random_hex(8));
+        ip(&["netns", "add", &full])
+            .with_context(|| format!("creating network namespace {full}"))?;
+        // From here on Drop removes it, also when bringing `lo` up fails.
+        let netns = Self { name: full };
+        ip(&["-n", &netns.name, "link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// The namespace's name (as `ip netns list` shows it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`.
+    pub fn path(&self) -> PathBuf {
+        netns_path(&self.name)
+    }
+
+    /// A [`Command`] for `program` that joins this namespace and then
+    /// `cgroup` between fork and exec: the program itself is the only exec
+    /// (no `nsenter` in between, whose command line would carry the
+    /// program's), and the child's pid is the program's. Add arguments,
+    /// stdio and environment as usual.
+    pub fn command_in_cgroup(
+        &self,
+        cgroup: &crate::cgroup::TestCgroup,
+        program: &str,
+    ) -> Result<Command> {
+        use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+        let handle = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        let procs = std::ffi::CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
+        let mut command = Command::new(program);
+        // SAFETY: only async-signal-safe calls (setns, open, write, close)
+        // between fork and exec; `handle` stays open in the parent (owned by
+        // the closure) until the command is dropped.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+}
+
+impl Drop for LoopbackNetns {
+    fn drop(&mut self) {
+        if let Err(e) = kill_processes_in(&self.name) {
+            eprintln!("warning: netns {}: {e:#}", self.name);
+        }
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: removing test network namespace: {e:#}");
+        }
+    }
+}
+
 /// Runs `f` on a fresh thread that has joined the network namespace at
 /// `path`; resumes `f`'s panic, if any, on the caller.
 fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
