@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod stack;
+pub mod telemetry_sim;
 pub mod tunnel_site;
 pub mod ztctl;
 
