@@ -415,6 +415,27 @@ pub enum Command {
     /// Credentials of the people who use `ztctl`.
     #[command(subcommand)]
     Credential(CredentialCommand),
+    /// Accounts of the people who sign in to the web console.
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AccountCommand {
+    /// Creates a console account (or sets a new password and role on it):
+    /// a user of the organisation with the role, signing in with a
+    /// password read from stdin (one line; asked twice on a terminal).
+    Create {
+        /// Organisation of the user.
+        #[arg(long)]
+        org: String,
+        /// The sign-in name (unique across organisations).
+        #[arg(long)]
+        user: String,
+        /// analyst, admin, or soc (the prefecture-wide SOC).
+        #[arg(long, value_enum)]
+        role: crate::control_plane::Role,
+    },
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]

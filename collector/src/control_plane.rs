@@ -354,6 +354,49 @@ impl ControlPlane {
         })
     }
 
+    /// Registers (or re-registers with a new role) user `user` of `org`,
+    /// who may then call the admin and query APIs with a certificate or a
+    /// console account.
+    pub fn register_user(
+        &self,
+        org: &str,
+        user: &str,
+        role: Role,
+    ) -> Result<SpiffeId, ControlPlaneError> {
+        let id = SpiffeId::user(self.trust_domain(), org, user)?;
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fresh) = read_json(&self.users_path)? {
+            *users = fresh;
+        }
+        users.insert(
+            id.to_string(),
+            UserRecord {
+                spiffe_id: id.to_string(),
+                org: org.to_owned(),
+                name: user.to_owned(),
+                role,
+            },
+        );
+        write_json(&self.users_path, &*users)?;
+        Ok(id)
+    }
+
+    /// The organisations the collector knows: of enrolled devices and of
+    /// registered users.
+    pub fn organisations(&self) -> Vec<String> {
+        let mut orgs: Vec<String> = self.devices(None).into_iter().map(|d| d.org).collect();
+        orgs.extend(
+            self.users
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|u| u.org.clone()),
+        );
+        orgs.sort();
+        orgs.dedup();
+        orgs
+    }
+
     /// A key and certificate for user `user` of `org` (for `ztctl`), with
     /// the trust bundle: `(credential PEM: key then certificate, bundle PEM)`.
     pub fn issue_user_credential(
@@ -363,23 +406,7 @@ impl ControlPlane {
         role: Role,
         ttl: Duration,
     ) -> Result<(String, String), ControlPlaneError> {
-        let id = SpiffeId::user(self.trust_domain(), org, user)?;
-        {
-            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(fresh) = read_json(&self.users_path)? {
-                *users = fresh;
-            }
-            users.insert(
-                id.to_string(),
-                UserRecord {
-                    spiffe_id: id.to_string(),
-                    org: org.to_owned(),
-                    name: user.to_owned(),
-                    role,
-                },
-            );
-            write_json(&self.users_path, &*users)?;
-        }
+        let id = self.register_user(org, user, role)?;
         let key = zt_identity::DeviceKey::generate().map_err(ControlPlaneError::Tls)?;
         let csr = key.csr_pem().map_err(ControlPlaneError::Tls)?;
         let issued = self

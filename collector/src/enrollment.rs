@@ -26,6 +26,14 @@ impl EnrollmentService {
 // the unboxing into each of them.
 #[allow(clippy::result_large_err)]
 pub fn caller_identity<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
+    // A console session, put there by the HTTP layer after it checked the
+    // cookie (and, for changes, the CSRF token); never from the wire.
+    if let Some(session) = request
+        .extensions()
+        .get::<crate::console::SessionIdentity>()
+    {
+        return Ok(session.0.clone());
+    }
     let certs = request
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;

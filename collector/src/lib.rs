@@ -21,6 +21,7 @@
 //!   alerts grouped into incidents, stored in `zt.incidents`;
 //! - [`query`]: the SOC's API (incidents, events, fleet, KPI) over gRPC
 //!   and HTTP/JSON;
+//! - [`console`]: the SOC web console's files, accounts and sessions;
 //! - [`metrics`]: counters and gauges;
 //! - [`server`]: wiring, start-up and graceful shutdown.
 //!
@@ -28,6 +29,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod control_plane;
 pub mod detection;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use zt_collector::{
-    config::{Command, CredentialCommand, TokenCommand},
+    config::{AccountCommand, Command, CredentialCommand, TokenCommand},
     control_plane::ControlPlane,
     CliArgs, CollectorConfig, LogFormat,
 };
@@ -50,6 +50,17 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
             println!("{}", credential_path.display());
             Ok(())
         }
+        Command::Account(AccountCommand::Create { org, user, role }) => {
+            let password = read_password()?;
+            zt_collector::console::accounts::Accounts::new(&config.identity.state_dir)
+                .create(&open()?, org, user, *role, &password)
+                .context("creating the console account")?;
+            eprintln!(
+                "console account {user} ({} of {org}) ready: sign in at https://<collector>:<port>/console/",
+                role.as_str()
+            );
+            Ok(())
+        }
         Command::Token(TokenCommand::Create {
             org,
             device,
@@ -69,6 +80,58 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
                 );
             }
             Ok(())
+        }
+    }
+}
+
+/// The password from stdin: one line; asked twice when stdin is a
+/// terminal (and not echoed).
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead as _, IsTerminal as _};
+    let stdin = std::io::stdin();
+    let read_line = || -> anyhow::Result<String> {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    if !stdin.is_terminal() {
+        return read_line();
+    }
+    let echo = Echo::off();
+    eprint!("password: ");
+    let first = read_line()?;
+    eprint!("\nagain: ");
+    let second = read_line()?;
+    eprintln!();
+    drop(echo);
+    anyhow::ensure!(first == second, "the two passwords differ");
+    Ok(first)
+}
+
+/// Terminal echo off while it lives.
+struct Echo(Option<libc::termios>);
+
+impl Echo {
+    fn off() -> Echo {
+        // SAFETY: termios calls on stdin with a zeroed, then filled, struct.
+        unsafe {
+            let mut term: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut term) != 0 {
+                return Echo(None);
+            }
+            let saved = term;
+            term.c_lflag &= !libc::ECHO;
+            libc::tcsetattr(0, libc::TCSANOW, &term);
+            Echo(Some(saved))
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            // SAFETY: restoring the attributes read in `off`.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, saved) };
         }
     }
 }

@@ -17,9 +17,9 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use detect::{IncidentAction, TransitionError};
 use proto::query::{
-    query_server::Query, EventList, FleetList, GetIncidentRequest, Incident as WireIncident,
-    IncidentDetail, IncidentList, Kpi, KpiRequest, ListFleetRequest, ListIncidentsRequest,
-    SearchEventsRequest, UpdateIncidentRequest,
+    query_server::Query, AuditList, AuditRequest, EventList, FleetList, GetIncidentRequest,
+    Incident as WireIncident, IncidentDetail, IncidentList, Kpi, KpiRequest, ListFleetRequest,
+    ListIncidentsRequest, SearchEventsRequest, Trend, TrendRequest, UpdateIncidentRequest,
 };
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -241,7 +241,7 @@ impl QueryService {
         check_incident_id(&req.id)?;
         let scope = caller.scope("")?;
         let Some(row) = crate::incidents::find(&self.storage, &scope, &req.id).await? else {
-            self.audit(
+            self.write_audit(
                 caller,
                 &caller.user.org,
                 audit_action,
@@ -266,14 +266,14 @@ impl QueryService {
             .await
         {
             Ok(changed) => {
-                self.audit(caller, &org, audit_action, &req.id, "ok", &req.note)
+                self.write_audit(caller, &org, audit_action, &req.id, "ok", &req.note)
                     .await;
                 Ok(read::wire_incident(&crate::incidents::IncidentRow::of(
                     &changed,
                 )))
             }
             Err(TransitionFailure::Refused(e)) => {
-                self.audit(
+                self.write_audit(
                     caller,
                     &org,
                     audit_action,
@@ -293,7 +293,7 @@ impl QueryService {
                 })
             }
             Err(TransitionFailure::NotStored(e)) => {
-                self.audit(caller, &org, audit_action, &req.id, "error", &e.to_string())
+                self.write_audit(caller, &org, audit_action, &req.id, "error", &e.to_string())
                     .await;
                 Err(QueryError::Unavailable(e.to_string()))
             }
@@ -323,7 +323,28 @@ impl QueryService {
         read::kpi(&self.storage, &scope, self.utc_offset_secs).await
     }
 
-    async fn audit(
+    pub async fn trend(
+        &self,
+        caller: &Caller,
+        org_id: &str,
+        days: u32,
+    ) -> Result<Trend, QueryError> {
+        let scope = caller.scope(org_id)?;
+        read::trend(&self.storage, &scope, days, self.utc_offset_secs).await
+    }
+
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        org_id: &str,
+        since: &str,
+        page_size: u32,
+    ) -> Result<AuditList, QueryError> {
+        let scope = caller.scope(org_id)?;
+        read::audit(&self.storage, &scope, since, page_size).await
+    }
+
+    async fn write_audit(
         &self,
         caller: &Caller,
         org: &str,
@@ -439,6 +460,23 @@ impl Query for QueryService {
     async fn get_kpi(&self, request: Request<KpiRequest>) -> Result<Response<Kpi>, Status> {
         self.serve(request, |s, c, r| async move { s.kpi(&c, r).await })
             .await
+    }
+
+    async fn get_trend(&self, request: Request<TrendRequest>) -> Result<Response<Trend>, Status> {
+        self.serve(request, |s, c, r| async move {
+            s.trend(&c, &r.org_id, r.days).await
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<AuditRequest>,
+    ) -> Result<Response<AuditList>, Status> {
+        self.serve(request, |s, c, r| async move {
+            s.audit(&c, &r.org_id, &r.since, r.page_size).await
+        })
+        .await
     }
 }
 

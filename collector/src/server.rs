@@ -266,6 +266,15 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         utc_offset_secs,
     );
     let admin = AdminService::new(plane.clone(), storage.clone(), connected);
+    let sessions = Arc::new(crate::console::sessions::Sessions::default());
+    let console = crate::console::Console::new(
+        plane.clone(),
+        storage.clone(),
+        admin.clone(),
+        query.clone(),
+        &config.identity.state_dir,
+        sessions.clone(),
+    );
     let fleet = FleetService::new(plane.clone(), storage.clone(), shutdown_rx.clone())
         .with_detection(detection.handle());
     tokio::spawn(check_rollouts(
@@ -275,7 +284,8 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
     ));
     let control = ControlService::new(storage, metrics.clone());
     let mut stop = shutdown_rx;
-    // The gRPC services and, on the same port, the query API as HTTP/JSON.
+    // The gRPC services and, on the same port, the query API as HTTP/JSON
+    // and the SOC console.
     let routes = Routes::new(TelemetryServer::new(telemetry))
         .add_service(ControlServer::new(control))
         .add_service(EnrollmentServer::new(enrollment))
@@ -283,7 +293,8 @@ pub async fn start(config: CollectorConfig) -> Result<RunningCollector, RunError
         .add_service(FleetServer::new(fleet))
         .add_service(QueryServer::new(query.clone()))
         .into_axum_router()
-        .merge(crate::query::http::router(query));
+        .merge(crate::query::http::router(query, sessions))
+        .merge(console.router());
     let server = tokio::spawn(
         Server::builder()
             .add_routes(Routes::from(routes))

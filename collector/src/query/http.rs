@@ -27,10 +27,21 @@ use proto::query::{
 };
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use super::{Caller, QueryError, QueryService};
+use crate::console::sessions::Sessions;
+
+/// The routes' state: the service, and the console's sessions (a
+/// signed-in console user calls these routes with the session cookie).
+#[derive(Clone)]
+pub struct HttpState {
+    service: QueryService,
+    sessions: Arc<Sessions>,
+}
 
 /// The routes, to merge with the gRPC services'.
-pub fn router(service: QueryService) -> Router {
+pub fn router(service: QueryService, sessions: Arc<Sessions>) -> Router {
     Router::new()
         .route("/v1/incidents", get(list_incidents))
         .route("/v1/incidents/:id", get(get_incident))
@@ -38,7 +49,9 @@ pub fn router(service: QueryService) -> Router {
         .route("/v1/events", get(search_events))
         .route("/v1/fleet", get(list_fleet))
         .route("/v1/kpi", get(kpi))
-        .with_state(service)
+        .route("/v1/trend", get(trend))
+        .route("/v1/audit", get(audit))
+        .with_state(HttpState { service, sessions })
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,12 +78,12 @@ impl IntoResponse for QueryError {
     }
 }
 
-/// The caller of an HTTP request, from the TLS connection's client
-/// certificate (tonic puts the connection's details in the request).
-fn caller(service: &QueryService, request: &Parts) -> Result<Caller, QueryError> {
-    let mut probe = axum::http::Request::new(());
-    *probe.extensions_mut() = request.extensions.clone();
-    service.caller(&tonic::Request::from_http(probe))
+/// The caller of an HTTP request: the TLS connection's client certificate
+/// (tonic puts the connection's details in the request), else the console
+/// session's user.
+fn caller(state: &HttpState, request: &Parts) -> Result<Caller, QueryError> {
+    let probe = crate::console::authenticate(&state.sessions, request)?;
+    state.service.caller(&probe)
 }
 
 /// The query string's parameters, each allowed name checked.
@@ -131,10 +144,10 @@ fn reply<T: Serialize>(result: Result<T, QueryError>) -> Response {
     }
 }
 
-async fn list_incidents(State(service): State<QueryService>, request: Request) -> Response {
+async fn list_incidents(State(state): State<HttpState>, request: Request) -> Response {
     let (request, _body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        let caller = caller(&state, &request)?;
         let p = Params::of(
             &request,
             &[
@@ -160,21 +173,22 @@ async fn list_incidents(State(service): State<QueryService>, request: Request) -
             page_size: p.number("page_size")?,
             page_token: p.text("page_token"),
         };
-        service.list_incidents(&caller, req).await
+        state.service.list_incidents(&caller, req).await
     };
     reply(result.await)
 }
 
 async fn get_incident(
-    State(service): State<QueryService>,
+    State(state): State<HttpState>,
     Path(id): Path<String>,
     request: Request,
 ) -> Response {
     let (request, _body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        let caller = caller(&state, &request)?;
         Params::of(&request, &[])?;
-        service
+        state
+            .service
             .get_incident(&caller, GetIncidentRequest { id })
             .await
     };
@@ -188,22 +202,24 @@ struct NoteBody {
 }
 
 async fn update_incident(
-    State(service): State<QueryService>,
+    State(state): State<HttpState>,
     Path((id, action)): Path<(String, String)>,
     request: Request,
 ) -> Response {
     let (request, body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        // The body first, whatever the answer: answering an HTTP/2 request
+        // before reading its body resets the stream under the client.
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .map_err(|e| QueryError::InvalidArgument(format!("request body: {e}")))?;
+        let caller = caller(&state, &request)?;
         Params::of(&request, &[])?;
         if action != "acknowledge" && action != "resolve" {
             return Err(QueryError::NotFound(format!(
                 "no action {action:?}: POST /v1/incidents/{{id}}/acknowledge or /resolve"
             )));
         }
-        let bytes = axum::body::to_bytes(body, 64 * 1024)
-            .await
-            .map_err(|e| QueryError::InvalidArgument(format!("request body: {e}")))?;
         let body: NoteBody = if bytes.iter().all(u8::is_ascii_whitespace) {
             NoteBody::default()
         } else {
@@ -213,7 +229,8 @@ async fn update_incident(
                 ))
             })?
         };
-        service
+        state
+            .service
             .update_incident(
                 &caller,
                 UpdateIncidentRequest {
@@ -227,10 +244,10 @@ async fn update_incident(
     reply(result.await)
 }
 
-async fn search_events(State(service): State<QueryService>, request: Request) -> Response {
+async fn search_events(State(state): State<HttpState>, request: Request) -> Response {
     let (request, _body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        let caller = caller(&state, &request)?;
         let p = Params::of(
             &request,
             &[
@@ -261,17 +278,18 @@ async fn search_events(State(service): State<QueryService>, request: Request) ->
             page_size: p.number("page_size")?,
             page_token: p.text("page_token"),
         };
-        service.search_events(&caller, req).await
+        state.service.search_events(&caller, req).await
     };
     reply(result.await)
 }
 
-async fn list_fleet(State(service): State<QueryService>, request: Request) -> Response {
+async fn list_fleet(State(state): State<HttpState>, request: Request) -> Response {
     let (request, _body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        let caller = caller(&state, &request)?;
         let p = Params::of(&request, &["org_id"])?;
-        service
+        state
+            .service
             .list_fleet(
                 &caller,
                 ListFleetRequest {
@@ -283,17 +301,50 @@ async fn list_fleet(State(service): State<QueryService>, request: Request) -> Re
     reply(result.await)
 }
 
-async fn kpi(State(service): State<QueryService>, request: Request) -> Response {
+async fn kpi(State(state): State<HttpState>, request: Request) -> Response {
     let (request, _body) = request.into_parts();
     let result = async {
-        let caller = caller(&service, &request)?;
+        let caller = caller(&state, &request)?;
         let p = Params::of(&request, &["org_id"])?;
-        service
+        state
+            .service
             .kpi(
                 &caller,
                 KpiRequest {
                     org_id: p.text("org_id"),
                 },
+            )
+            .await
+    };
+    reply(result.await)
+}
+
+async fn trend(State(state): State<HttpState>, request: Request) -> Response {
+    let (request, _body) = request.into_parts();
+    let result = async {
+        let caller = caller(&state, &request)?;
+        let p = Params::of(&request, &["org_id", "days"])?;
+        let days = match p.number("days")? {
+            0 => 30,
+            n => n,
+        };
+        state.service.trend(&caller, &p.text("org_id"), days).await
+    };
+    reply(result.await)
+}
+
+async fn audit(State(state): State<HttpState>, request: Request) -> Response {
+    let (request, _body) = request.into_parts();
+    let result = async {
+        let caller = caller(&state, &request)?;
+        let p = Params::of(&request, &["org_id", "since", "page_size"])?;
+        state
+            .service
+            .audit(
+                &caller,
+                &p.text("org_id"),
+                &p.text("since"),
+                p.number("page_size")?,
             )
             .await
     };

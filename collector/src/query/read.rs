@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use clickhouse::Row;
 use proto::query::{
-    Agent, Event as WireEvent, EventList, FleetList, Incident as WireIncident, IncidentChange,
-    IncidentDetail, IncidentList, Kpi, ListIncidentsRequest, ProcessNode, SearchEventsRequest,
+    Agent, AuditEntry, AuditList, Event as WireEvent, EventList, FleetList,
+    Incident as WireIncident, IncidentChange, IncidentDetail, IncidentList, Kpi,
+    ListIncidentsRequest, ProcessNode, SearchEventsRequest, Trend, TrendDay,
 };
 use serde::{de::DeserializeOwned, Deserialize};
 use zt_identity::SpiffeId;
@@ -77,7 +78,7 @@ fn optional_time(field: &str, text: &str) -> Result<Option<u64>, QueryError> {
     }
 }
 
-fn page_size(requested: u32) -> Result<u64, QueryError> {
+fn page_size_of(requested: u32) -> Result<u64, QueryError> {
     match requested {
         0 => Ok(u64::from(DEFAULT_PAGE_SIZE)),
         n if n > MAX_PAGE_SIZE => Err(QueryError::bad(format!(
@@ -192,7 +193,7 @@ pub async fn list_incidents(
     short_text("host", &req.host)?;
     let since = optional_time("since", &req.since)?.unwrap_or(0);
     let until = optional_time("until", &req.until)?.unwrap_or(u64::MAX);
-    let limit = page_size(req.page_size)?;
+    let limit = page_size_of(req.page_size)?;
     // Newest first; the next page starts below the last one's (first seen, id).
     let (before_ns, before_id) =
         parse_incident_token(&req.page_token)?.unwrap_or((u64::MAX, String::new()));
@@ -947,7 +948,7 @@ pub async fn search_events(
     if since > until {
         return Err(QueryError::bad("since is after until"));
     }
-    let limit = page_size(req.page_size)?;
+    let limit = page_size_of(req.page_size)?;
     let before = if req.page_token.is_empty() {
         until.saturating_add(1)
     } else {
@@ -1220,6 +1221,134 @@ pub async fn kpi(
     })
 }
 
+/// `+HH:MM` of an offset in seconds.
+pub fn offset_text(secs: i32) -> String {
+    let sign = if secs < 0 { '-' } else { '+' };
+    let abs = secs.unsigned_abs();
+    format!("{sign}{:02}:{:02}", abs / 3600, abs % 3600 / 60)
+}
+
+/// The civil date (in the clock `utc_offset_secs` from UTC) of `ns`.
+fn local_date(ns: u64, utc_offset_secs: i32) -> Option<time::Date> {
+    let offset = time::UtcOffset::from_whole_seconds(utc_offset_secs).ok()?;
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .map(|t| t.to_offset(offset).date())
+}
+
+pub async fn trend(
+    storage: &Storage,
+    scope: &Scope,
+    days: u32,
+    utc_offset_secs: i32,
+) -> Result<Trend, QueryError> {
+    if !(1..=366).contains(&days) {
+        return Err(QueryError::bad(format!("days {days} is outside 1..=366")));
+    }
+    let now = crate::detection::now_ns();
+    let today = local_date(now, utc_offset_secs)
+        .ok_or_else(|| QueryError::bad("the fiscal-year clock's offset is out of range"))?;
+    let first = today - time::Duration::days(i64::from(days) - 1);
+    let since = now.saturating_sub(u64::from(days + 1) * 86_400 * NS);
+    let (all, orgs) = scope.binds();
+    let rows: Vec<(u64, String)> = storage
+        .client()
+        .query(
+            "SELECT first_seen_ns, severity FROM incidents FINAL \
+             WHERE (? = 1 OR has(?, org_id)) AND first_seen_ns >= ?",
+        )
+        .bind(all)
+        .bind(orgs)
+        .bind(since)
+        .fetch_all()
+        .await
+        .map_err(|e| storage_error("counting incidents per day", e))?;
+    let mut by_day: Vec<TrendDay> = (0..days)
+        .map(|i| TrendDay {
+            date: (first + time::Duration::days(i64::from(i))).to_string(),
+            ..TrendDay::default()
+        })
+        .collect();
+    for (ns, severity) in rows {
+        let Some(date) = local_date(ns, utc_offset_secs) else {
+            continue;
+        };
+        let index = (date - first).whole_days();
+        let Some(day) = usize::try_from(index).ok().and_then(|i| by_day.get_mut(i)) else {
+            continue;
+        };
+        match severity.as_str() {
+            "low" => day.low += 1,
+            "medium" => day.medium += 1,
+            "high" => day.high += 1,
+            _ => day.critical += 1,
+        }
+    }
+    Ok(Trend {
+        days: by_day,
+        utc_offset: offset_text(utc_offset_secs),
+    })
+}
+
+#[derive(Debug, Deserialize, Row)]
+struct AuditRowRead {
+    time_ns: u64,
+    org_id: String,
+    actor: String,
+    actor_role: String,
+    action: String,
+    target: String,
+    source: String,
+    result: String,
+    detail: String,
+}
+
+pub async fn audit(
+    storage: &Storage,
+    scope: &Scope,
+    since: &str,
+    page_size: u32,
+) -> Result<AuditList, QueryError> {
+    let limit = page_size_of(page_size)?;
+    let since = match optional_time("since", since)? {
+        Some(ns) => ns,
+        None => crate::detection::now_ns().saturating_sub(7 * 86_400 * NS),
+    };
+    let (all, orgs) = scope.binds();
+    let rows: Vec<AuditRowRead> = storage
+        .client()
+        .query(
+            "SELECT time_ns, org_id, actor, actor_role, action, target, source, result, detail \
+             FROM audit_log WHERE (? = 1 OR has(?, org_id)) \
+               AND time >= toDateTime(?) AND time_ns >= ? \
+             ORDER BY time_ns DESC LIMIT ?",
+        )
+        .bind(all)
+        .bind(orgs)
+        .bind(seconds(since))
+        .bind(since)
+        .bind(limit)
+        .fetch_all()
+        .await
+        .map_err(|e| storage_error("reading the audit log", e))?;
+    Ok(AuditList {
+        entries: rows
+            .into_iter()
+            .map(|r| AuditEntry {
+                time: rfc3339(r.time_ns),
+                org_id: r.org_id,
+                actor: r.actor,
+                actor_role: r.actor_role,
+                action: r.action,
+                target: r.target,
+                source: r.source,
+                result: r.result,
+                detail: r.detail,
+            })
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1245,8 +1374,8 @@ mod tests {
         assert!(matches!(err, QueryError::InvalidArgument(_)));
         assert!(short_text("host", &"x".repeat(MAX_TEXT_FILTER + 1)).is_err());
         assert!(short_text("host", "a\0b").is_err());
-        assert_eq!(page_size(0).unwrap(), 100);
-        assert!(page_size(MAX_PAGE_SIZE + 1).is_err());
+        assert_eq!(page_size_of(0).unwrap(), 100);
+        assert!(page_size_of(MAX_PAGE_SIZE + 1).is_err());
     }
 
     #[test]
@@ -1266,5 +1395,15 @@ mod tests {
         assert_eq!(remote("10.0.0.1", 80), "10.0.0.1:80");
         assert_eq!(remote("fd00::1", 443), "[fd00::1]:443");
         assert_eq!(remote("", 0), "");
+    }
+
+    #[test]
+    fn offsets_and_local_dates() {
+        assert_eq!(offset_text(9 * 3600), "+09:00");
+        assert_eq!(offset_text(-(5 * 3600 + 1800)), "-05:30");
+        // 2026-11-24T20:00:00Z is already the 25th in Tokyo.
+        let ns = parse_time("t", "2026-11-24T20:00:00Z").unwrap();
+        assert_eq!(local_date(ns, 9 * 3600).unwrap().to_string(), "2026-11-25");
+        assert_eq!(local_date(ns, 0).unwrap().to_string(), "2026-11-24");
     }
 }
