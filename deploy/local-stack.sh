@@ -104,16 +104,26 @@ credential = "$ztctl_dir/credential.pem"
 ca_bundle = "$ztctl_dir/ca.pem"
 TOML
 
+  # The web console's account: 'soc' (the prefecture-wide role), with a
+  # password made on the first `up` and kept in the state directory.
+  local console_password="$state/console-password"
+  if [ ! -s "$console_password" ]; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$console_password")
+  fi
+  "${collector[@]}" account create --org local --user soc --role soc <"$console_password" 2>/dev/null
+
   cat <<MSG
 
 The stack is up.
   collector (gRPC)   https://$collector_addr (mutual TLS; CA in $state/collector/ca)
   ClickHouse (HTTP)  http://127.0.0.1:8123, database zt
   logs               $state/logs/
-  SOC console        not yet: it arrives with the console issue; use ztctl and SQL meanwhile
+  SOC console        https://$collector_addr/console/  user soc, password in $state/console-password
+                     (the certificate is the collector's own CA: $ztctl_dir/ca.pem)
 
 Try:
   $bin/ztctl status
+  $bin/ztctl incidents list
   curl http://127.0.0.68:8080/     # "Ok." from ClickHouse, through the zero-trust tunnel
   clickhouse-client --query "SELECT time, exe, action, verdict, rule_id, enforcement_point, reason FROM zt.decisions ORDER BY time DESC LIMIT 10"
   clickhouse-client --query "SELECT time, hostname, pid, ppid, uid, filename, argv FROM zt.process_events ORDER BY time DESC LIMIT 10"

@@ -3,7 +3,8 @@
 # zero-trust agent and collector on Debian 12, as root.
 #
 # Installs only what is missing; a second run on a ready machine takes seconds.
-#   - Debian packages: ClickHouse server and client, protoc, iproute2, build tools
+#   - Debian packages: ClickHouse server and client, protoc, iproute2, build tools,
+#     Chromium and chromedriver with a Japanese font (the console's browser tests)
 #   - the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)
 #   - bpf-linker, linked against rustc's own libLLVM (no LLVM 22 package on Debian 12)
 #   - bpffs, tracefs and debugfs mounted if absent
@@ -17,7 +18,7 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # --- Debian packages ---------------------------------------------------------
-packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates python3)
+packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates python3 chromium chromium-driver fonts-ipafont-gothic)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -2,6 +2,7 @@
 //! binaries as real processes, and cgroups made for a test.
 
 pub mod bench;
+pub mod browser;
 pub mod cgroup;
 pub mod clickhouse;
 pub mod fleet_sim;
