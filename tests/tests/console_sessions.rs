@@ -169,6 +169,17 @@ async fn console_sign_in_sessions_and_roles() -> Result<()> {
     assert!(page.headers.contains("x-frame-options: deny"));
     assert_eq!(analyst.get("/console/no-such-file.js")?.status, 404);
 
+    // A browser presenting a user certificate is signed in as that user.
+    let (status, me) = soc.https(&stack, "GET", "/console/api/me", None, true)?;
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(
+        (me["auth"].as_str(), me["role"].as_str()),
+        (Some("certificate"), Some("soc"))
+    );
+    assert!(me["orgs"]
+        .as_array()
+        .is_some_and(|orgs| orgs.contains(&"city-a".into()) && orgs.contains(&"city-b".into())));
+
     // Not signed in: refused.
     let reply = analyst.get("/console/api/me")?;
     assert_eq!(
