@@ -5,13 +5,14 @@
 //! Ingest converts each batch's rows to engine events ([`events`]) and,
 //! once ClickHouse has stored the rows, hands them to the task through a
 //! bounded channel (a full channel holds ingest back; nothing is dropped).
-//! The task runs every event through the engine, groups the alerts into
-//! incidents and writes the incidents that changed, with the links to their
-//! events, at once — so an incident is stored within a batch of its last
-//! event. Once a second it moves the engine's clock to the wall clock (for
-//! absence rules), forgets incidents past the grouping window, and retries
-//! writes ClickHouse refused (kept in memory meanwhile, newest version per
-//! incident).
+//! The task runs every event through the engine and groups the alerts into
+//! incidents; a writer task beside it writes the incidents that changed,
+//! with the links to their events, as soon as there are any — whatever
+//! queued up during a write goes in the next one, newest version per
+//! incident, so a burst of alerts costs a few writes, not one per batch.
+//! Once a second the engine's clock moves to the wall clock (for absence
+//! rules) and incidents past the grouping window are forgotten; writes
+//! ClickHouse refused are retried every second (kept in memory meanwhile).
 //!
 //! The engine's state (open sequences, threshold windows, silent agents)
 //! is saved to `<state_dir>/detection/engine.json` every
@@ -191,6 +192,8 @@ pub struct IncidentBook {
     pending: Mutex<Pending>,
     /// One writer at a time, so versions reach ClickHouse in order.
     writing: tokio::sync::Mutex<()>,
+    /// Tells the writer task there is something to write.
+    wake: tokio::sync::Notify,
     storage: Storage,
     metrics: Arc<Metrics>,
 }
@@ -207,6 +210,7 @@ impl IncidentBook {
             incidents: Mutex::new(Incidents::new(config)),
             pending: Mutex::new(Pending::default()),
             writing: tokio::sync::Mutex::new(()),
+            wake: tokio::sync::Notify::new(),
             storage,
             metrics,
         }
@@ -216,8 +220,22 @@ impl IncidentBook {
         self.incidents.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queues the rows of `changes` for the writer task.
+    fn queue(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        self.add_pending(changes);
+        self.wake.notify_one();
+    }
+
     /// Queues the rows of `changes` and writes everything queued.
     async fn store(&self, changes: Changes) -> Result<(), StorageError> {
+        self.add_pending(changes);
+        self.flush().await
+    }
+
+    fn add_pending(&self, changes: Changes) {
         let rows: Vec<IncidentRow> = changes.incidents.iter().map(IncidentRow::of).collect();
         let links: Vec<IncidentEventRow> = changes
             .links
@@ -237,7 +255,6 @@ impl IncidentBook {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .add(rows, links, &self.metrics);
-        self.flush().await
     }
 
     /// Writes the queued rows; on failure they stay queued.
@@ -503,6 +520,12 @@ async fn run(
     snapshot_every: Duration,
     metrics: Arc<Metrics>,
 ) {
+    // Incidents are written beside the engine, not in its loop: a write
+    // takes one or two INSERT round trips, and meanwhile the engine goes
+    // on; whatever queued up meanwhile goes in the next write, newest
+    // version per incident.
+    let (stop_writer, stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(write_incidents(book.clone(), stopped));
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saved_at = Instant::now();
@@ -527,10 +550,7 @@ async fn run(
                 dirty = true;
                 if !alerts.is_empty() {
                     Metrics::add(&metrics.alerts_raised, alerts.len() as u64);
-                    let changes = group(&book, alerts, now_ns());
-                    if let Err(e) = book.store(changes).await {
-                        warn!(error = %e, "incidents not stored yet; retrying every second");
-                    }
+                    book.queue(group(&book, alerts, now_ns()));
                 }
             }
             _ = ticks.tick() => {
@@ -544,13 +564,8 @@ async fn run(
                     Metrics::add(&metrics.alerts_raised, alerts.len() as u64);
                     dirty = true;
                 }
-                let changes = group(&book, alerts, now);
+                book.queue(group(&book, alerts, now));
                 book.incidents().expire(now);
-                if !changes.incidents.is_empty() || book.has_pending() {
-                    if let Err(e) = book.store(changes).await {
-                        warn!(error = %e, "incidents not stored yet; retrying every second");
-                    }
-                }
                 if dirty && saved_at.elapsed() >= snapshot_every {
                     if let Err(e) = save(&engine, &dir) {
                         error!(dir = %dir.display(), error = %e, "cannot save the detection state");
@@ -562,12 +577,41 @@ async fn run(
         }
     }
     // Every sender is gone: ingest has stopped. Keep what we know.
+    let _ = stop_writer.send(true);
+    let _ = writer.await;
     if let Err(e) = book.flush().await {
         warn!(error = %e, "incidents left unstored at shutdown");
     }
     match save(&engine, &dir) {
         Ok(()) => info!(dir = %dir.display(), "detection state saved"),
         Err(e) => error!(dir = %dir.display(), error = %e, "cannot save the detection state"),
+    }
+}
+
+/// The writer task: writes what is queued when told, and retries every
+/// [`TICK`] while ClickHouse refuses; ends (after its current write) when
+/// `stop` turns true.
+async fn write_incidents(book: Arc<IncidentBook>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = book.wake.notified(), if !failing => {}
+            () = tokio::time::sleep(TICK) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if !book.has_pending() {
+            failing = false;
+            continue;
+        }
+        match book.flush().await {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "incidents not stored yet; retrying every second");
+                }
+                failing = true;
+            }
+        }
     }
 }
 

@@ -197,10 +197,13 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Where the attacks run: a test cgroup and a loopback-only namespace.
+/// Where the attacks run: a test cgroup and a loopback-only namespace,
+/// with an empty home directory (the machine's own shell start-up files,
+/// e.g. a pyenv init that waits on a stale lock, are not the test's).
 struct Sandbox {
     cgroup: TestCgroup,
     netns: LoopbackNetns,
+    home: tempfile::TempDir,
 }
 
 impl Sandbox {
@@ -220,6 +223,7 @@ impl Sandbox {
         let mut command = self.netns.command_in_cgroup(&self.cgroup, program)?;
         command
             .args(args)
+            .env("HOME", self.home.path())
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout);
@@ -471,6 +475,9 @@ async fn attacks(stack: &Stack) -> Result<()> {
     let sandbox = Sandbox {
         cgroup: TestCgroup::create("detect")?,
         netns: LoopbackNetns::create("detect")?,
+        home: tempfile::Builder::new()
+            .prefix("zt-e2e-home-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))?,
     };
     // Not under /tmp (the stack's own directory is): the benign download.
     let outside_tmp = tempfile::Builder::new()
