@@ -1,7 +1,9 @@
 // Policy: the serial in force, the latest rollout and its progress, each
-// agent's applied serial, and the layers (baseline and organisation).
+// agent's applied serial, the layers (baseline and organisation), and the
+// serials issued with the diff between any two.
 
-import { h, fill, table } from './dom.js';
+import { h, fill, table, field, select } from './dom.js';
+import { lineDiff, folded } from './diff.js';
 import { get, orgParams, isSoc, session, orgsInView } from './client.js';
 import { t, fmtTime, fmtNumber } from './i18n.js';
 import { pageHeader, card, stateBadge, facts, inlineError } from './ui.js';
@@ -61,6 +63,59 @@ function layer(title, text, testid) {
     text ? h('pre', { class: 'yaml', testid }, text) : h('p', { class: 'muted', testid: `${testid}-none` }, t('policy.noLayer')));
 }
 
+/** One layer's change between two serials, folded around the changes. */
+function layerDiff(title, before, after, testid) {
+  const diff = lineDiff(before || '', after || '');
+  if (diff === null) return h('section', { class: 'layer' }, h('h3', null, title), h('p', { class: 'muted' }, t('policy.diffTooLarge')));
+  const added = diff.filter(([op]) => op === '+').length;
+  const removed = diff.filter(([op]) => op === '-').length;
+  const lines = folded(diff).map(([op, text]) => (op === '…'
+    ? h('span', { class: 'diff-line diff-fold' }, t('policy.unchangedLines', { n: text }))
+    : h('span', { class: ['diff-line', op === '+' ? 'diff-add' : op === '-' ? 'diff-del' : null] }, `${op} ${text}`)));
+  return h('section', { class: 'layer', testid },
+    h('h3', null, title),
+    h('p', { class: 'muted small diff-summary' }, added || removed ? t('policy.diffCounts', { added, removed }) : t('policy.noChange')),
+    added || removed ? h('pre', { class: 'yaml diff' }, lines) : null);
+}
+
+/** The serials issued to the organisation and the diff between two. */
+async function historyCard(org) {
+  const history = await get('/v1/policy/history', org ? { org_id: org } : undefined);
+  const serials = history.serials || [];
+  if (serials.length === 0) return h('p', { class: 'muted', testid: 'policy-history-none' }, t('policy.none'));
+  const rows = serials.map((b) => h('tr', { dataset: { serial: b.serial } },
+    h('td', { class: 'num' }, String(b.serial)),
+    h('td', { class: 'time' }, fmtTime(Number(b.issued_unix))),
+    h('td', { class: 'small mono' }, b.issued_by),
+    h('td', { class: 'small' }, [b.restores ? t('policy.restoresShort', { serial: b.restores }) : null, b.canary ? t('policy.canaryShort', { group: b.canary }) : null].filter(Boolean).join(' · '))));
+  const options = serials.map((b) => [String(b.serial), String(b.serial)]);
+  const from = select(options, String((serials[1] || serials[0]).serial), { testid: 'diff-from' });
+  const to = select(options, String(serials[0].serial), { testid: 'diff-to' });
+  const out = h('div', { testid: 'policy-diff' });
+  const bySerial = new Map(serials.map((b) => [String(b.serial), b]));
+  const show = () => {
+    const a = bySerial.get(from.value);
+    const b = bySerial.get(to.value);
+    fill(out,
+      h('p', { class: 'muted small' }, t('policy.diffBetween', { from: a.serial, to: b.serial })),
+      layerDiff(t('layer.baseline'), a.baseline, b.baseline, 'diff-baseline'),
+      layerDiff(t('layer.organisation'), a.organisation, b.organisation, 'diff-organisation'));
+  };
+  from.addEventListener('change', show);
+  to.addEventListener('change', show);
+  show();
+  return h('div', null,
+    table({
+      caption: t('policy.history'),
+      testid: 'policy-history',
+      columns: [t('policy.serial'), t('policy.issued'), t('policy.pushedBy'), ''].map((label) => ({ label })),
+      rows,
+    }),
+    h('h3', null, t('policy.diff')),
+    h('div', { class: 'diff-controls' }, field(t('policy.diffFrom'), from), field(t('policy.diffTo'), to)),
+    out);
+}
+
 async function allOrgs(ctx) {
   const rows = await Promise.all(orgsInView().map(async (org) => {
     const choose = h('button', { type: 'button', class: 'btn btn-small', onclick: () => session.chooseOrg(org) }, t('policy.show'));
@@ -89,6 +144,12 @@ export async function render(ctx) {
   }
   const [status, layers] = await Promise.allSettled([get('/v1/policy/status', orgParams()), get('/v1/policy', orgParams())]);
   const org = (status.value && status.value.org_id) || session.org || (session.me && session.me.org_id);
+  let history;
+  try {
+    history = await historyCard(session.org || '');
+  } catch (e) {
+    history = inlineError(e);
+  }
   fill(ctx.container,
     pageHeader(t('nav.policy'), h('span', { class: 'muted' }, org)),
     h('div', { class: 'two-col' },
@@ -99,5 +160,6 @@ export async function render(ctx) {
         h('p', { class: 'muted small' }, t('policy.layersSerial', { serial: layers.value.serial || '—' })),
         layer(t('layer.baseline'), layers.value.baseline, 'layer-baseline'),
         layer(t('layer.organisation'), layers.value.organisation, 'layer-organisation'))
-      : inlineError(layers.reason), { testid: 'layers-card' }));
+      : inlineError(layers.reason), { testid: 'layers-card' }),
+    card(t('policy.history'), history, { testid: 'history-card' }));
 }

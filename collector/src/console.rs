@@ -98,6 +98,7 @@ impl Console {
             .route("/console/api/me", get(me))
             .route("/v1/policy/status", get(policy_status))
             .route("/v1/policy", get(policy_layers))
+            .route("/v1/policy/history", get(policy_history))
             .route("/v1/devices/:org/:device/revoke", post(revoke_device))
             .with_state(self)
     }
@@ -501,12 +502,120 @@ async fn policy_status(State(console): State<Console>, request: Request) -> Resp
     .await
 }
 
+/// `org_id` and `serial` of a policy route.
+fn policy_params(parts: &Parts) -> Result<(String, Option<u64>), QueryError> {
+    let mut org = String::new();
+    let mut serial = None;
+    for (name, value) in form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()) {
+        match &*name {
+            "org_id" => org = value.into_owned(),
+            "serial" => {
+                serial = Some(value.parse::<u64>().map_err(|_| {
+                    QueryError::InvalidArgument(format!("serial {value:?} is not a number"))
+                })?)
+            }
+            _ => {
+                return Err(QueryError::InvalidArgument(format!(
+                    "unknown parameter {name:?}; this endpoint takes org_id and serial"
+                )))
+            }
+        }
+    }
+    Ok((org, serial))
+}
+
+/// The one organisation a policy read is about: the one named, if the
+/// caller may read it, else the caller's own.
+fn policy_org(console: &Console, parts: &Parts, requested: &str) -> Result<String, QueryError> {
+    let request = authenticate(&console.sessions, parts)?;
+    let caller = console.query.caller(&request)?;
+    caller.scope(requested)?;
+    Ok(if requested.is_empty() {
+        caller.user.org
+    } else {
+        requested.to_owned()
+    })
+}
+
+/// A serial as the console shows it: who issued it, when, the texts.
+#[derive(Debug, Serialize)]
+struct IssuedPolicy {
+    serial: u64,
+    org_id: String,
+    issued_unix: u64,
+    issued_by: String,
+    restores: u64,
+    canary: String,
+    baseline: String,
+    organisation: String,
+}
+
+impl IssuedPolicy {
+    fn of(bundle: policy::bundle::Bundle) -> IssuedPolicy {
+        IssuedPolicy {
+            serial: bundle.serial,
+            org_id: bundle.org,
+            issued_unix: bundle.issued_unix,
+            issued_by: bundle.issued_by,
+            restores: bundle.restores.unwrap_or(0),
+            canary: bundle.canary.unwrap_or_default(),
+            baseline: bundle.baseline,
+            organisation: bundle.organisation.unwrap_or_default(),
+        }
+    }
+}
+
+/// The serials issued to an organisation, newest first (50 at most), with
+/// their texts: what the console diffs.
+async fn policy_history(State(console): State<Console>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let result = (|| {
+        let (requested, serial) = policy_params(&parts)?;
+        if serial.is_some() {
+            return Err(QueryError::InvalidArgument(
+                "the history takes org_id only".to_owned(),
+            ));
+        }
+        let org = policy_org(&console, &parts, &requested)?;
+        let bundles = console
+            .plane
+            .policy()
+            .store()
+            .history(&org, 50)
+            .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+        Ok(serde_json::json!({
+            "org_id": org,
+            "serials": bundles.into_iter().map(IssuedPolicy::of).collect::<Vec<_>>(),
+        }))
+    })();
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn policy_layers(State(console): State<Console>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    let org_id = match org_param(&parts) {
-        Ok(org) => org,
+    let (org_id, serial) = match policy_params(&parts) {
+        Ok(params) => params,
         Err(e) => return e.into_response(),
     };
+    if let Some(serial) = serial {
+        // An earlier serial, from the store.
+        let result = policy_org(&console, &parts, &org_id).and_then(|org| {
+            console
+                .plane
+                .policy()
+                .store()
+                .issued(&org, serial)
+                .map_err(|e| QueryError::Unavailable(e.to_string()))?
+                .ok_or_else(|| QueryError::NotFound(format!("no serial {serial} for {org}")))
+        });
+        return match result {
+            Ok(bundle) => Json(IssuedPolicy::of(bundle)).into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
     as_admin(
         &console,
         &parts,

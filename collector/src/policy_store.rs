@@ -386,6 +386,51 @@ impl PolicyStore {
         }
     }
 
+    /// What the store issued to `org` as `serial` (checked against the
+    /// store's own key), if it did.
+    pub fn issued(&self, org: &str, serial: u64) -> Result<Option<Bundle>, PolicyStoreError> {
+        let Some(signed) = self.bundle(org, serial)? else {
+            return Ok(None);
+        };
+        signed
+            .verify(&[self.public_key()])
+            .map(Some)
+            .map_err(|e| PolicyStoreError::Corrupt {
+                path: self.bundle_path(serial, org),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The serials issued to `org`, newest first, at most `limit`.
+    pub fn history(&self, org: &str, limit: usize) -> Result<Vec<Bundle>, PolicyStoreError> {
+        let dir = self.dir.join(BUNDLES_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(PolicyStoreError::State {
+                    what: "cannot read",
+                    path: dir,
+                    source,
+                })
+            }
+        };
+        let suffix = format!("-{org}.json");
+        let mut serials: Vec<u64> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| name.strip_suffix(&suffix)?.parse().ok())
+            .collect();
+        serials.sort_unstable_by(|a, b| b.cmp(a));
+        serials.truncate(limit);
+        let mut bundles = Vec::with_capacity(serials.len());
+        for serial in serials {
+            if let Some(bundle) = self.issued(org, serial)? {
+                bundles.push(bundle);
+            }
+        }
+        Ok(bundles)
+    }
+
     /// The bundle `org`'s agents should run, issuing the first one (the
     /// baseline alone) when the organisation has none yet.
     pub fn active(&self, org: &str, now_unix: u64) -> Result<SignedBundle, PolicyStoreError> {
@@ -480,6 +525,46 @@ mod tests {
                 .permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn history_lists_an_organisations_serials_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        store
+            .push_baseline(
+                BASELINE,
+                &["city-a".into(), "city-b".into()],
+                ADMIN,
+                None,
+                100,
+            )
+            .unwrap();
+        store
+            .push_organisation("city-a", CITY_A, ADMIN, None, 101)
+            .unwrap();
+        let history = store.history("city-a", 10).unwrap();
+        let serials: Vec<u64> = history.iter().map(|b| b.serial).collect();
+        assert_eq!(serials, [2, 1]);
+        assert_eq!(history[0].organisation.as_deref(), Some(CITY_A));
+        assert_eq!(history[1].organisation, None);
+        assert_eq!(store.history("city-b", 10).unwrap().len(), 1);
+        assert_eq!(store.history("city-a", 1).unwrap().len(), 1);
+        assert!(store.history("city-z", 10).unwrap().is_empty());
+        assert_eq!(store.issued("city-a", 1).unwrap().unwrap().serial, 1);
+        assert!(store.issued("city-b", 2).unwrap().is_none());
+        // A tampered bundle file is refused, not shown.
+        let path = dir
+            .path()
+            .join(BUNDLES_DIR)
+            .join("000000000001-city-b.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let signature = json["signature"].as_str().unwrap().to_owned();
+        let flipped = if signature.starts_with('A') { "B" } else { "A" };
+        json["signature"] = format!("{flipped}{}", &signature[1..]).into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert!(store.history("city-b", 10).is_err());
     }
 
     #[test]

@@ -173,6 +173,21 @@ async fn scenario(stack: &Stack) -> Result<()> {
     create_account(stack, "city-a", "analyst-a", "analyst")?;
     create_account(stack, "city-a", "admin-a", "admin")?;
     create_account(stack, "pref", "soc-1", "soc")?;
+    // Two serials for city-a: the baseline, then its own layer (the policy
+    // page shows them and the change between them).
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy/examples");
+    cli.ok(&[
+        "policy",
+        "push",
+        &format!("{examples}/baseline.yaml"),
+        "--json",
+    ])?;
+    cli.ok(&[
+        "policy",
+        "push",
+        &format!("{examples}/city-a.yaml"),
+        "--json",
+    ])?;
     eventually(Duration::from_secs(20), || async {
         cli.json(&["incidents", "list", "--json"])
             .ok()
@@ -374,9 +389,28 @@ async fn in_browser(browser: &Browser, stack: &Stack) -> Result<()> {
     assert_eq!(found, json!([["city-a", "process", "4242"]]));
     browser.screenshot("events").await?;
 
-    // Policy: nothing pushed in this stack.
+    // Policy: the two serials and what the second changed.
     go(browser, "policy").await?;
     browser.wait_for("[data-testid=rollout-card]").await?;
+    let serials = browser
+        .wait_js(
+            "the serials issued",
+            "const rows = [...document.querySelectorAll('[data-testid=policy-history] tbody tr')];
+             return rows.length ? rows.map(r => r.dataset.serial) : null;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(serials.as_array().map(Vec::len), Some(2), "{serials}");
+    let change = browser
+        .wait_for_text("[data-testid=diff-organisation] .diff-summary", "added")
+        .await?;
+    assert!(change.contains("0 removed"), "{change}");
+    assert_eq!(
+        browser
+            .wait_for_text("[data-testid=diff-baseline] .diff-summary", "No change")
+            .await?,
+        "No change."
+    );
     browser.screenshot("policy").await?;
 
     // The overview in Japanese, then back to English.

@@ -252,6 +252,38 @@ async fn console_sign_in_sessions_and_roles() -> Result<()> {
     let status = analyst.get("/v1/policy/status")?;
     assert_eq!(status.status, 200, "{}", status.body);
     assert_eq!(status.body["org_id"], "city-a");
+
+    // The policy's serials and their texts, for the console's diff.
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy/examples");
+    soc.ok(&[
+        "policy",
+        "push",
+        &format!("{examples}/baseline.yaml"),
+        "--json",
+    ])?;
+    soc.ok(&[
+        "policy",
+        "push",
+        &format!("{examples}/city-a.yaml"),
+        "--json",
+    ])?;
+    let history = analyst.get("/v1/policy/history")?;
+    assert_eq!(history.status, 200, "{}", history.body);
+    let serials = history.body["serials"].as_array().context("no serials")?;
+    assert_eq!(serials.len(), 2, "{}", history.body);
+    assert!(serials[0]["serial"].as_u64() > serials[1]["serial"].as_u64());
+    assert!(serials[0]["organisation"]
+        .as_str()
+        .is_some_and(|t| t.contains("city-a")));
+    assert_eq!(serials[1]["organisation"], "");
+    let older = serials[1]["serial"].as_u64().context("no serial")?;
+    let layers = analyst.get(&format!("/v1/policy?serial={older}"))?;
+    assert_eq!(
+        (layers.status, layers.body["serial"].as_u64()),
+        (200, Some(older))
+    );
+    assert_eq!(analyst.get("/v1/policy/history?org_id=city-b")?.status, 403);
+    assert_eq!(analyst.get("/v1/policy?serial=999")?.status, 404);
     let mut admin = Browser::new(&stack, &ca, "admin");
     assert_eq!(admin.sign_in("admin-a", PASSWORD)?.status, 200);
     let reply = admin.call(
