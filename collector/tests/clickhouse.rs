@@ -1758,7 +1758,7 @@ async fn a_database_at_migration_14_gains_tunnel_columns_and_keeps_its_decisions
         .unwrap();
 
     let report = storage.migrate().await.unwrap();
-    assert_eq!(report.applied, vec![15]);
+    assert_eq!(report.applied, vec![15, 16]);
     assert_eq!(report.already_applied, ALL_VERSIONS[..14]);
     assert_eq!(
         table_columns(&server, &database, "decisions").await,
