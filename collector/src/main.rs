@@ -9,6 +9,12 @@ use zt_collector::{
     CliArgs, CollectorConfig, LogFormat,
 };
 
+/// mimalloc, not glibc's malloc: ingest allocates and frees many small
+/// strings per event, and glibc spent about a third of the collector's CPU
+/// there (docs/benchmarks.md, "Detection").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = CliArgs::parse();

@@ -107,6 +107,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const ANALYSIS_TIMEOUT: Duration = Duration::from_secs(300);
 const WHOLE_RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
 
+/// The collector's allocator (its binary sets the same): the in-process
+/// collector is measured as it runs in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let part = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     zt_e2e::bench::main("detection", WHOLE_RUN_LIMIT, move || run(part))
