@@ -7,7 +7,9 @@
 //! Who calls an HTTP route ([`authenticate`]): the TLS client certificate
 //! when there is one, else the session cookie; a change (`POST`,
 //! `DELETE`) made with the cookie needs the session's CSRF token in
-//! `X-ZT-CSRF`. The session's user is handed to the services as a
+//! `X-ZT-CSRF`, and one made with a certificate must be a JSON request
+//! (browsers present certificates to other sites' requests too; a JSON
+//! request from another site needs a CORS preflight, never granted). The session's user is handed to the services as a
 //! [`SessionIdentity`] in the request's extensions, where
 //! [`crate::enrollment::caller_identity`] finds it: the same role checks,
 //! organisation scoping and audit as for `ztctl`.
@@ -150,7 +152,23 @@ pub fn authenticate(sessions: &Sessions, parts: &Parts) -> Result<tonic::Request
     let mut probe = axum::http::Request::new(());
     *probe.extensions_mut() = parts.extensions.clone();
     let mut request = tonic::Request::from_http(probe);
+    let changes = !matches!(parts.method, Method::GET | Method::HEAD);
     if request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
+        // A browser presents its certificate to any site's request too:
+        // a change must be a JSON request, which another site's page can
+        // only send after a CORS preflight this server never grants.
+        let json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if changes && !json {
+            return Err(QueryError::PermissionDenied(
+                "a change made with a client certificate must be a JSON request \
+                 (content-type: application/json)"
+                    .to_owned(),
+            ));
+        }
         return Ok(request);
     }
     let Some(token) = session_token(&parts.headers) else {
@@ -161,7 +179,7 @@ pub fn authenticate(sessions: &Sessions, parts: &Parts) -> Result<tonic::Request
             "the session has ended; sign in again".to_owned(),
         ));
     };
-    if !matches!(parts.method, Method::GET | Method::HEAD) {
+    if changes {
         let sent = parts
             .headers
             .get(CSRF_HEADER)

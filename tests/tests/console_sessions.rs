@@ -180,6 +180,32 @@ async fn console_sign_in_sessions_and_roles() -> Result<()> {
         .as_array()
         .is_some_and(|orgs| orgs.contains(&"city-a".into()) && orgs.contains(&"city-b".into())));
 
+    // A page of another site can make the browser post a form with its
+    // certificate; a change must be a JSON request, which it cannot send.
+    let dir = soc.credential_dir();
+    let form = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("credential.pem"))
+        .args(["--data", "note=forged"])
+        .arg(format!(
+            "{}/v1/incidents/0123456789abcdef/acknowledge",
+            stack.collector_url()
+        ))
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&form.stdout), "403", "{form:?}");
+
     // Not signed in: refused.
     let reply = analyst.get("/console/api/me")?;
     assert_eq!(

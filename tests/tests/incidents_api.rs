@@ -288,7 +288,7 @@ async fn incidents_are_scoped_triaged_and_counted() -> Result<()> {
         &stack,
         "POST",
         &format!("/v1/incidents/{id_a}/acknowledge"),
-        None,
+        Some("{}"),
         true,
     )?;
     assert_eq!(
