@@ -864,6 +864,19 @@ async fn watch_policy(mut watch: PolicyWatch) {
         if version != revocations_seen {
             revocations_seen = version;
             recheck = true;
+            // A gateway whose device is now revoked: its connections go at
+            // once (new ones are refused at the handshake by the verifier).
+            if let Some(caller) = watch.caller.as_ref() {
+                let list = watch
+                    .revocations
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let closed = caller.client.close_gateways(|peer| peer.is_revoked(&list));
+                if closed > 0 {
+                    info!(closed, "closed the tunnels to revoked gateways");
+                }
+            }
         }
         if recheck {
             let closed_calling = watch.caller.as_ref().map_or(0, |c| c.reevaluate());

@@ -486,6 +486,62 @@ async fn many_connections_flow_and_policy_changes_and_revocation_close_them() ->
     Ok(())
 }
 
+/// Revoking the gateway's device: the PC's agent closes its live tunnels to
+/// that gateway as soon as the revocation reaches it, and new connections
+/// are refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_gateway_closes_the_pcs_tunnels_to_it() -> Result<()> {
+    let site = Site::start("e2e_tunnel_gw_revoked").await?;
+    let srv = site.server.addr().to_string();
+    let echo = ECHO_PORT.to_string();
+    let mut long = spawn_in(
+        &site.pc,
+        &site.stack.guarded,
+        &["/usr/bin/python3", "-c", LONG_LIVED, &srv, &echo],
+        Stdio::piped(),
+    )?;
+    let mut out = std::io::BufReader::new(long.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(
+        line.trim() == "ready",
+        "long-lived stream did not start: {line:?}\n{}",
+        site.logs()
+    );
+
+    let revoked_at = unix_now();
+    revoke(&site.stack, "srv")?;
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    let _ = long.wait();
+    let closed_at: f64 = line
+        .trim()
+        .strip_prefix("closed_at=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .with_context(|| format!("the stream was not closed: {line:?}\n{}", site.logs()))?;
+    let took = closed_at - revoked_at;
+    eprintln!(
+        "live stream to the revoked gateway closed {took:.3} s after `ztctl device revoke` started"
+    );
+    assert!(
+        took < 1.0,
+        "closed {took:.3} s after the revocation (the issue asks for 1 s)\n{}",
+        site.logs()
+    );
+    let refused = site.run_on_pc(
+        true,
+        None,
+        &["/usr/bin/python3", "-c", ECHO_FLOOD, &srv, &echo, "1", "16"],
+    )?;
+    assert!(
+        refused.starts_with("ok=0 failed=1"),
+        "a revoked gateway still carries new tunnels: {refused}\n{}",
+        site.logs()
+    );
+    Ok(())
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

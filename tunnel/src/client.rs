@@ -595,6 +595,33 @@ impl TunnelClient {
         }
     }
 
+    /// Closes the pooled connections to gateways that `refused` names (a
+    /// gateway whose device was just revoked): every stream on them ends at
+    /// once (the callers' TCP connections are reset), and the next stream to
+    /// that address needs a new connection, whose handshake checks the
+    /// gateway again. Returns how many connections were closed.
+    pub fn close_gateways(&self, refused: impl Fn(&PeerIdentity) -> bool) -> usize {
+        let slots: Vec<(SocketAddr, Arc<Slot>)> = self
+            .pool()
+            .iter()
+            .map(|(gateway, slot)| (*gateway, Arc::clone(slot)))
+            .collect();
+        let mut closed = 0;
+        for (gateway, slot) in slots {
+            let Some(Ok(pooled)) = slot.get() else {
+                continue;
+            };
+            if refused(&pooled.gateway) {
+                self.evict(gateway, &slot);
+                pooled
+                    .connection
+                    .close(ErrorCode::Revoked.varint(), b"gateway revoked");
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     /// Authenticates with `tls` from now on (after a certificate renewal).
     /// Pooled connections are retired: new streams go over a new connection
     /// made with the new certificate, while streams already open finish on

@@ -869,6 +869,48 @@ async fn client_reevaluation_closes_its_own_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_gateways_connection_is_closed_by_the_client() {
+    init_tracing();
+    let pki = Pki::new();
+    let gateway = RunningGateway::start(&pki).await;
+    let mut service = Service::start(Behaviour::Echo).await;
+    let (client, _) = gateway.client(&pki, "pc-1");
+    let (mut caller, splice) = within(
+        "tunnel",
+        tunnel(&client, gateway.addr, &request("live", service.addr)),
+    )
+    .await
+    .unwrap();
+    round_trip(&mut caller, b"before").await;
+    assert_eq!(client.connections(), 1);
+
+    // Another gateway's revocation changes nothing.
+    assert_eq!(
+        client.close_gateways(|peer| peer.id.to_string().ends_with("/other")),
+        0
+    );
+    round_trip(&mut caller, b"still").await;
+
+    // The gateway's own: its connection goes, and the stream with it.
+    let gateway_id = gateway.device.id.clone();
+    assert_eq!(client.close_gateways(|peer| peer.id == gateway_id), 1);
+    assert_eq!(client.connections(), 0);
+    assert!(within("splice", splice).await.unwrap().is_err());
+    assert_reset(&mut caller).await;
+    // The gateway's side of it ends too (the service sees the tunnel go).
+    assert!(within("service end", service.ends.recv()).await.is_some());
+    // A new stream needs a new connection (checked anew at its handshake).
+    let (mut again, _splice) = within(
+        "tunnel",
+        tunnel(&client, gateway.addr, &request("again", service.addr)),
+    )
+    .await
+    .unwrap();
+    round_trip(&mut again, b"new connection").await;
+    assert_eq!(client.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reevaluation_closes_a_pipelined_connection_still_waiting_for_its_answer() {
     init_tracing();
     let pki = Pki::new();
