@@ -59,7 +59,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -80,9 +80,10 @@ use zt_collector::{
     CollectorConfig, RunningCollector,
 };
 use zt_e2e::{
+    bench::{drop_database, percentile, unix_ns},
     cgroup::TestCgroup,
     clickhouse::{fresh_database_name, ClickHouseServer},
-    process::{workspace_binary, Process},
+    process::workspace_binary,
 };
 
 /// Events per batch and batches unacknowledged per agent: the agent's
@@ -1272,33 +1273,15 @@ async fn latency(
     )
     .await?;
     let dir = tempfile::tempdir()?;
-    let agent_state = dir.path().join("agent-state");
-    let token = zt_e2e::pki::create_token(
-        &workspace_binary("zt-collector")?,
+    let mut agent = zt_e2e::bench::start_enrolled_agent(
         collector.state_dir(),
+        collector.local_addr(),
         "bench-detection",
-        "latency-agent",
-    )?;
-    zt_e2e::pki::enroll(
         agent_binary,
-        &agent_state,
-        &format!("https://{}", collector.local_addr()),
-        &token,
-    )?;
-    let mut envs = Vec::new();
-    if let Some(ms) = agent_delay_ms {
-        envs.push(("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", ms.to_string()));
-    }
-    let mut agent = Process::spawn(
-        "agent",
-        agent_binary,
-        ["--state-dir", &agent_state.display().to_string()],
-        &envs,
+        agent_delay_ms,
         dir.path(),
-    )?;
-    agent
-        .wait_for_log("sensor active", Duration::from_secs(30))
-        .await?;
+    )
+    .await?;
     let cgroup = Arc::new(ShellCgroup::create()?);
     let listener = ShellListener::start().await?;
     let client = clickhouse.client().with_database(&database);
@@ -1561,21 +1544,6 @@ fn print_latency(results: &[LatencyResult], shells: usize) {
 
 // ------------------------------------------------------------------- helpers
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
 fn unix_secs() -> u32 {
     u32::try_from(unix_ns(SystemTime::now()) / 1_000_000_000).unwrap_or(u32::MAX)
 }
@@ -1588,12 +1556,4 @@ fn load_average() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-async fn drop_database(clickhouse: &ClickHouseServer, database: &str) {
-    let _ = clickhouse
-        .client()
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
 }

@@ -37,7 +37,7 @@ use std::{
     os::unix::{ffi::OsStrExt, process::CommandExt},
     process::{Command, ExitCode, Stdio},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -51,9 +51,10 @@ use zt_collector::{
     CollectorConfig, RunningCollector,
 };
 use zt_e2e::{
+    bench::{drop_database, percentile, unix_ns},
     cgroup::TestCgroup,
     clickhouse::{fresh_database_name, ClickHouseServer},
-    process::{workspace_binary, Process},
+    process::workspace_binary,
 };
 
 /// Events per batch and batches unacknowledged per agent: the agent's
@@ -490,33 +491,15 @@ async fn latency(
     let database = fresh_database_name("bench_latency");
     let collector = start_collector(clickhouse, &database, collector_delay_ms).await?;
     let dir = tempfile::tempdir()?;
-    let agent_state = dir.path().join("agent-state");
-    let token = zt_e2e::pki::create_token(
-        &workspace_binary("zt-collector")?,
+    let mut agent = zt_e2e::bench::start_enrolled_agent(
         collector.state_dir(),
+        collector.local_addr(),
         "bench-latency",
-        "latency-agent",
-    )?;
-    zt_e2e::pki::enroll(
         agent_binary,
-        &agent_state,
-        &format!("https://{}", collector.local_addr()),
-        &token,
-    )?;
-    let mut envs = Vec::new();
-    if let Some(ms) = agent_delay_ms {
-        envs.push(("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", ms.to_string()));
-    }
-    let mut agent = Process::spawn(
-        "agent",
-        agent_binary,
-        ["--state-dir", &agent_state.display().to_string()],
-        &envs,
+        agent_delay_ms,
         dir.path(),
-    )?;
-    agent
-        .wait_for_log("sensor active", Duration::from_secs(30))
-        .await?;
+    )
+    .await?;
     let cgroup = TestCgroup::create("bench-latency")?;
     let client = clickhouse.client().with_database(&database);
     let prefix = format!("zt-bench-{}-", uuid::Uuid::new_v4().simple());
@@ -678,29 +661,4 @@ fn print_latency(results: &[LatencyResult], execs: usize) {
         );
     }
     println!();
-}
-
-// ------------------------------------------------------------------- helpers
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-async fn drop_database(clickhouse: &ClickHouseServer, database: &str) {
-    let _ = clickhouse
-        .client()
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
 }

@@ -139,3 +139,71 @@ pub fn raise_nofile() -> NoFile {
         }
     }
 }
+
+/// The `p`th percentile (nearest rank) of durations sorted ascending; zero
+/// for none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Nanoseconds since the Unix epoch of `t`.
+pub fn unix_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Drops a bench's database (best effort, on the way out).
+pub async fn drop_database(clickhouse: &crate::clickhouse::ClickHouseServer, database: &str) {
+    let _ = clickhouse
+        .client()
+        .query(&format!("DROP DATABASE IF EXISTS {database}"))
+        .execute()
+        .await;
+}
+
+/// Enrolls `agent_binary` with the collector at `collector_addr` whose
+/// control-plane state is `collector_state` (device `latency-agent` of
+/// `org`, agent state in `dir`) and starts it, its uplink batch delay set
+/// when given; returns once its sensors are active.
+pub async fn start_enrolled_agent(
+    collector_state: &std::path::Path,
+    collector_addr: std::net::SocketAddr,
+    org: &str,
+    agent_binary: &std::path::Path,
+    agent_delay_ms: Option<u64>,
+    dir: &std::path::Path,
+) -> Result<crate::process::Process> {
+    let agent_state = dir.join("agent-state");
+    let token = crate::pki::create_token(
+        &crate::process::workspace_binary("zt-collector")?,
+        collector_state,
+        org,
+        "latency-agent",
+    )?;
+    crate::pki::enroll(
+        agent_binary,
+        &agent_state,
+        &format!("https://{collector_addr}"),
+        &token,
+    )?;
+    let mut envs = Vec::new();
+    if let Some(ms) = agent_delay_ms {
+        envs.push(("ZT_AGENT_UPLINK__BATCH_MAX_DELAY_MS", ms.to_string()));
+    }
+    let mut agent = crate::process::Process::spawn(
+        "agent",
+        agent_binary,
+        ["--state-dir", &agent_state.display().to_string()],
+        &envs,
+        dir,
+    )?;
+    agent
+        .wait_for_log("sensor active", Duration::from_secs(30))
+        .await?;
+    Ok(agent)
+}

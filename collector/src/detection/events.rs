@@ -108,6 +108,21 @@ struct Owner<'a> {
     ancestor_exes: &'a [String],
 }
 
+/// The [`Owner`] of a row whose process is `pid`, `uid`, `exe`,
+/// `user_name` and the ancestor arrays.
+macro_rules! owner {
+    ($row:expr) => {
+        Owner {
+            pid: $row.pid,
+            uid: $row.uid,
+            exe: &$row.exe,
+            user: &$row.user_name,
+            ancestor_pids: &$row.ancestor_pids,
+            ancestor_exes: &$row.ancestor_exes,
+        }
+    };
+}
+
 fn base(kind: Kind, table: EventTable, row: (&str, &str, u64, u64), owner: Owner<'_>) -> Event {
     let (org, host, time_ns, seq) = row;
     let mut e = Event::new(kind, org, host, time_ns);
@@ -168,14 +183,7 @@ pub fn from_network(row: &NetworkEventRow) -> Option<Event> {
         kind,
         EventTable::Network,
         (&row.org_id, &row.hostname, row.time_ns, row.seq),
-        Owner {
-            pid: row.pid,
-            uid: row.uid,
-            exe: &row.exe,
-            user: &row.user_name,
-            ancestor_pids: &row.ancestor_pids,
-            ancestor_exes: &row.ancestor_exes,
-        },
+        owner!(row),
     );
     if kind == Kind::Listen {
         e.remote_ip = ip(&row.local_addr);
@@ -200,14 +208,7 @@ pub fn from_file(row: &FileEventRow) -> Option<Event> {
         kind,
         EventTable::File,
         (&row.org_id, &row.hostname, row.time_ns, row.seq),
-        Owner {
-            pid: row.pid,
-            uid: row.uid,
-            exe: &row.exe,
-            user: &row.user_name,
-            ancestor_pids: &row.ancestor_pids,
-            ancestor_exes: &row.ancestor_exes,
-        },
+        owner!(row),
     );
     e.path = row.path.clone();
     e.new_path = row.target_path.clone();
@@ -229,14 +230,7 @@ pub fn from_dns(row: &DnsEventRow) -> Event {
         Kind::Dns,
         EventTable::Dns,
         (&row.org_id, &row.hostname, row.time_ns, row.seq),
-        Owner {
-            pid: row.pid,
-            uid: row.uid,
-            exe: &row.exe,
-            user: &row.user_name,
-            ancestor_pids: &row.ancestor_pids,
-            ancestor_exes: &row.ancestor_exes,
-        },
+        owner!(row),
     );
     e.dns_name = row.query_name.clone();
     e.remote_ip = ip(&row.server_addr);
@@ -249,14 +243,7 @@ pub fn from_decision(row: &DecisionRow) -> Event {
         Kind::Decision,
         EventTable::Decision,
         (&row.org_id, &row.hostname, row.time_ns, row.seq),
-        Owner {
-            pid: row.pid,
-            uid: row.uid,
-            exe: &row.exe,
-            user: &row.user_name,
-            ancestor_pids: &row.ancestor_pids,
-            ancestor_exes: &row.ancestor_exes,
-        },
+        owner!(row),
     );
     e.remote_ip = ip(&row.remote_addr);
     e.remote_port = Some(row.remote_port);

@@ -394,36 +394,15 @@ async fn linked_rows(
     };
     let keep = |time_ns: u64, seq: u64| wanted.contains(&(time_ns, seq));
     let out = match table {
-        EventTable::Process => fetch::<ProcessEventRow>(storage, table, filter, bind)
-            .await?
-            .into_iter()
-            .filter(|r| keep(r.time_ns, r.seq))
-            .map(|r| (r.time_ns, process_event(&r), Some(process_chain(&r))))
-            .collect(),
-        EventTable::Network => fetch::<NetworkEventRow>(storage, table, filter, bind)
-            .await?
-            .into_iter()
-            .filter(|r| keep(r.time_ns, r.seq))
-            .map(|r| (r.time_ns, network_event(&r), Some(network_chain(&r))))
-            .collect(),
-        EventTable::File => fetch::<FileEventRow>(storage, table, filter, bind)
-            .await?
-            .into_iter()
-            .filter(|r| keep(r.time_ns, r.seq))
-            .map(|r| (r.time_ns, file_event(&r), Some(file_chain(&r))))
-            .collect(),
-        EventTable::Dns => fetch::<DnsEventRow>(storage, table, filter, bind)
-            .await?
-            .into_iter()
-            .filter(|r| keep(r.time_ns, r.seq))
-            .map(|r| (r.time_ns, dns_event(&r), Some(dns_chain(&r))))
-            .collect(),
-        EventTable::Decision => fetch::<DecisionRow>(storage, table, filter, bind)
-            .await?
-            .into_iter()
-            .filter(|r| keep(r.time_ns, r.seq))
-            .map(|r| (r.time_ns, decision_event(&r), Some(decision_chain(&r))))
-            .collect(),
+        EventTable::Process => {
+            linked::<ProcessEventRow>(storage, table, filter, bind, keep).await?
+        }
+        EventTable::Network => {
+            linked::<NetworkEventRow>(storage, table, filter, bind, keep).await?
+        }
+        EventTable::File => linked::<FileEventRow>(storage, table, filter, bind, keep).await?,
+        EventTable::Dns => linked::<DnsEventRow>(storage, table, filter, bind, keep).await?,
+        EventTable::Decision => linked::<DecisionRow>(storage, table, filter, bind, keep).await?,
         // Heartbeats are not rows one can show; an absence has none anyway.
         EventTable::Agent => refs
             .iter()
@@ -445,6 +424,45 @@ async fn linked_rows(
             .collect(),
     };
     Ok(out)
+}
+
+/// A stored event row as the API shows it: the wire event and the process
+/// chain it names.
+trait ShownRow: Row + DeserializeOwned {
+    fn time_ns(&self) -> u64;
+    fn seq(&self) -> u64;
+    fn wire(&self) -> WireEvent;
+    fn chain(&self) -> Chain;
+}
+
+/// The rows of `table` the filter finds whose (time, seq) `keep` accepts.
+async fn linked<R: ShownRow>(
+    storage: &Storage,
+    table: EventTable,
+    filter: &str,
+    bind: impl FnOnce(clickhouse::query::Query) -> clickhouse::query::Query,
+    keep: impl Fn(u64, u64) -> bool,
+) -> Result<Vec<(u64, WireEvent, Option<Chain>)>, QueryError> {
+    Ok(fetch::<R>(storage, table, filter, bind)
+        .await?
+        .into_iter()
+        .filter(|r| keep(r.time_ns(), r.seq()))
+        .map(|r| (r.time_ns(), r.wire(), Some(r.chain())))
+        .collect())
+}
+
+/// The rows a search query returns, as (time, wire event).
+async fn found<R: ShownRow>(
+    query: clickhouse::query::Query,
+    what: &str,
+) -> Result<Vec<(u64, WireEvent)>, QueryError> {
+    Ok(query
+        .fetch_all::<R>()
+        .await
+        .map_err(|e| storage_error(what, e))?
+        .iter()
+        .map(|r| (r.time_ns(), r.wire()))
+        .collect())
 }
 
 /// `SELECT ?fields FROM table WHERE filter` (binds by `bind`), newest
@@ -644,49 +662,53 @@ fn process_chain(r: &ProcessEventRow) -> Chain {
     chain
 }
 
-fn network_chain(r: &NetworkEventRow) -> Chain {
-    chain_of(
-        r.pid,
-        &r.exe,
-        &r.user_name,
-        &r.ancestor_pids,
-        &r.ancestor_exes,
-        &r.ancestor_start_ns,
-    )
+impl ShownRow for ProcessEventRow {
+    fn time_ns(&self) -> u64 {
+        self.time_ns
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn wire(&self) -> WireEvent {
+        process_event(self)
+    }
+    fn chain(&self) -> Chain {
+        process_chain(self)
+    }
 }
 
-fn file_chain(r: &FileEventRow) -> Chain {
-    chain_of(
-        r.pid,
-        &r.exe,
-        &r.user_name,
-        &r.ancestor_pids,
-        &r.ancestor_exes,
-        &r.ancestor_start_ns,
-    )
+/// The rows whose process is `pid`, `exe`, `user_name` and the ancestor
+/// arrays.
+macro_rules! shown_owned_row {
+    ($row:ty, $wire:ident) => {
+        impl ShownRow for $row {
+            fn time_ns(&self) -> u64 {
+                self.time_ns
+            }
+            fn seq(&self) -> u64 {
+                self.seq
+            }
+            fn wire(&self) -> WireEvent {
+                $wire(self)
+            }
+            fn chain(&self) -> Chain {
+                chain_of(
+                    self.pid,
+                    &self.exe,
+                    &self.user_name,
+                    &self.ancestor_pids,
+                    &self.ancestor_exes,
+                    &self.ancestor_start_ns,
+                )
+            }
+        }
+    };
 }
 
-fn dns_chain(r: &DnsEventRow) -> Chain {
-    chain_of(
-        r.pid,
-        &r.exe,
-        &r.user_name,
-        &r.ancestor_pids,
-        &r.ancestor_exes,
-        &r.ancestor_start_ns,
-    )
-}
-
-fn decision_chain(r: &DecisionRow) -> Chain {
-    chain_of(
-        r.pid,
-        &r.exe,
-        &r.user_name,
-        &r.ancestor_pids,
-        &r.ancestor_exes,
-        &r.ancestor_start_ns,
-    )
-}
+shown_owned_row!(NetworkEventRow, network_event);
+shown_owned_row!(FileEventRow, file_event);
+shown_owned_row!(DnsEventRow, dns_event);
+shown_owned_row!(DecisionRow, decision_event);
 
 #[derive(Debug, Clone, Default)]
 struct Node {
@@ -997,49 +1019,14 @@ pub async fn search_events(
             .bind(&req.text)
             .bind(limit + 1);
         let what = format!("searching {}", table.table());
-        match table {
-            EventTable::Process => found.extend(
-                query
-                    .fetch_all::<ProcessEventRow>()
-                    .await
-                    .map_err(|e| storage_error(&what, e))?
-                    .iter()
-                    .map(|r| (r.time_ns, process_event(r))),
-            ),
-            EventTable::Network => found.extend(
-                query
-                    .fetch_all::<NetworkEventRow>()
-                    .await
-                    .map_err(|e| storage_error(&what, e))?
-                    .iter()
-                    .map(|r| (r.time_ns, network_event(r))),
-            ),
-            EventTable::File => found.extend(
-                query
-                    .fetch_all::<FileEventRow>()
-                    .await
-                    .map_err(|e| storage_error(&what, e))?
-                    .iter()
-                    .map(|r| (r.time_ns, file_event(r))),
-            ),
-            EventTable::Dns => found.extend(
-                query
-                    .fetch_all::<DnsEventRow>()
-                    .await
-                    .map_err(|e| storage_error(&what, e))?
-                    .iter()
-                    .map(|r| (r.time_ns, dns_event(r))),
-            ),
-            EventTable::Decision => found.extend(
-                query
-                    .fetch_all::<DecisionRow>()
-                    .await
-                    .map_err(|e| storage_error(&what, e))?
-                    .iter()
-                    .map(|r| (r.time_ns, decision_event(r))),
-            ),
-            EventTable::Agent => {}
-        }
+        found.extend(match table {
+            EventTable::Process => self::found::<ProcessEventRow>(query, &what).await?,
+            EventTable::Network => self::found::<NetworkEventRow>(query, &what).await?,
+            EventTable::File => self::found::<FileEventRow>(query, &what).await?,
+            EventTable::Dns => self::found::<DnsEventRow>(query, &what).await?,
+            EventTable::Decision => self::found::<DecisionRow>(query, &what).await?,
+            EventTable::Agent => Vec::new(),
+        });
     }
     // Newest first across tables; a row stored twice (a resent batch not
     // merged yet) shows once.
