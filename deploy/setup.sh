@@ -5,6 +5,8 @@
 # Installs only what is missing; a second run on a ready machine takes seconds.
 #   - Debian packages: ClickHouse server and client, protoc, iproute2, build tools,
 #     Chromium and chromedriver with a Japanese font (the console's browser tests)
+#   - bpftool (the package tests check what stays attached), cargo-deb (builds
+#     the .deb packages)
 #   - the nightly toolchain's rust-src (the eBPF crate builds core with -Z build-std)
 #   - bpf-linker, linked against rustc's own libLLVM (no LLVM 22 package on Debian 12)
 #   - bpffs, tracefs and debugfs mounted if absent
@@ -18,7 +20,7 @@ die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
 export PATH="$HOME/.cargo/bin:$PATH"
 
 # --- Debian packages ---------------------------------------------------------
-packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates python3 chromium chromium-driver fonts-ipafont-gothic)
+packages=(clickhouse-server clickhouse-client protobuf-compiler iproute2 build-essential pkg-config curl ca-certificates python3 chromium chromium-driver fonts-ipafont-gothic bpftool)
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -75,6 +77,15 @@ else
   LLVM_PREFIX="$prefix" RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
     cargo install --locked --force bpf-linker --version "~${BPF_LINKER_VERSION}" \
     --no-default-features --features "llvm-${major}"
+fi
+
+# --- cargo-deb: the Debian packages (deploy/packaging, docs/install.md) -------
+CARGO_DEB_VERSION=3.8.0
+if command -v cargo-deb >/dev/null && cargo-deb --version 2>/dev/null | grep -q "cargo-deb ${CARGO_DEB_VERSION}"; then
+  log "cargo-deb present"
+else
+  log "installing cargo-deb ${CARGO_DEB_VERSION}"
+  cargo install --locked --force cargo-deb --version "=${CARGO_DEB_VERSION}"
 fi
 
 # --- kernel filesystems --------------------------------------------------------

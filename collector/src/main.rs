@@ -20,11 +20,48 @@ async fn main() -> anyhow::Result<()> {
     let args = CliArgs::parse();
     let config = CollectorConfig::load(&args).context("loading the collector configuration")?;
     if let Some(command) = &args.command {
+        become_state_owner(&config.identity.state_dir)?;
         return administer(&config, command);
     }
     init_tracing(config.log_format);
     tracing::info!(config = ?config, "effective configuration");
     zt_collector::run(config).await?;
+    Ok(())
+}
+
+/// Run as root against the state directory of an installed collector
+/// (owned by its service user, `zt-collector`), an administration command
+/// becomes that user first: the tokens, accounts and credentials it writes
+/// must stay readable by the service, and root needs nothing more.
+fn become_state_owner(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(state_dir) else {
+        return Ok(());
+    };
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if uid == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscalls, before any other thread touches credentials
+    // (the runtime's workers are idle at this point and libc applies them
+    // process-wide).
+    let failed = unsafe {
+        libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "becoming uid {uid} (the owner of {}) to administer it",
+                state_dir.display()
+            )
+        });
+    }
     Ok(())
 }
 

@@ -10,7 +10,9 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod stack;
+pub mod systemd_unit;
 pub mod telemetry_sim;
+pub mod throwaway_root;
 pub mod tunnel_site;
 pub mod ztctl;
 

@@ -51,14 +51,9 @@ impl Process {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log)?;
         let mut command = Command::new(program);
         command
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
             // ZT_TEST_RUST_LOG raises the processes' log level when a test
             // needs looking into.
             .env(
@@ -69,6 +64,20 @@ impl Process {
         for (key, value) in envs {
             command.env(key, value);
         }
+        Self::spawn_command(name, command, log_dir)
+            .with_context(|| format!("starting {}", program.display()))
+    }
+
+    /// Starts a prepared `command` (its program, arguments and environment
+    /// as given), stdout and stderr to `<log_dir>/<name>.log`, killed when
+    /// the test's thread dies.
+    pub fn spawn_command(name: &str, mut command: Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
         // SAFETY: prctl is async-signal-safe.
         unsafe {
             command.pre_exec(|| {
@@ -78,7 +87,7 @@ impl Process {
         }
         let child = command
             .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+            .with_context(|| format!("starting {:?}", command.get_program()))?;
         Ok(Self {
             name: name.to_owned(),
             child,
@@ -139,6 +148,12 @@ impl Process {
                     .ok()
             })
             .with_context(|| format!("no {name} in the agent's last words:\n{log}"))
+    }
+
+    /// SIGKILL, as a crash would end it; waits for the exit status.
+    pub fn kill_hard(&mut self) -> Result<std::process::ExitStatus> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
     }
 
     /// SIGTERM, then waits up to `limit` for the exit status.
