@@ -3,13 +3,19 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup build up down status test lint unit e2e bench
+.PHONY: setup build up down status test lint unit e2e bench packages
 
 setup:
 	deploy/setup.sh
 
 build: setup
 	cargo build --release --bins
+
+# The Debian packages (docs/install.md) into target/debian/.
+packages: build
+	cargo deb -p agent --no-build
+	cargo deb -p collector --no-build
+	cargo deb -p ztctl --no-build
 
 up: build
 	deploy/local-stack.sh up

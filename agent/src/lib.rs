@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod outbox;
 pub mod process_table;
+pub mod runtime_status;
 pub mod sensors;
 pub mod spool;
 pub mod sysfs;
@@ -157,6 +158,11 @@ pub async fn run(
     .context("starting kernel sensors")?;
     let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
+    let sensor_hooks: Vec<String> = sensors
+        .active()
+        .iter()
+        .map(|s| format!("{}={}", s.sensor, s.hook))
+        .collect();
 
     // Bundles the control channel checked go to the guard, which answers
     // once they are in force.
@@ -195,17 +201,36 @@ pub async fn run(
     // channel closes and the uplink finishes (and closes its spool).
     drop(tx);
     let watch = tokio::spawn(control.clone().watch(revocations));
-    let heartbeats = tokio::spawn(
-        control.heartbeats(
-            Duration::from_secs(config.heartbeat_interval_secs),
-            identity.boot_id.clone(),
-            sensors
-                .active()
-                .iter()
-                .map(|s| format!("{}={}", s.sensor, s.hook))
-                .collect(),
-        ),
-    );
+    let heartbeats = tokio::spawn(control.heartbeats(
+        Duration::from_secs(config.heartbeat_interval_secs),
+        identity.boot_id.clone(),
+        sensor_hooks.clone(),
+    ));
+
+    // What `zt-agent status` shows while this run lasts.
+    let mut runtime = runtime_status::RuntimeStatus {
+        state: runtime_status::RunState::Running,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: identity.boot_id.clone(),
+        started_unix: runtime_status::unix_now(),
+        updated_unix: 0,
+        guarded_cgroup: guarded_cgroup.clone(),
+        sensors: sensor_hooks,
+        collector_connected: false,
+        collector_seen_unix: 0,
+        events_acked: 0,
+        spool_events: 0,
+        spool_bytes: 0,
+        kernel_drops: 0,
+        policy_bundle_serial: 0,
+        policy_version: 0,
+    };
+    let status_writer = tokio::spawn(runtime_status::keep_written(
+        runtime.clone(),
+        metrics.clone(),
+        config.state_dir.clone(),
+    ));
 
     let spool = uplink::open_spool(&config.spool, &config.state_dir, &config.uplink, &identity);
     let uplink = Uplink::new(
@@ -239,6 +264,12 @@ pub async fn run(
         .is_err()
     {
         warn!("uplink did not finish within {STOP_TIMEOUT:?}");
+    }
+    status_writer.abort();
+    runtime.state = runtime_status::RunState::Stopped;
+    runtime.refresh(&metrics);
+    if let Err(err) = runtime.write(&config.state_dir) {
+        warn!(error = %err, "cannot write the agent's status file");
     }
     log_counters(&metrics, "stopped");
     Ok(())

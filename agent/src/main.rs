@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use zt_agent::config::{self, FlagOverrides, LogFormat};
+use zt_agent::{
+    config::{self, FlagOverrides, LogFormat},
+    runtime_status::{Liveness, RuntimeStatus},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,8 +45,9 @@ enum Command {
         #[arg(long, env = "ZT_AGENT_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
     },
-    /// This device's identity and certificate, from the state directory;
-    /// exits 1 when the device is not enrolled or its certificate expired.
+    /// This device's identity and certificate, and whether the agent runs
+    /// (sensors, collector, spool, policy); exits 1 when the device is not
+    /// enrolled or its certificate expired, 3 when the agent does not run.
     Status {
         #[arg(long)]
         json: bool,
@@ -115,10 +119,21 @@ fn status(config: &zt_agent::config::AgentConfig, json: bool) -> anyhow::Result<
     let revocations = zt_identity::RevocationList::load(&config.state_dir.join("revocations.json"))
         .map(|list| list.version())
         .unwrap_or(0);
+    let runtime = RuntimeStatus::read(&config.state_dir);
+    let liveness = RuntimeStatus::liveness(runtime.as_ref());
+    let running = liveness == Liveness::Running;
     if json {
         println!(
             "{}",
             serde_json::json!({
+                "running": running,
+                "agent_state": match liveness {
+                    Liveness::NeverRan => "never_ran",
+                    Liveness::Running => "running",
+                    Liveness::StoppedCleanly => "stopped",
+                    Liveness::Died => "died",
+                },
+                "agent": runtime,
                 "enrolled": true,
                 "spiffe_id": identity.id.to_string(),
                 "org_id": identity.id.org(),
@@ -146,12 +161,64 @@ fn status(config: &zt_agent::config::AgentConfig, json: bool) -> anyhow::Result<
         );
         println!("revocations   list v{revocations}");
         println!("state         {}", config.state_dir.display());
+        print_runtime(runtime.as_ref(), &liveness, unix(now));
     }
-    if valid {
-        Ok(())
-    } else {
+    if !valid {
         std::process::exit(1)
     }
+    if !running {
+        std::process::exit(3)
+    }
+    Ok(())
+}
+
+/// The running agent's part of `zt-agent status`, for people.
+fn print_runtime(runtime: Option<&RuntimeStatus>, liveness: &Liveness, now_unix: u64) {
+    let ago = |t: u64| match now_unix.saturating_sub(t) {
+        _ if t == 0 => "never".to_owned(),
+        s if s < 120 => format!("{s} s ago"),
+        s => format!("{} min ago", s / 60),
+    };
+    let Some(runtime) = runtime else {
+        println!("agent         NOT RUNNING (it never ran here; systemctl start zt-agent)");
+        return;
+    };
+    match liveness {
+        Liveness::Running => println!(
+            "agent         running, pid {}, version {}, since {}",
+            runtime.pid,
+            runtime.version,
+            ago(runtime.started_unix)
+        ),
+        Liveness::StoppedCleanly => println!(
+            "agent         NOT RUNNING (stopped cleanly {})",
+            ago(runtime.updated_unix)
+        ),
+        Liveness::Died | Liveness::NeverRan => println!(
+            "agent         NOT RUNNING (its process {} ended without stopping: crashed or killed; last seen {})",
+            runtime.pid,
+            ago(runtime.updated_unix)
+        ),
+    }
+    println!("guarding      {}", runtime.guarded_cgroup.display());
+    println!("sensors       {}", runtime.sensors.join(", "));
+    println!(
+        "collector     {} (last reached {})",
+        if runtime.collector_connected {
+            "connected"
+        } else {
+            "UNREACHABLE"
+        },
+        ago(runtime.collector_seen_unix)
+    );
+    println!(
+        "events        {} stored by the collector, {} spooled ({} bytes), {} lost in the kernel",
+        runtime.events_acked, runtime.spool_events, runtime.spool_bytes, runtime.kernel_drops
+    );
+    println!(
+        "policy        bundle serial {}, guard version {}",
+        runtime.policy_bundle_serial, runtime.policy_version
+    );
 }
 
 fn init_tracing(format: LogFormat) {

@@ -64,14 +64,16 @@ async fn a_token_enrolls_one_device_once_and_its_events_carry_that_identity() ->
     let mode = std::fs::metadata(&device_pem)?.permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the key is readable by root only");
 
-    // `zt-agent status` reads the identity back.
+    // `zt-agent status` reads the identity back; no agent runs yet (exit 3).
     let output = std::process::Command::new(&agent_bin)
         .arg("--state-dir")
         .arg(&first)
         .args(["status", "--json"])
         .output()?;
-    ensure!(output.status.success(), "status: {output:?}");
+    ensure!(output.status.code() == Some(3), "status: {output:?}");
     let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(status["running"], false);
+    assert_eq!(status["agent_state"], "never_ran");
     assert_eq!(
         status["spiffe_id"],
         format!("spiffe://zt.local/org/{TEST_ORG}/device/pc-0042")

@@ -194,6 +194,24 @@ async fn start_agent_service(root: &ThrowawayRoot, stack: &Stack, log: &str) -> 
     Ok(agent)
 }
 
+/// `zt-agent status --json` in `root` (its exit code says whether the agent
+/// runs; the JSON says it too).
+fn agent_status(root: &ThrowawayRoot) -> Result<serde_json::Value> {
+    let output = root
+        .command("zt-agent")
+        .args(["status", "--json"])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("zt-agent status --json: {output:?}"))?;
+    let expected = if status["running"] == true { 0 } else { 3 };
+    ensure!(
+        output.status.code() == Some(expected),
+        "zt-agent status exited {} with {status}",
+        output.status
+    );
+    Ok(status)
+}
+
 /// SIGTERM as `systemctl stop` sends it, within the unit's stop timeout;
 /// the agent must exit successfully.
 fn stop_service(root: &ThrowawayRoot, unit: &str, process: &mut Process) -> Result<()> {
@@ -206,6 +224,93 @@ fn stop_service(root: &ThrowawayRoot, unit: &str, process: &mut Process) -> Resu
         "{unit} stopped with {status}:\n{}",
         process.log()
     );
+    Ok(())
+}
+
+/// The packaged configuration file with its commented examples made live:
+/// a `# key = value` or `# [section]` line loses its `# `.
+fn with_examples_live(text: &str) -> String {
+    text.lines()
+        .map(|line| {
+            let Some(rest) = line.strip_prefix("# ") else {
+                return line.to_owned();
+            };
+            let is_section = rest.starts_with('[')
+                && rest
+                    .split_whitespace()
+                    .next()
+                    .is_some_and(|t| t.ends_with(']'));
+            let is_assignment = rest.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            });
+            if is_section || is_assignment {
+                rest.to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The shipped `/etc/zt/agent.toml` is valid as shipped, and every value it
+/// shows as a comment is the default, but for the documented example of
+/// `guarded_cgroup` (unset: the whole machine).
+#[test]
+fn the_packaged_agent_configuration_shows_the_defaults() -> Result<()> {
+    use zt_agent::config::{build, layers, AgentConfig, FlagOverrides};
+    let shipped = include_str!("../../deploy/packaging/agent/agent.toml");
+    let dir = tempfile::tempdir()?;
+    let load = |text: &str| -> Result<AgentConfig> {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text)?;
+        Ok(build(layers(Some(&path)), &FlagOverrides::default())?)
+    };
+    assert_eq!(load(shipped)?, AgentConfig::default());
+    let live = with_examples_live(shipped);
+    ensure!(
+        live.contains("\nstate_dir = "),
+        "no example was made live:\n{live}"
+    );
+    let mut config = load(&live)?;
+    assert_eq!(
+        config.guarded_cgroup.as_deref(),
+        Some(Path::new("/sys/fs/cgroup"))
+    );
+    config.guarded_cgroup = None;
+    assert_eq!(config, AgentConfig::default());
+    Ok(())
+}
+
+/// The same for `/etc/zt/collector.toml`: valid as shipped; its examples
+/// are the defaults but for `listen` (all interfaces, as a real collector
+/// serves) and `rules_dir`.
+#[test]
+fn the_packaged_collector_configuration_shows_the_defaults() -> Result<()> {
+    use zt_collector::{config::ConfigSources, CollectorConfig};
+    let shipped = include_str!("../../deploy/packaging/collector/collector.toml");
+    let load = |text: &str| -> Result<CollectorConfig> {
+        Ok(ConfigSources {
+            file: Some((PathBuf::from("/etc/zt/collector.toml"), text.to_owned())),
+            ..ConfigSources::default()
+        }
+        .build()?)
+    };
+    assert_eq!(load(shipped)?, CollectorConfig::default());
+    let live = with_examples_live(shipped);
+    ensure!(
+        live.contains("\n[clickhouse]\nurl = "),
+        "no example was made live:\n{live}"
+    );
+    let mut config = load(&live)?;
+    assert_eq!(config.listen.to_string(), "0.0.0.0:50051");
+    assert_eq!(
+        config.detection.rules_dir.as_deref(),
+        Some(Path::new("/etc/zt/rules"))
+    );
+    config.listen = CollectorConfig::default().listen;
+    config.detection.rules_dir = None;
+    assert_eq!(config, CollectorConfig::default());
     Ok(())
 }
 
@@ -273,9 +378,9 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
             &token,
         ],
     )?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&root.run("zt-agent", &["status", "--json"])?.stdout)?;
+    let status = agent_status(&root)?;
     assert_eq!(status["enrolled"], true);
+    assert_eq!(status["agent_state"], "never_ran");
     assert_eq!(status["device_id"], "pc-0001");
     assert_eq!(status["state_dir"], "/var/lib/zt-agent");
     ensure!(ServiceUnit::load(&root, "zt-agent.service")?.conditions_met(&root));
@@ -312,10 +417,33 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
         "a sensor failed under the unit's capabilities:\n{log}"
     );
     exec_arrives(&stack, &marker_for("pkg-running"), "installed service").await?;
+    // `zt-agent status` sees it run, with its sensors and the collector.
+    let running = eventually(Duration::from_secs(15), || async {
+        let status = agent_status(&root).ok()?;
+        (status["agent"]["collector_connected"] == true
+            && status["agent"]["events_acked"].as_u64() > Some(0))
+        .then_some(status)
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "status never showed the running agent connected: {:?}",
+            agent_status(&root)
+        )
+    })?;
+    assert_eq!(running["running"], true);
+    assert_eq!(running["agent"]["pid"], agent.pid());
+    ensure!(
+        running["agent"]["sensors"].as_array().is_some_and(|s| s
+            .iter()
+            .any(|s| s.as_str().is_some_and(|s| s.starts_with("guard=")))),
+        "status lists no guard sensor: {running}"
+    );
 
     // Stop: every program detached and unloaded.
     stop_service(&root, "zt-agent.service", &mut agent)?;
     wait_until_detached(&stack, &ours, "systemctl stop").await?;
+    assert_eq!(agent_status(&root)?["agent_state"], "stopped");
 
     // Crash: the kernel detaches what the dead process held; nothing is
     // left without an owner. The restart attaches again.
@@ -325,6 +453,7 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     ensure!(!attached_to(stack.guarded.path())?.is_empty());
     agent.kill_hard()?;
     wait_until_detached(&stack, &ours, "kill -9").await?;
+    assert_eq!(agent_status(&root)?["agent_state"], "died");
 
     // A collector outage: the restarted agent spools what it sees.
     let mut agent = start_agent_service(&root, &stack, "service-3").await?;
@@ -366,10 +495,9 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     let before = loaded_programs()?;
     let mut agent = start_agent_service(&root, &stack, "service-4").await?;
     let ours: BTreeSet<u64> = loaded_programs()?.difference(&before).copied().collect();
-    let before_upgrade_identity = status["spiffe_id"].clone();
-    let after: serde_json::Value =
-        serde_json::from_slice(&root.run("zt-agent", &["status", "--json"])?.stdout)?;
-    assert_eq!(after["spiffe_id"], before_upgrade_identity);
+    let after = agent_status(&root)?;
+    assert_eq!(after["spiffe_id"], status["spiffe_id"]);
+    assert_eq!(after["running"], true);
     eventually(Duration::from_secs(20), || async {
         (exec_count(&stack, &spooled).await > 0).then_some(())
     })
