@@ -653,10 +653,17 @@ async fn a_thousand_concurrent_streams_share_one_connection() {
             };
             let receive = async {
                 let mut back = Vec::with_capacity(SIZE);
-                read.read_to_end(&mut back).await.unwrap();
-                back
+                read.read_to_end(&mut back).await.map(|_| back)
             };
             let ((), back) = tokio::join!(send, receive);
+            let back = match back {
+                Ok(back) => back,
+                // Name the tunnel's side of the failure.
+                Err(err) => panic!(
+                    "stream {i}: the caller's read failed ({err}); the carrying task: {:?}",
+                    carried.task.await
+                ),
+            };
             assert_eq!(back.len(), SIZE, "stream {i} lost bytes");
             assert_eq!(sha256(&back), sha256(&data), "stream {i} corrupted");
             let stats = carried.task.await.unwrap().unwrap();

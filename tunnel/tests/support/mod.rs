@@ -220,7 +220,7 @@ pub struct Service {
 
 impl Service {
     pub async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen_wide("127.0.0.1:0".parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (end_tx, ends) = mpsc::unbounded_channel();
@@ -255,6 +255,25 @@ impl Drop for Service {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A loopback listener whose backlog takes a burst of a thousand connects
+/// (tokio's default is 1,024 in all). With a smaller one, a burst that
+/// arrives while the accept loop is starved of CPU overflows the SYN queue;
+/// the kernel then answers with SYN cookies, and a connection whose first
+/// data segment was dropped for want of room in the accept queue cannot
+/// prove its cookie with the next one and is reset by the listener.
+fn listen_wide(addr: SocketAddr) -> TcpListener {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket.bind(&addr.into()).unwrap();
+    socket.listen(4096).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    TcpListener::from_std(socket.into()).unwrap()
 }
 
 async fn serve(mut socket: TcpStream, behaviour: Behaviour) -> ServiceEnd {
