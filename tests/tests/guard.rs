@@ -3,8 +3,9 @@
 //! gets EPERM connecting to a denied destination, reaches an audited one
 //! (recorded as a would-be denial) and an allowed one; each decision is a
 //! row of `zt.decisions` naming the rule, the process and the policy
-//! version. A process outside the guarded cgroup is not affected, and a
-//! policy file that does not compile stops the agent with the reason.
+//! version, over IPv4 and IPv6. A process outside the guarded cgroup is not
+//! affected, and a policy file that does not compile stops the agent with
+//! the reason.
 
 use std::{process::Stdio, time::Duration};
 
@@ -22,7 +23,8 @@ import errno, socket, sys
 for target in sys.argv[1:]:
     udp = target.startswith("udp:")
     host, port = target.removeprefix("udp:").rsplit(":", 1)
-    s = socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     s.settimeout(2)
     try:
         if udp:
@@ -202,6 +204,111 @@ destinations = ["127.0.0.82"]
         ("tcp", "tcp")
     );
     assert_ne!(rows[0].connection_id, rows[1].connection_id);
+    drop((audited, allowed));
+    Ok(())
+}
+
+/// The same over IPv6 (`connect6`, `sendmsg6`), on `::1` with ports of the
+/// test's own: a denied port fails with EPERM for TCP and UDP, an audited
+/// one passes recorded as a would-be denial, an allowed one passes; the
+/// decisions carry the IPv6 address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_connections_are_decided_in_the_kernel_too() -> Result<()> {
+    let stack = Stack::new("e2e_guard_v6").await?;
+    let _collector = stack.start_collector().await?;
+    let audited = std::net::TcpListener::bind("[::1]:0")?;
+    let allowed = std::net::TcpListener::bind("[::1]:0")?;
+    let denied_port = free_port()?;
+    let (audited_port, allowed_port) = (audited.local_addr()?.port(), allowed.local_addr()?.port());
+    let policy = stack.dir.path().join("guard.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+version = 43
+default = "allow"
+record_allows = false
+
+[[rule]]
+id = "deny-v6-service"
+action = "deny"
+destinations = ["::1"]
+ports = [{denied_port}]
+
+[[rule]]
+id = "audit-v6-service"
+action = "audit"
+destinations = ["::1/128"]
+ports = [{audited_port}]
+"#
+        ),
+    )?;
+    let _agent = stack
+        .start_agent_named(
+            "agent",
+            &[("ZT_AGENT_GUARD__POLICY_FILE", policy.display().to_string())],
+        )
+        .await?;
+
+    let targets = [
+        format!("::1:{denied_port}"),
+        format!("::1:{audited_port}"),
+        format!("::1:{allowed_port}"),
+        format!("udp:::1:{denied_port}"),
+    ];
+    let mut args = vec!["-c", CONNECTOR];
+    args.extend(targets.iter().map(String::as_str));
+    let child = spawn_in_cgroup_with(&stack.guarded, "/usr/bin/python3", &args, Stdio::piped())?;
+    let pid = child.id();
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "python: {output:?}");
+    let results = String::from_utf8(output.stdout)?;
+    for (target, expected) in targets
+        .iter()
+        .zip(["EPERM", "connected", "connected", "EPERM"])
+    {
+        assert!(
+            results.contains(&format!("{target} {expected}")),
+            "{target}: expected {expected}\n{results}"
+        );
+    }
+
+    let rows: Vec<DecisionRow> = eventually(Duration::from_secs(10), || async {
+        let rows = stack
+            .db()
+            .query("SELECT ?fields FROM decisions FINAL WHERE pid = ? ORDER BY time_ns")
+            .bind(pid)
+            .fetch_all::<DecisionRow>()
+            .await
+            .ok()?;
+        (rows.len() >= 3).then_some(rows)
+    })
+    .await
+    .with_context(|| format!("decisions not stored\n{}", stack.logs()))?;
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.protocol.as_str(),
+                r.verdict.as_str(),
+                r.rule_id.as_str(),
+                r.remote_addr.as_str(),
+                r.remote_port,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("tcp", "denied", "deny-v6-service", "::1", denied_port),
+            ("tcp", "would_deny", "audit-v6-service", "::1", audited_port),
+            ("udp", "denied", "deny-v6-service", "::1", denied_port),
+        ]
+    );
+    for row in &rows {
+        assert_eq!(row.policy_version, 43);
+        assert_eq!(row.enforcement_point, "kernel");
+    }
     drop((audited, allowed));
     Ok(())
 }
