@@ -252,6 +252,7 @@ orgs = ["{TEST_ORG}"]
             DIRECT_PORT.to_string(),
         ]],
         wait_for_ports: vec![TUNNEL_PORT, DIRECT_PORT],
+        ..SiteOptions::default()
     };
     let mut site = Site::start_with(&format!("bench_tunnel{index}"), options).await?;
     let srv = site.server.addr();

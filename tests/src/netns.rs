@@ -33,7 +33,7 @@
 use std::{
     collections::HashSet,
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
@@ -90,6 +90,7 @@ pub struct Lan {
 pub struct Host {
     netns: Arc<str>,
     addr: Ipv4Addr,
+    addr6: Ipv6Addr,
 }
 
 impl Lan {
@@ -230,17 +231,41 @@ impl Lan {
         let octet = self.next_host;
         let netns = format!("zt-{name}-{}", self.id);
         let addr = host_addr(self.network, octet);
-        self.add_host_inner(&netns, octet, addr)
-            .with_context(|| format!("adding host {name:?} ({netns}, {addr})"))?;
+        let addr6 = self.host_addr6(octet);
+        self.add_host_inner(&netns, octet, addr, addr6)
+            .with_context(|| format!("adding host {name:?} ({netns}, {addr}, {addr6})"))?;
         self.next_host += 1;
         self.host_names.insert(name.to_owned());
         Ok(Host {
             netns: netns.into(),
             addr,
+            addr6,
         })
     }
 
-    fn add_host_inner(&mut self, netns: &str, octet: u8, addr: Ipv4Addr) -> Result<()> {
+    /// Host `octet`'s IPv6 address: `fd7a:<LAN id>::<octet>` in a unique
+    /// local /64 of the LAN's own (its random id), so no two LANs share one.
+    fn host_addr6(&self, octet: u8) -> Ipv6Addr {
+        let id = u32::from_str_radix(&self.id, 16).unwrap_or(0);
+        Ipv6Addr::new(
+            0xfd7a,
+            (id >> 16) as u16,
+            id as u16,
+            0,
+            0,
+            0,
+            0,
+            u16::from(octet),
+        )
+    }
+
+    fn add_host_inner(
+        &mut self,
+        netns: &str,
+        octet: u8,
+        addr: Ipv4Addr,
+        addr6: Ipv6Addr,
+    ) -> Result<()> {
         let sw = self.switch_ns.clone();
         ip(&["netns", "add", netns])?;
         // Registered before anything else can fail, so Drop removes it.
@@ -262,6 +287,18 @@ impl Lan {
             &format!("{addr}/24"),
             "dev",
             "eth0",
+        ])?;
+        // IPv6 beside it, usable at once (no duplicate address detection:
+        // the address is the LAN's own).
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{addr6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
         ])?;
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         Ok(())
@@ -303,6 +340,11 @@ impl Host {
     /// The host's address on its LAN (on `eth0`, /24).
     pub fn addr(&self) -> Ipv4Addr {
         self.addr
+    }
+
+    /// The host's IPv6 address on its LAN (on `eth0`, a unique local /64).
+    pub fn addr6(&self) -> Ipv6Addr {
+        self.addr6
     }
 
     /// The argv prefix that runs a program inside the namespace:

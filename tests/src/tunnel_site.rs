@@ -62,7 +62,7 @@ asyncio.run(main())
 /// `timeout` or the errno name.
 pub const CONNECT_ONCE: &str = r#"
 import errno, socket, sys
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -82,9 +82,12 @@ pub struct SiteOptions {
     /// (besides [`WEB_PORT`] and [`ECHO_PORT`]).
     pub tunnelled_ports: Vec<u16>,
     /// TOML appended to the server's policy (`[[service]]` and `[[access]]`
-    /// entries for those ports); `{srv}` in it stands for the server's
-    /// address (the LAN picks it).
+    /// entries for those ports); `{srv}` and `{srv6}` in it stand for the
+    /// server's IPv4 and IPv6 addresses (the LAN picks them).
     pub server_policy_extra: String,
+    /// TOML appended to the PC's policy (more `[[rule]]`s), with the same
+    /// placeholders.
+    pub pc_policy_extra: String,
     /// More programs (argv) started on the server, in its guarded cgroup,
     /// before the agents.
     pub server_programs: Vec<Vec<String>>,
@@ -140,6 +143,11 @@ impl Site {
         std::fs::write(web_root.join("hello.txt"), b"hello through the tunnel\n")?;
 
         let srv = server.addr();
+        let fill = |extra: &str| {
+            extra
+                .replace("{srv6}", &server.addr6().to_string())
+                .replace("{srv}", &srv.to_string())
+        };
         let tunnelled = [WEB_PORT, ECHO_PORT]
             .iter()
             .chain(&options.tunnelled_ports)
@@ -166,16 +174,14 @@ id = "no-admin-port"
 action = "deny"
 destinations = ["{srv}"]
 ports = [{DENIED_PORT}]
-"#
+{pc_extra}"#,
+                pc_extra = fill(&options.pc_policy_extra),
             ),
         )?;
         let server_policy = stack.dir.path().join("server-policy.toml");
         std::fs::write(
             &server_policy,
-            server_policy_text(srv, true)
-                + &options
-                    .server_policy_extra
-                    .replace("{srv}", &srv.to_string()),
+            server_policy_text(srv, true) + &fill(&options.server_policy_extra),
         )?;
 
         let mut services = vec![

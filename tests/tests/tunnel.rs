@@ -22,11 +22,13 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use zt_e2e::{
-    eventually, pki,
+    eventually,
+    netns::Host,
+    pki,
     stack::{Stack, TEST_ORG},
     tunnel_site::{
-        run_on, server_policy_text, spawn_in, Site, CONNECT_ONCE, DENIED_PORT, ECHO_PORT,
-        GATEWAY_PORT, WEB_PORT,
+        run_on, server_policy_text, spawn_in, Site, SiteOptions, CONNECT_ONCE, DENIED_PORT,
+        ECHO_PORT, GATEWAY_PORT, WEB_PORT,
     },
 };
 
@@ -329,6 +331,168 @@ async fn the_tunnel_carries_allowed_callers_and_refuses_everyone_else() -> Resul
     Ok(())
 }
 
+/// The same over IPv6: the PC's policy sends the server's IPv6 address
+/// through the gateway (the kernel's `connect6` redirect; the QUIC tunnel
+/// itself runs over IPv4) and denies an admin port of it; the server's
+/// policy names the IPv6 destination as a protected service. curl reaches
+/// it through the tunnel, the denied port fails with EPERM, the outsider's
+/// direct IPv6 connection is dropped by the server's kernel, and the
+/// decisions carry the IPv6 address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_carries_ipv6_destinations() -> Result<()> {
+    // The web service once more, on both stacks (`--bind ::`), so that a
+    // direct IPv6 connection would reach it but for the server's guard.
+    const WEB6_PORT: u16 = 8086;
+    let options = SiteOptions {
+        server_programs: vec![[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            &WEB6_PORT.to_string(),
+            "--bind",
+            "::",
+        ]
+        .map(str::to_owned)
+        .to_vec()],
+        wait_for_ports: vec![WEB6_PORT],
+        pc_policy_extra: format!(
+            r#"
+[[rule]]
+id = "intranet-v6-via-gateway"
+action = "tunnel"
+destinations = ["{{srv6}}"]
+ports = [{WEB6_PORT}]
+gateway = "{{srv}}:{GATEWAY_PORT}"
+
+[[rule]]
+id = "no-admin-port-v6"
+action = "deny"
+destinations = ["{{srv6}}/128"]
+ports = [{DENIED_PORT}]
+"#
+        ),
+        server_policy_extra: format!(
+            r#"
+[[service]]
+name = "intranet-web-v6"
+destinations = ["{{srv6}}"]
+ports = [{WEB6_PORT}]
+target = "127.0.0.1:{WEB_PORT}"
+class = "protected"
+
+[[access]]
+id = "staff-curl-v6"
+service = "intranet-web-v6"
+action = "allow"
+orgs = ["{TEST_ORG}"]
+users = ["root"]
+exes = ["/usr/bin/curl"]
+"#
+        ),
+        ..SiteOptions::default()
+    };
+    let site = Site::start_with("e2e_tunnel6", options).await?;
+    let srv6 = site.server.addr6();
+    let url = format!("http://[{srv6}]:{WEB6_PORT}/hello.txt");
+
+    let body = site.run_on_pc(
+        true,
+        None,
+        &["/usr/bin/curl", "-gsS", "--max-time", "10", &url],
+    )?;
+    assert_eq!(body, "hello through the tunnel\n", "{}", site.logs());
+
+    let connect_once = |host: &Host, port: u16, in_cgroup: bool| -> Result<String> {
+        let argv = [
+            "/usr/bin/python3",
+            "-c",
+            CONNECT_ONCE,
+            &srv6.to_string(),
+            &port.to_string(),
+        ];
+        Ok(if in_cgroup {
+            site.run_on_pc(true, None, &argv)?
+        } else {
+            run_on(host, None, None, &argv)?
+        })
+    };
+    assert_eq!(connect_once(&site.pc, DENIED_PORT, true)?.trim(), "EPERM");
+    assert_eq!(
+        connect_once(&site.outsider, WEB6_PORT, false)?.trim(),
+        "timeout",
+        "the outsider must not reach the service over IPv6"
+    );
+
+    let rows = eventually(Duration::from_secs(30), || async {
+        let rows = decisions(&site.stack).await.ok()?;
+        let seen = |point: &str, verdict: &str| {
+            rows.iter()
+                .any(|r| r.enforcement_point == point && r.verdict == verdict)
+        };
+        (seen("tunnel", "tunnelled")
+            && seen("gateway", "allowed")
+            && seen("kernel", "denied")
+            && rows.iter().any(|r| r.enforcement_point == "kernel_ingress"))
+        .then_some(rows)
+    })
+    .await
+    .with_context(|| format!("decisions did not arrive\n{}", site.logs()))?;
+    let srv6 = srv6.to_string();
+    let tunnelled = rows
+        .iter()
+        .find(|r| r.enforcement_point == "tunnel" && r.verdict == "tunnelled")
+        .context("no tunnel record")?;
+    assert_eq!(
+        (
+            tunnelled.rule_id.as_str(),
+            tunnelled.remote_addr.as_str(),
+            tunnelled.remote_port
+        ),
+        ("intranet-v6-via-gateway", srv6.as_str(), WEB6_PORT)
+    );
+    let allowed = rows
+        .iter()
+        .find(|r| r.connection_id == tunnelled.connection_id && r.enforcement_point == "gateway")
+        .context("the gateway's record of the same connection")?;
+    assert_eq!(
+        (
+            allowed.verdict.as_str(),
+            allowed.rule_id.as_str(),
+            allowed.service.as_str()
+        ),
+        ("allowed", "staff-curl-v6", "intranet-web-v6")
+    );
+    let denied = rows
+        .iter()
+        .find(|r| r.enforcement_point == "kernel" && r.verdict == "denied")
+        .context("the kernel's denial")?;
+    assert_eq!(
+        (
+            denied.rule_id.as_str(),
+            denied.remote_addr.as_str(),
+            denied.remote_port
+        ),
+        ("no-admin-port-v6", srv6.as_str(), DENIED_PORT)
+    );
+    let dropped = rows
+        .iter()
+        .find(|r| r.enforcement_point == "kernel_ingress")
+        .context("the server's drop of the direct connection")?;
+    assert_eq!(
+        (
+            dropped.remote_addr.as_str(),
+            dropped.rule_id.as_str(),
+            dropped.reason.as_str()
+        ),
+        (
+            site.outsider.addr6().to_string().as_str(),
+            "protect:intranet-web-v6",
+            "protected_port"
+        )
+    );
+    Ok(())
+}
+
 /// QUIC clients from the root namespace (on the LAN through its bridge):
 /// a device of our CA reaches the gateway's policy (and is refused there,
 /// being no caller the policy names); a device of another CA, trusting
@@ -509,8 +673,11 @@ async fn revoking_the_gateway_closes_the_pcs_tunnels_to_it() -> Result<()> {
         site.logs()
     );
 
+    // The admin's credential first: the clock starts at `ztctl device
+    // revoke`, not at issuing a certificate for the admin.
+    let admin = zt_e2e::ztctl::ZtctlUser::create(&site.stack, TEST_ORG, "admin", "admin")?;
     let revoked_at = unix_now();
-    revoke(&site.stack, "srv")?;
+    admin.ok(&["device", "revoke", "srv"])?;
     line.clear();
     std::io::BufRead::read_line(&mut out, &mut line)?;
     let _ = long.wait();
