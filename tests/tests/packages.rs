@@ -184,6 +184,31 @@ async fn exec_arrives(stack: &Stack, marker: &str, what: &str) -> Result<()> {
     .with_context(|| format!("{what}: the exec never arrived\n{}", stack.logs()))
 }
 
+/// Connects from the guarded cgroup to `target` (`ip:port`): prints
+/// `<target> connected` or `<target> <errno name>`.
+fn connect_in_guarded(stack: &Stack, target: &str) -> Result<String> {
+    const CONNECT: &str = r#"
+import errno, socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.socket()
+s.settimeout(2)
+try:
+    s.connect((host, int(port)))
+    print(sys.argv[1], "connected")
+except OSError as e:
+    print(sys.argv[1], errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+    let child = zt_e2e::stack::spawn_in_cgroup_with(
+        &stack.guarded,
+        "/usr/bin/python3",
+        &["-c", CONNECT, target],
+        std::process::Stdio::piped(),
+    )?;
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "{output:?}");
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
 /// Starts the installed agent's unit and waits until its sensors run.
 async fn start_agent_service(root: &ThrowawayRoot, stack: &Stack, log: &str) -> Result<Process> {
     let unit = ServiceUnit::load(root, "zt-agent.service")?;
@@ -440,10 +465,43 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
         "status lists no guard sensor: {running}"
     );
 
+    // A policy pushed through the collector is enforced by the installed
+    // service (and becomes its last good policy).
+    let listener = std::net::TcpListener::bind("127.0.0.97:0")?;
+    let target = listener.local_addr()?.to_string();
+    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} connected"));
+    let soc = zt_e2e::ztctl::ZtctlUser::create(&stack, "pref", "soc", "soc")?;
+    let baseline = stack.dir.path().join("baseline.yaml");
+    std::fs::write(
+        &baseline,
+        format!(
+            "version: 1\nkind: baseline\nrules:\n  - id: no-97\n    action: deny\n    to: {{addresses: [127.0.0.97], ports: [{}]}}\n",
+            listener.local_addr()?.port()
+        ),
+    )?;
+    let reply = soc.json(&[
+        "policy",
+        "push",
+        baseline.to_str().context("path")?,
+        "--wait",
+        "30",
+        "--json",
+    ])?;
+    ensure!(
+        reply["rollout"][0]["applied"] == 1,
+        "the installed agent did not apply the push: {reply}\n{}",
+        stack.logs()
+    );
+    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} EPERM"));
+
     // Stop: every program detached and unloaded.
     stop_service(&root, "zt-agent.service", &mut agent)?;
     wait_until_detached(&stack, &ours, "systemctl stop").await?;
     assert_eq!(agent_status(&root)?["agent_state"], "stopped");
+    ensure!(
+        connect_in_guarded(&stack, &target)? == format!("{target} connected"),
+        "a stopped agent still denies"
+    );
 
     // Crash: the kernel detaches what the dead process held; nothing is
     // left without an owner. The restart attaches again.
@@ -472,8 +530,8 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     edited.push_str("\nheartbeat_interval_secs = 20\n");
     std::fs::write(&config, &edited)?;
 
-    // Upgrade to the newer build: identity, spool and policy state, and
-    // the edited configuration, all as they were.
+    // Upgrade to the newer build: identity, spool and last good policy,
+    // and the edited configuration, all as they were.
     let state = root.host_path("/var/lib/zt-agent");
     let state_before = tree(&state)?;
     ensure!(
@@ -482,6 +540,11 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
         state_before.keys().collect::<Vec<_>>()
     );
     ensure!(state_before.contains_key(Path::new("identity/device.pem")));
+    ensure!(
+        state_before.keys().any(|p| p.starts_with("policy")),
+        "no policy bundle kept: {:?}",
+        state_before.keys().collect::<Vec<_>>()
+    );
     dpkg_install(&root, &newer)?;
     assert_eq!(installed_version(&root, "zt-agent")?, "0.1.0+e2e.2");
     ensure!(
@@ -490,14 +553,21 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     );
     assert_eq!(std::fs::read_to_string(&config)?, edited);
 
-    // After the upgrade the collector is back: what was spooled arrives.
-    let _collector = stack.start_collector().await?;
+    // The upgraded agent starts with the collector still away: it enforces
+    // the last good policy at once. Then the collector is back, and what
+    // was spooled arrives.
     let before = loaded_programs()?;
     let mut agent = start_agent_service(&root, &stack, "service-4").await?;
     let ours: BTreeSet<u64> = loaded_programs()?.difference(&before).copied().collect();
+    ensure!(
+        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        "the upgraded agent does not enforce the last good policy\n{}",
+        stack.logs()
+    );
     let after = agent_status(&root)?;
     assert_eq!(after["spiffe_id"], status["spiffe_id"]);
     assert_eq!(after["running"], true);
+    let _collector = stack.start_collector().await?;
     eventually(Duration::from_secs(20), || async {
         (exec_count(&stack, &spooled).await > 0).then_some(())
     })
