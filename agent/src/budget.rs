@@ -113,6 +113,12 @@ pub async fn enforce(config: BudgetConfig, mut sampling: Array<MapData, u32>) {
         let cpu_percent =
             (ticks.saturating_sub(last_ticks)) as f64 / ticks_per_second / interval.as_secs_f64()
                 * 100.0;
+        // A burst's freed queues and caches go back to the kernel once it
+        // is over: trimming while busy would only make malloc fault the
+        // same pages in again.
+        if cpu_percent < config.cpu_percent / 2.0 {
+            crate::heap::trim_if_worthwhile();
+        }
         if let Some(keep_one_in) = controller.observe(cpu_percent, rss) {
             if keep_one_in > 1 {
                 warn!(

@@ -15,6 +15,7 @@ pub mod exe_hash;
 pub mod file_watch;
 pub mod guard;
 pub mod guard_policy;
+pub mod heap;
 pub mod identity;
 pub mod kernel_offsets;
 pub mod listeners;
@@ -158,6 +159,14 @@ pub async fn run(
     .context("starting kernel sensors")?;
     let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
+    // Loading parsed the kernel's BTF; what that freed goes back now.
+    let released = heap::trim_if_worthwhile();
+    if released > 0 {
+        info!(
+            released_mib = released / (1 << 20),
+            "heap trimmed after start-up"
+        );
+    }
     let sensor_hooks: Vec<String> = sensors
         .active()
         .iter()
