@@ -1,6 +1,7 @@
 //! Handing freed heap memory back to the kernel.
 //!
-//! glibc's malloc keeps the memory the agent frees mapped, and counted in
+//! glibc's malloc (the agent's allocator on Debian; elsewhere this module
+//! does nothing) keeps the memory the agent frees mapped, and counted in
 //! its resident set, for reuse: after start-up, parsing the kernel's BTF
 //! leaves about 25 MB of it behind; after a burst of events, the peak of
 //! the queues and caches. `malloc_trim` releases the free pages. The agent
@@ -15,10 +16,17 @@ pub const SLACK_BYTES: u64 = 8 << 20;
 
 /// Bytes malloc has handed out and not had back (every arena, and the
 /// large allocations it maps directly).
+#[cfg(target_env = "gnu")]
 pub fn in_use_bytes() -> u64 {
     // SAFETY: mallinfo2 only reads malloc's statistics.
     let info = unsafe { libc::mallinfo2() };
     (info.uordblks + info.hblkhd) as u64
+}
+
+/// Other C libraries: nothing is known, so nothing is ever worth a trim.
+#[cfg(not(target_env = "gnu"))]
+pub fn in_use_bytes() -> u64 {
+    u64::MAX
 }
 
 /// Whether `anon_rss` (resident anonymous bytes) holds more than
@@ -30,6 +38,7 @@ pub fn worth_trimming(anon_rss: u64, in_use: u64) -> bool {
 /// Returns the free pages of every malloc arena to the kernel.
 pub fn trim() {
     // SAFETY: malloc_trim is safe to call at any time from any thread.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
     }
@@ -75,6 +84,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_env = "gnu")]
     fn a_trim_gives_freed_memory_back() {
         // 64 MiB in small blocks (malloc's heap, not direct maps), touched
         // so it is resident, then freed but for one block allocated after

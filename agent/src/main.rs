@@ -200,6 +200,9 @@ fn print_runtime(runtime: Option<&RuntimeStatus>, liveness: &Liveness, now_unix:
             ago(runtime.updated_unix)
         ),
     }
+    if *liveness != Liveness::Running {
+        println!("              as it was at its last update:");
+    }
     println!("guarding      {}", runtime.guarded_cgroup.display());
     println!("sensors       {}", runtime.sensors.join(", "));
     println!(
