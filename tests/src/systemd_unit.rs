@@ -249,6 +249,16 @@ impl ServiceUnit {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
             .stdin(Stdio::null());
+        if let Some(quoted) = self
+            .values("Service", "Environment")
+            .into_iter()
+            .find(|v| v.contains(['"', '\'', '%', '$']))
+        {
+            bail!(
+                "{}: Environment={quoted} needs more than splitting on spaces",
+                self.name
+            );
+        }
         for assignment in self
             .values("Service", "Environment")
             .iter()
