@@ -20,7 +20,6 @@ async fn main() -> anyhow::Result<()> {
     let args = CliArgs::parse();
     let config = CollectorConfig::load(&args).context("loading the collector configuration")?;
     if let Some(command) = &args.command {
-        become_state_owner(&config.identity.state_dir)?;
         return administer(&config, command);
     }
     init_tracing(config.log_format);
@@ -29,44 +28,63 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run as root against the state directory of an installed collector
-/// (owned by its service user, `zt-collector`), an administration command
-/// becomes that user first: the tokens, accounts and credentials it writes
-/// must stay readable by the service, and root needs nothing more.
-fn become_state_owner(state_dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(());
+/// While it lives, a root process acts as the owner of an installed
+/// collector's state directory (its service user, `zt-collector`): the
+/// tokens, accounts, devices and users an administration command writes
+/// there must stay readable by the service. Only the effective ids change,
+/// so what the command writes elsewhere (a credential for the admin) is
+/// written as root again once it is dropped. Does nothing when not root or
+/// when root owns the directory (the local stack, the tests).
+struct ActingAsStateOwner {
+    acting: bool,
+}
+
+impl ActingAsStateOwner {
+    fn enter(state_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let idle = Self { acting: false };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(idle);
+        }
+        let Ok(meta) = std::fs::metadata(state_dir) else {
+            return Ok(idle);
+        };
+        let (uid, gid) = (meta.uid(), meta.gid());
+        if uid == 0 {
+            return Ok(idle);
+        }
+        // SAFETY: plain syscalls; glibc applies them to every thread.
+        let failed = unsafe { libc::setegid(gid) != 0 || libc::seteuid(uid) != 0 };
+        if failed {
+            let err = std::io::Error::last_os_error();
+            drop(Self { acting: true });
+            return Err(err).with_context(|| {
+                format!(
+                    "acting as uid {uid} (the owner of {}) to administer it",
+                    state_dir.display()
+                )
+            });
+        }
+        Ok(Self { acting: true })
     }
-    let Ok(meta) = std::fs::metadata(state_dir) else {
-        return Ok(());
-    };
-    let (uid, gid) = (meta.uid(), meta.gid());
-    if uid == 0 {
-        return Ok(());
+}
+
+impl Drop for ActingAsStateOwner {
+    fn drop(&mut self) {
+        if self.acting {
+            // SAFETY: as above; the real uid is still root's.
+            unsafe {
+                libc::seteuid(0);
+                libc::setegid(0);
+            }
+        }
     }
-    // SAFETY: plain syscalls, before any other thread touches credentials
-    // (the runtime's workers are idle at this point and libc applies them
-    // process-wide).
-    let failed = unsafe {
-        libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setgid(gid) != 0
-            || libc::setuid(uid) != 0
-    };
-    if failed {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!(
-                "becoming uid {uid} (the owner of {}) to administer it",
-                state_dir.display()
-            )
-        });
-    }
-    Ok(())
 }
 
 /// Commands run on the collector host against its state directory.
 fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()> {
+    let state_dir = &config.identity.state_dir;
     let open = || {
         ControlPlane::open(&config.identity).with_context(|| {
             format!(
@@ -83,9 +101,13 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
             ttl,
             role,
         }) => {
-            let (credential, bundle) = open()?
-                .issue_user_credential(org, user, *role, *ttl)
-                .context("issuing the credential")?;
+            let (credential, bundle) = {
+                let _owner = ActingAsStateOwner::enter(state_dir)?;
+                open()?
+                    .issue_user_credential(org, user, *role, *ttl)
+                    .context("issuing the credential")?
+            };
+            // The admin's own files, as the admin.
             zt_identity::files::ensure_dir(out, 0o700)?;
             let credential_path = out.join("credential.pem");
             zt_identity::write_private_key(&credential_path, credential.as_bytes())?;
@@ -95,7 +117,8 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
         }
         Command::Account(AccountCommand::Create { org, user, role }) => {
             let password = read_password()?;
-            zt_collector::console::accounts::Accounts::new(&config.identity.state_dir)
+            let _owner = ActingAsStateOwner::enter(state_dir)?;
+            zt_collector::console::accounts::Accounts::new(state_dir)
                 .create(&open()?, org, user, *role, &password)
                 .context("creating the console account")?;
             eprintln!(
@@ -110,9 +133,12 @@ fn administer(config: &CollectorConfig, command: &Command) -> anyhow::Result<()>
             ttl,
             json,
         }) => {
-            let token = open()?
-                .create_token(org, device, *ttl)
-                .context("creating the enrollment token")?;
+            let token = {
+                let _owner = ActingAsStateOwner::enter(state_dir)?;
+                open()?
+                    .create_token(org, device, *ttl)
+                    .context("creating the enrollment token")?
+            };
             if *json {
                 println!("{}", serde_json::to_string(&token)?);
             } else {

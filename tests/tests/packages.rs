@@ -677,6 +677,49 @@ async fn the_collector_package_runs_as_its_own_user_and_keeps_its_ca_across_upgr
         )
     };
     enroll("pc-0002")?;
+    // An admin's credential, created by root into root's own directory (the
+    // state changes as the service's user, the files as root), and the
+    // installed ztctl talking to the installed collector with it.
+    root.run(
+        "zt-collector",
+        &[
+            "credential",
+            "create",
+            "--org",
+            TEST_ORG,
+            "--user",
+            "admin",
+            "--role",
+            "admin",
+            "--out",
+            "/root/zt-admin",
+        ],
+    )?;
+    assert_eq!(ownership(&root, "/root/zt-admin/credential.pem")?.1, "root");
+    std::fs::write(
+        root.host_path("/root/zt-admin/ztctl.toml"),
+        format!(
+            "collector_url = \"https://127.0.0.1:{port}\"\ncredential = \"/root/zt-admin/credential.pem\"\nca_bundle = \"/root/zt-admin/ca.pem\"\n"
+        ),
+    )?;
+    let fleet: serde_json::Value = serde_json::from_slice(
+        &root
+            .run(
+                "ztctl",
+                &[
+                    "--config",
+                    "/root/zt-admin/ztctl.toml",
+                    "device",
+                    "list",
+                    "--json",
+                ],
+            )?
+            .stdout,
+    )?;
+    ensure!(
+        fleet.to_string().contains("pc-0002"),
+        "ztctl device list does not show the enrolled device: {fleet}"
+    );
     let state = root.host_path("/var/lib/zt-collector");
     for (path, _) in tree(&state)? {
         let meta = std::fs::metadata(state.join(&path))?;
