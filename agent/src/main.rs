@@ -54,6 +54,9 @@ enum Command {
     },
 }
 
+/// The unit the Debian package installs (docs/install.md).
+const INSTALLED_UNIT: &str = "/usr/lib/systemd/system/zt-agent.service";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -81,6 +84,12 @@ async fn main() -> anyhow::Result<()> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         );
+        // Installed from the package: the service waited for this.
+        if std::path::Path::new(INSTALLED_UNIT).exists()
+            && config.state_dir == config::AgentConfig::default().state_dir
+        {
+            println!("start the agent now: systemctl start zt-agent (from now on it starts on every boot)");
+        }
         return Ok(());
     }
     tracing::info!(config = ?config, "effective configuration");

@@ -393,7 +393,7 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
         TEST_ORG,
         "pc-0001",
     )?;
-    root.run(
+    let enrolled = root.run(
         "zt-agent",
         &[
             "enroll",
@@ -403,6 +403,11 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
             &token,
         ],
     )?;
+    let said = String::from_utf8_lossy(&enrolled.stdout);
+    ensure!(
+        said.contains("systemctl start zt-agent"),
+        "enroll does not say how to start the installed service: {said}"
+    );
     let status = agent_status(&root)?;
     assert_eq!(status["enrolled"], true);
     assert_eq!(status["agent_state"], "never_ran");
