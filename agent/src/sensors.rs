@@ -244,6 +244,18 @@ const BULK_DRAIN_LIMIT: usize = 4096;
 /// of the agent's programs runs between reserving and committing a record.
 const BULK_HOLD_NS: u64 = 2_000_000;
 
+/// After a drain that found a few records, how long the reader lets more
+/// arrive before it looks again. The kernel wakes the reader only for a
+/// record committed when the reader had caught up, so a reader that drains
+/// at once is woken for nearly every record of a steady stream (an exec
+/// storm: a context switch or two per event); waiting this long turns that
+/// into one wake-up and one batch per millisecond. Idle, it costs nothing
+/// (no records, no wait); a drain of [`COALESCE_BELOW`] records or more
+/// (a burst, where the reader is behind anyway) does not wait; it adds at
+/// most this much to an event's delivery.
+const COALESCE: Duration = Duration::from_millis(1);
+const COALESCE_BELOW: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SensorError {
     #[error("cannot mount {what}: {source}")]
@@ -834,10 +846,14 @@ impl Reader {
             }
             batch.append(&mut self.gaps);
             tracing::trace!(events = batch.len(), held = held.len(), "sensor events out");
+            let trickle = (1..COALESCE_BELOW).contains(&batch.len());
             for event in batch.drain(..) {
                 if self.out.send(event).await.is_err() {
                     return;
                 }
+            }
+            if trickle && !bulk_pending {
+                tokio::time::sleep(COALESCE).await;
             }
         }
     }
