@@ -6,11 +6,16 @@
 //! systemd).
 //!
 //! The agent: install, unit and paths, enroll, start, its events stored,
-//! stop and crash leave nothing attached, a newer build upgrades in place
-//! with identity, spool and configuration kept (the events spooled during a
-//! collector outage arrive after the upgrade), purge removes everything.
-//! The collector: its user and state, start, administration as root keeps
-//! the state readable by the service, upgrade keeps the CA, purge.
+//! `zt-agent status`, a pushed policy enforced, stop and crash leave nothing
+//! attached, a newer build upgrades in place with identity, spool, last good
+//! policy and configuration kept (the upgraded agent enforces that policy
+//! before the collector is back, and the events spooled during the outage
+//! arrive after it), purge removes everything. The collector: its user and
+//! state, start, administration as root keeps the state readable by the
+//! service, the installed `ztctl` works against it, upgrade keeps the CA,
+//! purge. The BPF programs an agent loaded are told apart by id (loaded
+//! after its start): no other test of this binary loads any, and cargo runs
+//! test binaries one at a time.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
