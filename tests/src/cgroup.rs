@@ -1,9 +1,11 @@
 //! A cgroup v2 made for one test, removed when dropped (also on failure).
 
 use std::{
+    ffi::CString,
     fs,
-    os::unix::fs::MetadataExt,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt, process::CommandExt as _},
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use anyhow::{Context as _, Result};
@@ -36,6 +38,30 @@ impl TestCgroup {
 
     pub fn procs_file(&self) -> PathBuf {
         self.path.join("cgroup.procs")
+    }
+
+    /// Makes the child of `command` join this cgroup between fork and exec,
+    /// so the program runs in it from its first instruction. Hooks added
+    /// to `command` before this one run first.
+    pub fn join_on_exec(&self, command: &mut Command) -> Result<()> {
+        let procs = CString::new(self.procs_file().as_os_str().as_bytes())?;
+        // SAFETY: only async-signal-safe calls (open, write, close) between
+        // fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
     }
 }
 

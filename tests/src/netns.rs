@@ -430,31 +430,23 @@ impl LoopbackNetns {
         cgroup: &crate::cgroup::TestCgroup,
         program: &str,
     ) -> Result<Command> {
-        use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+        use std::os::unix::process::CommandExt as _;
         let handle = File::open(self.path())
             .with_context(|| format!("opening {}", self.path().display()))?;
-        let procs = std::ffi::CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
         let mut command = Command::new(program);
-        // SAFETY: only async-signal-safe calls (setns, open, write, close)
-        // between fork and exec; `handle` stays open in the parent (owned by
-        // the closure) until the command is dropped.
+        // SAFETY: only async-signal-safe calls (setns) between fork and
+        // exec; `handle` stays open in the parent (owned by the closure)
+        // until the command is dropped.
         unsafe {
             command.pre_exec(move || {
                 if libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 Ok(())
             });
         }
+        // Then the cgroup, still before exec.
+        cgroup.join_on_exec(&mut command)?;
         Ok(command)
     }
 }

@@ -2,8 +2,6 @@
 //! `zt-collector` and `zt-agent` as real processes, logs kept for failures.
 
 use std::{
-    ffi::CString,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -188,6 +186,15 @@ impl Stack {
         self.start_agent_named("agent", &[]).await
     }
 
+    /// Connects once to `target` (`host:port`) from the guarded cgroup:
+    /// `<target> connected` or `<target> <errno name>`.
+    pub fn connect_from_guarded(&self, target: &str) -> Result<String> {
+        Ok(connect_in_cgroup(&self.guarded, &[target])?
+            .1
+            .trim()
+            .to_owned())
+    }
+
     /// A client bound to the test's database.
     pub fn db(&self) -> clickhouse::Client {
         self.clickhouse.client().with_database(&self.database)
@@ -214,6 +221,42 @@ pub fn marker_for(what: &str) -> String {
     format!("zt-e2e-{what}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Connects to each `host:port` argument (TCP; IPv4, or IPv6 when the host
+/// has a colon), or sends one datagram to each `udp:host:port` (without
+/// connecting); prints `<target> connected|sent|<errno name>` per target.
+pub const CONNECTOR: &str = r#"
+import errno, socket, sys
+for target in sys.argv[1:]:
+    udp = target.startswith("udp:")
+    host, port = target.removeprefix("udp:").rsplit(":", 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        if udp:
+            s.sendto(b"x", (host, int(port)))
+            print(target, "sent", flush=True)
+        else:
+            s.connect((host, int(port)))
+            print(target, "connected", flush=True)
+    except OSError as e:
+        print(target, errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+    finally:
+        s.close()
+"#;
+
+/// Runs [`CONNECTOR`] for `targets` inside `cgroup`; its pid and what it
+/// printed.
+pub fn connect_in_cgroup(cgroup: &TestCgroup, targets: &[&str]) -> Result<(u32, String)> {
+    let mut args = vec!["-c", CONNECTOR];
+    args.extend(targets);
+    let child = spawn_in_cgroup_with(cgroup, "/usr/bin/python3", &args, Stdio::piped())?;
+    let pid = child.id();
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(output.status.success(), "connector: {output:?}");
+    Ok((pid, String::from_utf8(output.stdout)?))
+}
+
 /// Starts `program args` inside `cgroup` (it joins before it executes).
 pub fn spawn_in_cgroup(cgroup: &TestCgroup, program: &str, args: &[&str]) -> Result<Child> {
     spawn_in_cgroup_with(cgroup, program, args, Stdio::null())
@@ -226,25 +269,9 @@ pub fn spawn_in_cgroup_with(
     args: &[&str],
     stdout: Stdio,
 ) -> Result<Child> {
-    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
     let mut command = Command::new(program);
     command.args(args).stdout(stdout).stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork
-    // and exec.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    cgroup.join_on_exec(&mut command)?;
     command
         .spawn()
         .with_context(|| format!("running {program} in the test cgroup"))

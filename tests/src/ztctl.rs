@@ -112,4 +112,13 @@ impl ZtctlUser {
     pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.ok(args)?)?)
     }
+
+    /// `ztctl policy push FILE --wait 30 --json`: the reply, with the
+    /// rollout to the connected agents.
+    pub fn push_and_wait(&self, file: &std::path::Path) -> Result<serde_json::Value> {
+        let file = file
+            .to_str()
+            .ok_or_else(|| anyhow::anyhow!("not UTF-8: {}", file.display()))?;
+        self.json(&["policy", "push", file, "--wait", "30", "--json"])
+    }
 }

@@ -7,37 +7,14 @@
 //! affected, and a policy file that does not compile stops the agent with
 //! the reason.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use zt_e2e::{
     eventually, free_port,
     process::{workspace_binary, Process},
-    stack::{spawn_in_cgroup_with, Stack},
+    stack::{connect_in_cgroup, Stack},
 };
-
-/// Connects to each `host:port` argument (TCP), or sends one datagram to
-/// each `udp:host:port` (without connecting); prints `target result`.
-const CONNECTOR: &str = r#"
-import errno, socket, sys
-for target in sys.argv[1:]:
-    udp = target.startswith("udp:")
-    host, port = target.removeprefix("udp:").rsplit(":", 1)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-    s.settimeout(2)
-    try:
-        if udp:
-            s.sendto(b"x", (host, int(port)))
-            print(target, "sent", flush=True)
-        else:
-            s.connect((host, int(port)))
-            print(target, "connected", flush=True)
-    except OSError as e:
-        print(target, errno.errorcode.get(e.errno, str(e.errno)), flush=True)
-    finally:
-        s.close()
-"#;
 
 #[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
 struct DecisionRow {
@@ -53,6 +30,23 @@ struct DecisionRow {
     policy_version: u64,
     enforcement_point: String,
     ancestor_pids: Vec<u32>,
+}
+
+/// The decisions about `pid`'s connections, in time order, once at least
+/// `at_least` are stored.
+async fn decisions_of(stack: &Stack, pid: u32, at_least: usize) -> Result<Vec<DecisionRow>> {
+    eventually(Duration::from_secs(10), || async {
+        let rows = stack
+            .db()
+            .query("SELECT ?fields FROM decisions FINAL WHERE pid = ? ORDER BY time_ns")
+            .bind(pid)
+            .fetch_all::<DecisionRow>()
+            .await
+            .ok()?;
+        (rows.len() >= at_least).then_some(rows)
+    })
+    .await
+    .with_context(|| format!("decisions not stored\n{}", stack.logs()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,13 +101,8 @@ destinations = ["127.0.0.82"]
         format!("udp:127.0.0.80:{denied_port}"),
         format!("udp:127.0.0.82:{allowed_port}"),
     ];
-    let mut args = vec!["-c", CONNECTOR];
-    args.extend(targets.iter().map(String::as_str));
-    let child = spawn_in_cgroup_with(&stack.guarded, "/usr/bin/python3", &args, Stdio::piped())?;
-    let pid = child.id();
-    let output = child.wait_with_output()?;
-    ensure!(output.status.success(), "python: {output:?}");
-    let results = String::from_utf8(output.stdout)?;
+    let targets_arg: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let (pid, results) = connect_in_cgroup(&stack.guarded, &targets_arg)?;
     assert!(
         results.contains(&format!("{} EPERM", targets[0])),
         "{results}"
@@ -142,18 +131,7 @@ destinations = ["127.0.0.82"]
         "a process outside the guarded cgroup is not denied: {outside:?}"
     );
 
-    let rows: Vec<DecisionRow> = eventually(Duration::from_secs(10), || async {
-        let rows = stack
-            .db()
-            .query("SELECT ?fields FROM decisions FINAL WHERE pid = ? ORDER BY time_ns")
-            .bind(pid)
-            .fetch_all::<DecisionRow>()
-            .await
-            .ok()?;
-        (rows.len() >= 3).then_some(rows)
-    })
-    .await
-    .with_context(|| format!("decisions not stored\n{}", stack.logs()))?;
+    let rows = decisions_of(&stack, pid, 3).await?;
     assert_eq!(
         rows.len(),
         3,
@@ -256,13 +234,8 @@ ports = [{audited_port}]
         format!("::1:{allowed_port}"),
         format!("udp:::1:{denied_port}"),
     ];
-    let mut args = vec!["-c", CONNECTOR];
-    args.extend(targets.iter().map(String::as_str));
-    let child = spawn_in_cgroup_with(&stack.guarded, "/usr/bin/python3", &args, Stdio::piped())?;
-    let pid = child.id();
-    let output = child.wait_with_output()?;
-    ensure!(output.status.success(), "python: {output:?}");
-    let results = String::from_utf8(output.stdout)?;
+    let targets_arg: Vec<&str> = targets.iter().map(String::as_str).collect();
+    let (pid, results) = connect_in_cgroup(&stack.guarded, &targets_arg)?;
     for (target, expected) in targets
         .iter()
         .zip(["EPERM", "connected", "connected", "EPERM"])
@@ -273,18 +246,7 @@ ports = [{audited_port}]
         );
     }
 
-    let rows: Vec<DecisionRow> = eventually(Duration::from_secs(10), || async {
-        let rows = stack
-            .db()
-            .query("SELECT ?fields FROM decisions FINAL WHERE pid = ? ORDER BY time_ns")
-            .bind(pid)
-            .fetch_all::<DecisionRow>()
-            .await
-            .ok()?;
-        (rows.len() >= 3).then_some(rows)
-    })
-    .await
-    .with_context(|| format!("decisions not stored\n{}", stack.logs()))?;
+    let rows = decisions_of(&stack, pid, 3).await?;
     let summary: Vec<_> = rows
         .iter()
         .map(|r| {

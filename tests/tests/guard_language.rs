@@ -11,24 +11,8 @@ use std::{process::Stdio, time::Duration};
 use anyhow::{ensure, Context as _, Result};
 use zt_e2e::{
     eventually,
-    stack::{spawn_in_cgroup_with, Stack},
+    stack::{spawn_in_cgroup_with, Stack, CONNECTOR},
 };
-
-/// Connects to each `host:port` argument; prints `target result`.
-const CONNECTOR: &str = r#"
-import errno, socket, sys
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    s = socket.socket()
-    s.settimeout(2)
-    try:
-        s.connect((host, int(port)))
-        print(target, "connected", flush=True)
-    except OSError as e:
-        print(target, errno.errorcode.get(e.errno, str(e.errno)), flush=True)
-    finally:
-        s.close()
-"#;
 
 #[derive(Debug, Clone, clickhouse::Row, serde::Deserialize)]
 struct DecisionRow {
@@ -198,18 +182,6 @@ defaults: {{outbound: allow}}
     Ok(())
 }
 
-fn connect_in_guarded(stack: &Stack, target: &str) -> Result<String> {
-    let child = spawn_in_cgroup_with(
-        &stack.guarded,
-        "/usr/bin/python3",
-        &["-c", CONNECTOR, target],
-        Stdio::piped(),
-    )?;
-    let output = child.wait_with_output()?;
-    ensure!(output.status.success(), "{output:?}");
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
-}
-
 /// A bundle pushed through the collector is what the agent's kernel
 /// enforces, acknowledged only once it is in force; `policy replay` shows
 /// what a candidate would change about the stored decision; and the bundle
@@ -224,7 +196,7 @@ async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_colle
     let target = listener.local_addr()?.to_string();
     let mut agent = stack.start_agent_named("agent", &[]).await?;
     // No policy yet: the guard lets everything pass.
-    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} connected"));
+    ensure!(stack.connect_from_guarded(&target)? == format!("{target} connected"));
 
     let baseline = stack.dir.path().join("baseline.yaml");
     std::fs::write(
@@ -253,14 +225,7 @@ async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_colle
         "the agent's control channel did not open\n{}",
         stack.logs()
     );
-    let reply = soc.json(&[
-        "policy",
-        "push",
-        baseline.to_str().context("path")?,
-        "--wait",
-        "30",
-        "--json",
-    ])?;
+    let reply = soc.push_and_wait(&baseline)?;
     let serial = reply["serial"].as_u64().context("serial")?;
     let rollout = &reply["rollout"][0];
     ensure!(
@@ -270,7 +235,7 @@ async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_colle
     );
     // Acknowledged means in force: the very next connection is refused.
     ensure!(
-        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        stack.connect_from_guarded(&target)? == format!("{target} EPERM"),
         "the pushed policy is not enforced\n{}",
         stack.logs()
     );
@@ -313,7 +278,7 @@ async fn a_pushed_bundle_is_enforced_and_kept_across_a_restart_without_the_colle
     agent.terminate(Duration::from_secs(10));
     let _agent = stack.start_agent_named("agent", &[]).await?;
     ensure!(
-        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        stack.connect_from_guarded(&target)? == format!("{target} EPERM"),
         "the kept bundle is not enforced after a restart\n{}",
         stack.logs()
     );

@@ -189,31 +189,6 @@ async fn exec_arrives(stack: &Stack, marker: &str, what: &str) -> Result<()> {
     .with_context(|| format!("{what}: the exec never arrived\n{}", stack.logs()))
 }
 
-/// Connects from the guarded cgroup to `target` (`ip:port`): prints
-/// `<target> connected` or `<target> <errno name>`.
-fn connect_in_guarded(stack: &Stack, target: &str) -> Result<String> {
-    const CONNECT: &str = r#"
-import errno, socket, sys
-host, port = sys.argv[1].rsplit(":", 1)
-s = socket.socket()
-s.settimeout(2)
-try:
-    s.connect((host, int(port)))
-    print(sys.argv[1], "connected")
-except OSError as e:
-    print(sys.argv[1], errno.errorcode.get(e.errno, str(e.errno)))
-"#;
-    let child = zt_e2e::stack::spawn_in_cgroup_with(
-        &stack.guarded,
-        "/usr/bin/python3",
-        &["-c", CONNECT, target],
-        std::process::Stdio::piped(),
-    )?;
-    let output = child.wait_with_output()?;
-    ensure!(output.status.success(), "{output:?}");
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
-}
-
 /// Starts the installed agent's unit and waits until its sensors run.
 async fn start_agent_service(root: &ThrowawayRoot, stack: &Stack, log: &str) -> Result<Process> {
     let unit = ServiceUnit::load(root, "zt-agent.service")?;
@@ -479,7 +454,7 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     // service (and becomes its last good policy).
     let listener = std::net::TcpListener::bind("127.0.0.97:0")?;
     let target = listener.local_addr()?.to_string();
-    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} connected"));
+    ensure!(stack.connect_from_guarded(&target)? == format!("{target} connected"));
     let soc = zt_e2e::ztctl::ZtctlUser::create(&stack, "pref", "soc", "soc")?;
     let baseline = stack.dir.path().join("baseline.yaml");
     std::fs::write(
@@ -489,27 +464,20 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
             listener.local_addr()?.port()
         ),
     )?;
-    let reply = soc.json(&[
-        "policy",
-        "push",
-        baseline.to_str().context("path")?,
-        "--wait",
-        "30",
-        "--json",
-    ])?;
+    let reply = soc.push_and_wait(&baseline)?;
     ensure!(
         reply["rollout"][0]["applied"] == 1,
         "the installed agent did not apply the push: {reply}\n{}",
         stack.logs()
     );
-    ensure!(connect_in_guarded(&stack, &target)? == format!("{target} EPERM"));
+    ensure!(stack.connect_from_guarded(&target)? == format!("{target} EPERM"));
 
     // Stop: every program detached and unloaded.
     stop_service(&root, "zt-agent.service", &mut agent)?;
     wait_until_detached(&stack, &ours, "systemctl stop").await?;
     assert_eq!(agent_status(&root)?["agent_state"], "stopped");
     ensure!(
-        connect_in_guarded(&stack, &target)? == format!("{target} connected"),
+        stack.connect_from_guarded(&target)? == format!("{target} connected"),
         "a stopped agent still denies"
     );
 
@@ -570,7 +538,7 @@ async fn the_agent_package_installs_enrolls_runs_upgrades_and_purges_cleanly() -
     let mut agent = start_agent_service(&root, &stack, "service-4").await?;
     let ours: BTreeSet<u64> = loaded_programs()?.difference(&before).copied().collect();
     ensure!(
-        connect_in_guarded(&stack, &target)? == format!("{target} EPERM"),
+        stack.connect_from_guarded(&target)? == format!("{target} EPERM"),
         "the upgraded agent does not enforce the last good policy\n{}",
         stack.logs()
     );

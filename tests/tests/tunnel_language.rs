@@ -57,14 +57,7 @@ defaults: {{outbound: allow, inbound: deny}}
             pc_id = device("pc"),
         ),
     )?;
-    let reply = soc.json(&[
-        "policy",
-        "push",
-        baseline.to_str().context("path")?,
-        "--wait",
-        "30",
-        "--json",
-    ])?;
+    let reply = soc.push_and_wait(&baseline)?;
     let rollout = &reply["rollout"][0];
     ensure!(
         rollout["applied"] == 2 && rollout["connected"] == 2,
