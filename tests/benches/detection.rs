@@ -50,7 +50,7 @@
 //! listener and the cgroup are removed on exit, also on failure.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     process::{Child, Command, ExitCode, Stdio},
     sync::{
@@ -62,14 +62,13 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 use proto::telemetry::{
-    event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Ancestor, Event, EventBatch,
-    FileActivity, ProcessExec, TcpConnection,
+    event::Kind, AgentIdentity, Ancestor, Event, EventBatch, FileActivity, ProcessExec,
+    TcpConnection,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, Barrier},
+    sync::Barrier,
 };
-use tokio_stream::wrappers::ReceiverStream;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig, DetectionConfig, IdentityConfig},
     detection::events::{event_id, EventTable},
@@ -77,6 +76,7 @@ use zt_collector::{
     storage::{Storage, TableRow},
     CollectorConfig, RunningCollector,
 };
+use zt_e2e::bench::WINDOW_BATCHES;
 use zt_e2e::{
     bench::{drop_database, percentile, unix_ns},
     cgroup::TestCgroup,
@@ -84,10 +84,9 @@ use zt_e2e::{
     process::workspace_binary,
 };
 
-/// Events per batch and batches unacknowledged per agent: the agent's
-/// `uplink.batch_max_events` and `uplink.max_in_flight_batches` defaults.
+/// Events per batch: the agent's `uplink.batch_max_events` default (the
+/// window of unacknowledged batches is [`WINDOW_BATCHES`]).
 const BATCH_EVENTS: usize = 512;
-const WINDOW_BATCHES: usize = 16;
 /// Event time between two events of one simulated agent.
 const EVENT_SPACING_NS: u64 = 100_000;
 /// The rule the reverse shells raise (detect/rules/process.yaml).
@@ -101,7 +100,6 @@ const SHELL_SPACING: Duration = Duration::from_millis(50);
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How long after the last shell the latency run waits for missing ones.
 const LATENCY_GRACE: Duration = Duration::from_secs(30);
-const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long detection may take to catch up after the last acknowledgement.
 const ANALYSIS_TIMEOUT: Duration = Duration::from_secs(300);
 const WHOLE_RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
@@ -707,7 +705,7 @@ async fn collector_run(
     for load in &workload.agents {
         let tls = zt_e2e::pki::device_tls(collector.state_dir(), &load.org, &load.device)?;
         let channel = zt_grpc_tls::channel(&url, tls).await?;
-        tasks.push(tokio::spawn(simulated_agent(
+        tasks.push(tokio::spawn(zt_e2e::bench::stream_batches(
             channel,
             load.batches.clone(),
             barrier.clone(),
@@ -722,7 +720,7 @@ async fn collector_run(
         let outcome = task.await.context("agent task panicked")??;
         last_ack = last_ack.max(outcome.last_ack);
         let mut events = 0;
-        for seq in outcome.acked {
+        for (seq, _) in outcome.acks {
             let tally = &load.tallies[seq as usize - 1];
             events += tally.events;
             stored.add(tally);
@@ -891,73 +889,6 @@ async fn insert_in_chunks<R: TableRow>(
             .with_context(|| format!("inserting into {}", R::TABLE))?;
     }
     Ok(())
-}
-
-struct AgentOutcome {
-    events_acked: u64,
-    last_ack: Instant,
-    /// The batch_seq of every acknowledged batch.
-    acked: Vec<u64>,
-}
-
-/// One agent's stream: keeps up to [`WINDOW_BATCHES`] batches unacknowledged,
-/// stops sending once `budget` has passed, and returns once every batch it
-/// sent is acknowledged.
-async fn simulated_agent(
-    channel: tonic::transport::Channel,
-    batches: Vec<EventBatch>,
-    start: Arc<Barrier>,
-    budget: Duration,
-) -> Result<AgentOutcome> {
-    let mut client = TelemetryClient::new(channel);
-    let (tx, rx) = mpsc::channel::<EventBatch>(WINDOW_BATCHES);
-    let mut batches = batches.into_iter();
-    let mut in_flight: HashSet<u64> = HashSet::new();
-    start.wait().await;
-    let started = Instant::now();
-    // The first window goes out while the stream opens (as the agent does).
-    for batch in batches.by_ref().take(WINDOW_BATCHES) {
-        in_flight.insert(batch.batch_seq);
-        tx.send(batch).await.context("stream closed")?;
-    }
-    let mut acks = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .context("opening the telemetry stream")?
-        .into_inner();
-    let mut outcome = AgentOutcome {
-        events_acked: 0,
-        last_ack: started,
-        acked: Vec::new(),
-    };
-    while !in_flight.is_empty() {
-        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.message())
-            .await
-            .context("no acknowledgement within a minute")?
-            .context("telemetry stream failed")?
-            .context("telemetry stream ended early")?;
-        let now = Instant::now();
-        ensure!(
-            in_flight.remove(&ack.batch_seq),
-            "acknowledgement of unknown batch {}",
-            ack.batch_seq
-        );
-        ensure!(
-            ack.rejected == 0,
-            "collector rejected events: {}",
-            ack.reject_reason
-        );
-        outcome.events_acked += u64::from(ack.stored);
-        outcome.last_ack = now;
-        outcome.acked.push(ack.batch_seq);
-        if started.elapsed() < budget {
-            if let Some(batch) = batches.next() {
-                in_flight.insert(batch.batch_seq);
-                tx.send(batch).await.context("stream closed")?;
-            }
-        }
-    }
-    Ok(outcome)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -41,15 +41,13 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use proto::telemetry::{
-    event::Kind, telemetry_client::TelemetryClient, AgentIdentity, Event, EventBatch, ProcessExec,
-};
-use tokio::sync::{mpsc, Barrier};
-use tokio_stream::wrappers::ReceiverStream;
+use proto::telemetry::{event::Kind, AgentIdentity, Event, EventBatch, ProcessExec};
+use tokio::sync::Barrier;
 use zt_collector::{
     config::{BatchConfig, ClickHouseConfig, IdentityConfig},
     CollectorConfig, RunningCollector,
 };
+use zt_e2e::bench::WINDOW_BATCHES;
 use zt_e2e::{
     bench::{drop_database, percentile, unix_ns},
     cgroup::TestCgroup,
@@ -57,10 +55,9 @@ use zt_e2e::{
     process::workspace_binary,
 };
 
-/// Events per batch and batches unacknowledged per agent: the agent's
-/// `uplink.batch_max_events` and `uplink.max_in_flight_batches` defaults.
+/// Events per batch: the agent's `uplink.batch_max_events` default (the
+/// window of unacknowledged batches is [`WINDOW_BATCHES`]).
 const BATCH_EVENTS: usize = 512;
-const WINDOW_BATCHES: usize = 16;
 const AGENT_COUNTS: [usize; 3] = [1, 8, 32];
 /// The collector's default `batch.max_delay_ms`, and the short one.
 const COLLECTOR_DELAYS_MS: [u64; 2] = [1_000, 20];
@@ -77,7 +74,6 @@ const EXEC_SPACING: Duration = Duration::from_millis(10);
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How long after the last exec the latency run waits for missing rows.
 const LATENCY_GRACE: Duration = Duration::from_secs(30);
-const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 const WHOLE_RUN_LIMIT: Duration = Duration::from_secs(20 * 60);
 
 fn main() -> ExitCode {
@@ -241,7 +237,7 @@ async fn throughput(
             &format!("bench-device-{a:05}"),
         )?;
         let channel = zt_grpc_tls::channel(&url, tls).await?;
-        tasks.push(tokio::spawn(simulated_agent(
+        tasks.push(tokio::spawn(zt_e2e::bench::stream_batches(
             channel, batches, barrier, budget,
         )));
     }
@@ -254,7 +250,7 @@ async fn throughput(
         let outcome = task.await.context("agent task panicked")??;
         acked += outcome.events_acked;
         last_ack = last_ack.max(outcome.last_ack);
-        ack_times.extend(outcome.ack_times);
+        ack_times.extend(outcome.acks.into_iter().map(|(_, latency)| latency));
     }
     let elapsed = last_ack.duration_since(started);
     let stored = collector.metrics().snapshot().events_stored;
@@ -281,70 +277,6 @@ async fn throughput(
         rows_in_clickhouse,
         ack_p50: percentile(&ack_times, 50.0),
     })
-}
-
-struct AgentOutcome {
-    events_acked: u64,
-    last_ack: Instant,
-    ack_times: Vec<Duration>,
-}
-
-/// One agent's stream: keeps up to [`WINDOW_BATCHES`] batches unacknowledged,
-/// stops sending once `budget` has passed, and returns once every batch it
-/// sent is acknowledged.
-async fn simulated_agent(
-    channel: tonic::transport::Channel,
-    batches: Vec<EventBatch>,
-    start: Arc<Barrier>,
-    budget: Duration,
-) -> Result<AgentOutcome> {
-    let mut client = TelemetryClient::new(channel);
-    let (tx, rx) = mpsc::channel::<EventBatch>(WINDOW_BATCHES);
-    let mut batches = batches.into_iter();
-    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    start.wait().await;
-    let started = Instant::now();
-    // The first window goes out while the stream opens (as the agent does).
-    for batch in batches.by_ref().take(WINDOW_BATCHES) {
-        sent_at.insert(batch.batch_seq, Instant::now());
-        tx.send(batch).await.context("stream closed")?;
-    }
-    let mut acks = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .context("opening the telemetry stream")?
-        .into_inner();
-    let mut outcome = AgentOutcome {
-        events_acked: 0,
-        last_ack: started,
-        ack_times: Vec::new(),
-    };
-    while !sent_at.is_empty() {
-        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.message())
-            .await
-            .context("no acknowledgement within a minute")?
-            .context("telemetry stream failed")?
-            .context("telemetry stream ended early")?;
-        let now = Instant::now();
-        let sent = sent_at
-            .remove(&ack.batch_seq)
-            .with_context(|| format!("acknowledgement of unknown batch {}", ack.batch_seq))?;
-        ensure!(
-            ack.rejected == 0,
-            "collector rejected events: {}",
-            ack.reject_reason
-        );
-        outcome.events_acked += u64::from(ack.stored);
-        outcome.last_ack = now;
-        outcome.ack_times.push(now - sent);
-        if started.elapsed() < budget {
-            if let Some(batch) = batches.next() {
-                sent_at.insert(batch.batch_seq, Instant::now());
-                tx.send(batch).await.context("stream closed")?;
-            }
-        }
-    }
-    Ok(outcome)
 }
 
 /// `events` realistic exec events of agent number `agent`, in batches.

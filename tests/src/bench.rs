@@ -207,3 +207,81 @@ pub async fn start_enrolled_agent(
         .await?;
     Ok(agent)
 }
+
+/// Batches a simulated agent keeps unacknowledged: the agent's
+/// `uplink.max_in_flight_batches` default.
+pub const WINDOW_BATCHES: usize = 16;
+
+/// How long a simulated agent waits for one acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What one simulated agent's stream achieved.
+pub struct StreamOutcome {
+    /// Events the collector acknowledged as stored.
+    pub events_acked: u64,
+    pub last_ack: std::time::Instant,
+    /// Every acknowledged batch, in the order of the acknowledgements: its
+    /// `batch_seq` and the time from sending it to its acknowledgement.
+    pub acks: Vec<(u64, Duration)>,
+}
+
+/// One simulated agent's telemetry stream over `channel`: waits at
+/// `start`, keeps up to [`WINDOW_BATCHES`] batches unacknowledged (the
+/// first window goes out while the stream opens, as the agent does), stops
+/// sending once `budget` has passed, and returns once every batch it sent
+/// is acknowledged. A rejected event or an acknowledgement of a batch it
+/// did not send is an error.
+pub async fn stream_batches(
+    channel: tonic::transport::Channel,
+    batches: Vec<proto::telemetry::EventBatch>,
+    start: std::sync::Arc<tokio::sync::Barrier>,
+    budget: Duration,
+) -> Result<StreamOutcome> {
+    use std::{collections::HashMap, time::Instant};
+    let mut client = proto::telemetry::telemetry_client::TelemetryClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(WINDOW_BATCHES);
+    let mut batches = batches.into_iter();
+    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+    start.wait().await;
+    let started = Instant::now();
+    for batch in batches.by_ref().take(WINDOW_BATCHES) {
+        sent_at.insert(batch.batch_seq, Instant::now());
+        tx.send(batch).await.context("stream closed")?;
+    }
+    let mut acks = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .context("opening the telemetry stream")?
+        .into_inner();
+    let mut outcome = StreamOutcome {
+        events_acked: 0,
+        last_ack: started,
+        acks: Vec::new(),
+    };
+    while !sent_at.is_empty() {
+        let ack = tokio::time::timeout(ACK_TIMEOUT, acks.message())
+            .await
+            .context("no acknowledgement within a minute")?
+            .context("telemetry stream failed")?
+            .context("telemetry stream ended early")?;
+        let now = Instant::now();
+        let sent = sent_at
+            .remove(&ack.batch_seq)
+            .with_context(|| format!("acknowledgement of unknown batch {}", ack.batch_seq))?;
+        anyhow::ensure!(
+            ack.rejected == 0,
+            "collector rejected events: {}",
+            ack.reject_reason
+        );
+        outcome.events_acked += u64::from(ack.stored);
+        outcome.last_ack = now;
+        outcome.acks.push((ack.batch_seq, now - sent));
+        if started.elapsed() < budget {
+            if let Some(batch) = batches.next() {
+                sent_at.insert(batch.batch_seq, Instant::now());
+                tx.send(batch).await.context("stream closed")?;
+            }
+        }
+    }
+    Ok(outcome)
+}
