@@ -195,6 +195,38 @@ impl Stack {
             .to_owned())
     }
 
+    /// `zt-collector account create` of a console account, the password on
+    /// stdin: whether it succeeded, and what it said on stderr.
+    pub fn create_account(
+        &self,
+        org: &str,
+        user: &str,
+        role: &str,
+        password: &str,
+    ) -> Result<(bool, String)> {
+        use std::io::Write as _;
+        let mut child = Command::new(workspace_binary("zt-collector")?)
+            .arg("--state-dir")
+            .arg(self.collector_state())
+            .args([
+                "account", "create", "--org", org, "--user", user, "--role", role,
+            ])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("no stdin")?
+            .write_all(format!("{password}\n").as_bytes())?;
+        let output = child.wait_with_output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
     /// A client bound to the test's database.
     pub fn db(&self) -> clickhouse::Client {
         self.clickhouse.client().with_database(&self.database)

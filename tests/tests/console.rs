@@ -20,17 +20,13 @@
 //! Screenshots of every page are saved in
 //! `target/console-screenshots/` (the README shows them).
 
-use std::{
-    io::Write as _,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::json;
 use zt_e2e::{
-    browser::Browser, eventually, fleet_sim::start_fleet, process::workspace_binary, stack::Stack,
-    telemetry_sim::Device, ztctl::ZtctlUser,
+    browser::Browser, eventually, fleet_sim::start_fleet, stack::Stack, telemetry_sim::Device,
+    ztctl::ZtctlUser,
 };
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -38,29 +34,10 @@ const NOTE: &str = "red-team exercise, confirmed with the CISO";
 /// The whole test, browser included, ends within this.
 const LIMIT: Duration = Duration::from_secs(150);
 
-/// `zt-collector account create`, the password on stdin.
+/// A console account with the test's password.
 fn create_account(stack: &Stack, org: &str, user: &str, role: &str) -> Result<()> {
-    let mut child = Command::new(workspace_binary("zt-collector")?)
-        .arg("--state-dir")
-        .arg(stack.collector_state())
-        .args([
-            "account", "create", "--org", org, "--user", user, "--role", role,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(format!("{PASSWORD}\n").as_bytes())?;
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "account create {user}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (ok, stderr) = stack.create_account(org, user, role, PASSWORD)?;
+    ensure!(ok, "account create {user}: {stderr}");
     Ok(())
 }
 

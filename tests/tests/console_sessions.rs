@@ -5,50 +5,15 @@
 //! organisation scoping as the rest of the API.
 
 use std::{
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
-use zt_e2e::{
-    fleet_sim::start_fleet, process::workspace_binary, stack::Stack, telemetry_sim::Device,
-    ztctl::ZtctlUser,
-};
+use zt_e2e::{fleet_sim::start_fleet, stack::Stack, telemetry_sim::Device, ztctl::ZtctlUser};
 
 const PASSWORD: &str = "correct horse battery staple";
-
-/// Creates a console account with `zt-collector account create`; returns
-/// whether it succeeded and its stderr.
-fn create_account(
-    stack: &Stack,
-    org: &str,
-    user: &str,
-    role: &str,
-    password: &str,
-) -> Result<(bool, String)> {
-    let mut child = Command::new(workspace_binary("zt-collector")?)
-        .arg("--state-dir")
-        .arg(stack.collector_state())
-        .args([
-            "account", "create", "--org", org, "--user", user, "--role", role,
-        ])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(format!("{password}\n").as_bytes())?;
-    let output = child.wait_with_output()?;
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
-}
 
 /// A browser-like HTTPS client: one cookie jar, the collector's CA.
 struct Browser {
@@ -135,11 +100,19 @@ async fn console_sign_in_sessions_and_roles() -> Result<()> {
     Device::new(&stack, &fleet_b[0]).reverse_shell(5151).await?;
 
     // Accounts: weak passwords and names taken in another organisation are refused.
-    let (ok, stderr) = create_account(&stack, "city-a", "analyst-a", "analyst", "short")?;
+    let (ok, stderr) = stack.create_account("city-a", "analyst-a", "analyst", "short")?;
     assert!(!ok && stderr.contains("at least 12"), "{stderr}");
-    assert!(create_account(&stack, "city-a", "analyst-a", "analyst", PASSWORD)?.0);
-    assert!(create_account(&stack, "city-a", "admin-a", "admin", PASSWORD)?.0);
-    let (ok, stderr) = create_account(&stack, "city-b", "analyst-a", "analyst", PASSWORD)?;
+    assert!(
+        stack
+            .create_account("city-a", "analyst-a", "analyst", PASSWORD)?
+            .0
+    );
+    assert!(
+        stack
+            .create_account("city-a", "admin-a", "admin", PASSWORD)?
+            .0
+    );
+    let (ok, stderr) = stack.create_account("city-b", "analyst-a", "analyst", PASSWORD)?;
     assert!(!ok && stderr.contains("taken"), "{stderr}");
     let stored = std::fs::read_to_string(stack.collector_state().join("accounts.json"))?;
     assert!(stored.contains("$argon2id$") && !stored.contains(PASSWORD));
