@@ -78,8 +78,17 @@ impl BudgetController {
     }
 }
 
-/// CPU ticks (user + system) and resident bytes of this process.
-fn own_usage() -> Option<(u64, u64)> {
+/// This process's CPU and memory now.
+struct Usage {
+    /// CPU ticks, user + system.
+    ticks: u64,
+    /// Resident bytes.
+    rss: u64,
+    /// Resident anonymous bytes (resident less file-backed and shared).
+    anon: u64,
+}
+
+fn own_usage() -> Option<Usage> {
     let stat = fs::read_to_string("/proc/self/stat").ok()?;
     let rest: Vec<&str> = stat
         .get(stat.rfind(')')? + 1..)?
@@ -88,10 +97,16 @@ fn own_usage() -> Option<(u64, u64)> {
     // rest[0] is field 3; utime and stime are fields 14 and 15.
     let ticks = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
     let statm = fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: u64 = fields.next()?.parse().ok()?;
+    let shared: u64 = fields.next()?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    Some((ticks, pages * page))
+    Some(Usage {
+        ticks,
+        rss: resident * page,
+        anon: resident.saturating_sub(shared) * page,
+    })
 }
 
 /// Measures the agent every interval and writes the sampling to the kernel.
@@ -101,13 +116,13 @@ pub async fn enforce(config: BudgetConfig, mut sampling: Array<MapData, u32>) {
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let interval = Duration::from_millis(config.interval_ms.max(100));
     let mut tick = tokio::time::interval(interval);
-    let mut last = own_usage();
+    let mut last_ticks = own_usage().map(|usage| usage.ticks);
     loop {
         tick.tick().await;
-        let Some((ticks, rss)) = own_usage() else {
+        let Some(Usage { ticks, rss, anon }) = own_usage() else {
             continue;
         };
-        let Some((last_ticks, _)) = last.replace((ticks, rss)) else {
+        let Some(last_ticks) = last_ticks.replace(ticks) else {
             continue;
         };
         let cpu_percent =
@@ -117,7 +132,7 @@ pub async fn enforce(config: BudgetConfig, mut sampling: Array<MapData, u32>) {
         // is over: trimming while busy would only make malloc fault the
         // same pages in again.
         if cpu_percent < config.cpu_percent / 2.0 {
-            crate::heap::trim_if_worthwhile();
+            crate::heap::trim_if_worthwhile(anon);
         }
         if let Some(keep_one_in) = controller.observe(cpu_percent, rss) {
             if keep_one_in > 1 {
@@ -192,7 +207,7 @@ mod tests {
 
     #[test]
     fn reads_own_usage() {
-        let (_, rss) = own_usage().expect("/proc/self is readable");
-        assert!(rss > 0);
+        let usage = own_usage().expect("/proc/self is readable");
+        assert!(usage.rss > 0 && usage.anon > 0 && usage.anon <= usage.rss);
     }
 }

@@ -58,17 +58,14 @@ pub fn anon_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Trims when [`worth_trimming`]; returns the bytes it gave back (0 when it
-/// did not trim).
-pub fn trim_if_worthwhile() -> u64 {
-    let Some(before) = anon_rss() else {
-        return 0;
-    };
-    if !worth_trimming(before, in_use_bytes()) {
-        return 0;
+/// Trims when [`worth_trimming`] with `anon_rss` measured by the caller;
+/// whether it trimmed.
+pub fn trim_if_worthwhile(anon_rss: u64) -> bool {
+    if !worth_trimming(anon_rss, in_use_bytes()) {
+        return false;
     }
     trim();
-    before.saturating_sub(anon_rss().unwrap_or(before))
+    true
 }
 
 #[cfg(test)]

@@ -160,12 +160,14 @@ pub async fn run(
     let active: Vec<&str> = sensors.active().iter().map(|s| s.sensor).collect();
     info!(sensors = ?active, "sensors active");
     // Loading parsed the kernel's BTF; what that freed goes back now.
-    let released = heap::trim_if_worthwhile();
-    if released > 0 {
-        info!(
-            released_mib = released / (1 << 20),
-            "heap trimmed after start-up"
-        );
+    if let Some(before) = heap::anon_rss() {
+        if heap::trim_if_worthwhile(before) {
+            let after = heap::anon_rss().unwrap_or(before);
+            info!(
+                released_mib = before.saturating_sub(after) / (1 << 20),
+                "heap trimmed after start-up"
+            );
+        }
     }
     let sensor_hooks: Vec<String> = sensors
         .active()
