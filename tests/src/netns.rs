@@ -777,8 +777,24 @@ mod tests {
             format!("net:[{ino}]")
         );
 
-        // A process left running inside a host is stopped on drop.
+        // A process left running inside a host is stopped on drop. `spawn`
+        // returns once `nsenter` runs; wait until it has joined the
+        // namespace and become `sleep`, or the drop could find nothing yet.
         let mut sleeper = a.command("sleep").arg("600").spawn().expect("spawn sleep");
+        let wanted = format!("net:[{ino}]");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !(std::fs::read_to_string(format!("/proc/{}/comm", sleeper.id()))
+            .is_ok_and(|comm| comm.trim() == "sleep")
+            && std::fs::read_link(format!("/proc/{}/ns/net", sleeper.id()))
+                .is_ok_and(|link| link.to_string_lossy() == wanted))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep never ran inside {}",
+                a.netns()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         let names = [
             a.netns().to_owned(),
@@ -788,8 +804,22 @@ mod tests {
         let root_link = lan.root_link().to_owned();
         drop(lan);
 
-        let status = sleeper.wait().expect("wait sleep");
-        assert!(!status.success(), "sleep was not killed");
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(status) = sleeper.try_wait().expect("wait sleep") {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = sleeper.kill();
+                let _ = sleeper.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(
+            status.is_some_and(|status| !status.success()),
+            "sleep was not killed: {status:?}"
+        );
         let list = netns_list();
         for ns in &names {
             assert!(!list.contains(ns.as_str()), "{ns} left behind: {list}");

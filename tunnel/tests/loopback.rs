@@ -1172,7 +1172,7 @@ async fn pipelined_carry_retries_a_stale_connection_only_if_nothing_was_sent() {
     // A caller that waits for the service to speak first has sent nothing
     // when the stale connection turns out dead: retried, unseen.
     let mut second = start().await;
-    relay.switch(second.addr);
+    relay.switch(second.addr).await;
     let mut b = carried(&client, relay.addr, None, request("b", service.addr), b"").await;
     let (told, _) = within("answer", b.told).await.unwrap();
     assert!(told.unwrap().0.allowed);
@@ -1182,7 +1182,7 @@ async fn pipelined_carry_retries_a_stale_connection_only_if_nothing_was_sent() {
 
     // A caller whose bytes went with the request: not sent again.
     let mut third = start().await;
-    relay.switch(third.addr);
+    relay.switch(third.addr).await;
     let mut c = carried(
         &client,
         relay.addr,

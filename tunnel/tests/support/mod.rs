@@ -519,6 +519,8 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 pub struct Relay {
     pub addr: SocketAddr,
     target: Arc<Mutex<SocketAddr>>,
+    /// When the client last sent a datagram.
+    client_spoke: Arc<Mutex<Instant>>,
     task: JoinHandle<()>,
 }
 
@@ -529,6 +531,8 @@ impl Relay {
         let addr = front.local_addr().unwrap();
         let target = Arc::new(Mutex::new(target));
         let current = Arc::clone(&target);
+        let client_spoke = Arc::new(Mutex::new(Instant::now()));
+        let spoke = Arc::clone(&client_spoke);
         let task = tokio::spawn(async move {
             let mut client = None;
             let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
@@ -536,6 +540,7 @@ impl Relay {
                 tokio::select! {
                     Ok((n, from)) = front.recv_from(&mut up) => {
                         client = Some(from);
+                        *spoke.lock().unwrap() = Instant::now();
                         let to = *current.lock().unwrap();
                         let _ = back.send_to(&up[..n], to).await;
                     }
@@ -549,11 +554,31 @@ impl Relay {
                 }
             }
         });
-        Self { addr, target, task }
+        Self {
+            addr,
+            target,
+            client_spoke,
+            task,
+        }
     }
 
-    /// From now on, relays to `target`.
-    pub fn switch(&self, target: SocketAddr) {
+    /// From now on, relays to `target`; first waits until the client has
+    /// been silent for well over QUIC's acknowledgement delay, so that
+    /// nothing it still owed the old gateway (a late ACK) reaches the new
+    /// one and tells the client early that its connection is gone: the
+    /// client's next datagram is the next thing the test makes it send.
+    pub async fn switch(&self, target: SocketAddr) {
+        const QUIET: Duration = Duration::from_millis(200);
+        within("client silent", async {
+            loop {
+                let since = self.client_spoke.lock().unwrap().elapsed();
+                if since >= QUIET {
+                    break;
+                }
+                tokio::time::sleep(QUIET - since).await;
+            }
+        })
+        .await;
         *self.target.lock().unwrap() = target;
     }
 }
