@@ -113,8 +113,9 @@ fn wire_event(seq: u64) -> Event {
 fn bench_outbox(c: &mut Criterion) {
     let mut group = c.benchmark_group("outbox");
     group.throughput(Throughput::Elements(BATCH as u64));
-    // One batch's life: 512 pushes, one next_batch (which clones the batch to
-    // keep it until the ack, as the uplink does), one ack. The events are made
+    // One batch's life: 512 pushes (each encodes its event once), one
+    // next_batch (which shares the encoded events with the in-flight copy
+    // kept until the ack, as the uplink does), one ack. The events are made
     // outside the timed part; the outbox is long-lived, as in the agent.
     let mut outbox = Outbox::new(200_000);
     let next_seq = Cell::new(1u64);

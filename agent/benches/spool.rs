@@ -9,8 +9,9 @@
 //!   buffered write, a `write(2)` per 64 KiB), one batch taken from the
 //!   memory cache, one ack (segments deleted as they complete). The fsync
 //!   runs off the uplink's task in the agent and is not timed here.
-//! - `spool/replay_512`: a batch read back from disk (page cache) and
-//!   decoded, as after a reconnect or a restart.
+//! - `spool/replay_512`: a batch read back from disk (page cache), its
+//!   records checked (CRC) and copied out as encoded events (no decode), as
+//!   after a reconnect or a restart.
 
 use std::{cell::Cell, hint::black_box, time::Instant};
 
@@ -134,7 +135,7 @@ fn bench_spool(c: &mut Criterion) {
     drop(spool);
 
     // Replay: 100k events on disk, read back (nothing in the cache) and
-    // decoded; the spool is rewound (requeue) when it runs dry.
+    // checked and copied; the spool is rewound (requeue) when it runs dry.
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let mut spool = Spool::open(limits(dir.path()), run()).expect("spool");

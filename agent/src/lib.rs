@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod control_channel;
 pub mod dns;
+pub mod encoded;
 pub mod enrollment;
 pub mod event;
 pub mod exe_hash;
@@ -46,7 +47,7 @@ use crate::{
 
 /// Events between the sensors and the uplink; the uplink never blocks on the
 /// network, so this only absorbs scheduling jitter.
-const SENSOR_CHANNEL_CAPACITY: usize = 16_384;
+const SENSOR_CHANNEL_CAPACITY: usize = 2_048;
 /// How long a stopping agent lets the uplink deliver what it holds.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -11,6 +11,9 @@
 //! oldest bulk events are dropped first, critical ones only when no bulk
 //! event is left; every drop is counted.
 //!
+//! Events are encoded when they are queued ([`EncodedEvent`]) and wait as
+//! those bytes; batches share them (reference-counted), not copies.
+//!
 //! [`Queue`] puts the disk spool (`spool.rs`) in front of it: with a
 //! working spool, events wait on disk and the memory queue is only the
 //! fallback.
@@ -24,6 +27,7 @@ use std::{
 use prost::Message as _;
 use proto::telemetry::{event::Kind, Event};
 
+use crate::encoded::EncodedEvent;
 use crate::spool::{RunId, Spool, SyncJob};
 
 /// Whether an event may wait behind others and go first when space runs out.
@@ -31,18 +35,23 @@ pub fn is_bulk(event: &Event) -> bool {
     matches!(event.kind, Some(Kind::File(_) | Kind::Dns(_)))
 }
 
-/// Gap records report losses: they are never dropped themselves.
-fn is_report(event: &Event) -> bool {
-    matches!(event.kind, Some(Kind::Gap(_)))
+/// A batch in flight: its first `reports` events are gap records, the next
+/// `critical` critical events, the rest bulk (the order batches take them
+/// in), so that a requeue returns each to its queue.
+#[derive(Debug)]
+struct InFlight {
+    reports: usize,
+    critical: usize,
+    events: Vec<EncodedEvent>,
 }
 
 #[derive(Debug)]
 pub struct Outbox {
     /// Gap records: sent first, never dropped.
-    reports: VecDeque<Event>,
-    critical: VecDeque<Event>,
-    bulk: VecDeque<Event>,
-    in_flight: BTreeMap<u64, Vec<Event>>,
+    reports: VecDeque<EncodedEvent>,
+    critical: VecDeque<EncodedEvent>,
+    bulk: VecDeque<EncodedEvent>,
+    in_flight: BTreeMap<u64, InFlight>,
     in_flight_events: usize,
     next_batch_seq: u64,
     capacity: usize,
@@ -88,7 +97,7 @@ impl Outbox {
     /// Queues a record of the agent's own (a gap record) regardless of the
     /// bound, so that reporting a loss never causes another.
     pub fn push_unbounded(&mut self, event: Event) {
-        self.reports.push_back(event);
+        self.reports.push_back(EncodedEvent::encode(&event));
     }
 
     /// Queues an event; returns how many events were dropped for it (the
@@ -103,10 +112,10 @@ impl Outbox {
             || self.bytes + size > self.max_bytes
         {
             if let Some(old) = self.bulk.pop_front() {
-                self.bytes -= old.encoded_len();
+                self.bytes -= old.len();
                 self.unreported.1 += 1;
             } else if let Some(old) = (!bulk).then(|| self.critical.pop_front()).flatten() {
-                self.bytes -= old.encoded_len();
+                self.bytes -= old.len();
                 self.unreported.0 += 1;
             } else {
                 // Nothing may go for it: the new event is the one lost.
@@ -120,6 +129,8 @@ impl Outbox {
             }
             dropped += 1;
         }
+        let event = EncodedEvent::encode(&event);
+        debug_assert_eq!(event.len(), size);
         self.bytes += size;
         if bulk {
             self.bulk.push_back(event);
@@ -132,12 +143,12 @@ impl Outbox {
 
     /// Takes up to `max_events` pending events as the next batch, critical
     /// ones first.
-    pub fn next_batch(&mut self, max_events: usize) -> Option<(u64, Vec<Event>)> {
+    pub fn next_batch(&mut self, max_events: usize) -> Option<(u64, Vec<EncodedEvent>)> {
         if self.pending_len() == 0 {
             return None;
         }
         let from_reports = self.reports.len().min(max_events);
-        let mut events: Vec<Event> = self.reports.drain(..from_reports).collect();
+        let mut events: Vec<EncodedEvent> = self.reports.drain(..from_reports).collect();
         let from_critical = self.critical.len().min(max_events - events.len());
         events.extend(self.critical.drain(..from_critical));
         let from_bulk = self.bulk.len().min(max_events - events.len());
@@ -145,22 +156,28 @@ impl Outbox {
         let seq = self.next_batch_seq;
         self.next_batch_seq += 1;
         self.in_flight_events += events.len();
-        self.in_flight.insert(seq, events.clone());
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                reports: from_reports,
+                critical: from_critical,
+                events: events.clone(),
+            },
+        );
         Some((seq, events))
     }
 
     /// The collector stored batch `seq`; returns its event count, or `None`
     /// for an unknown (already acknowledged or requeued) batch.
     pub fn ack(&mut self, seq: u64) -> Option<usize> {
-        let events = self.in_flight.remove(&seq)?;
-        self.in_flight_events -= events.len();
-        let acked: usize = events
+        let batch = self.in_flight.remove(&seq)?;
+        self.in_flight_events -= batch.events.len();
+        let acked: usize = batch.events[batch.reports..]
             .iter()
-            .filter(|e| !is_report(e))
-            .map(|e| e.encoded_len())
+            .map(EncodedEvent::len)
             .sum();
         self.bytes -= acked;
-        Some(events.len())
+        Some(batch.events.len())
     }
 
     /// The connection broke: everything in flight will be sent again, first
@@ -168,14 +185,14 @@ impl Outbox {
     pub fn requeue_in_flight(&mut self) {
         let in_flight = std::mem::take(&mut self.in_flight);
         self.in_flight_events = 0;
-        for events in in_flight.into_values().rev() {
-            for event in events.into_iter().rev() {
-                if is_report(&event) {
+        for batch in in_flight.into_values().rev() {
+            for (i, event) in batch.events.into_iter().enumerate().rev() {
+                if i < batch.reports {
                     self.reports.push_front(event);
-                } else if is_bulk(&event) {
-                    self.bulk.push_front(event);
-                } else {
+                } else if i < batch.reports + batch.critical {
                     self.critical.push_front(event);
+                } else {
+                    self.bulk.push_front(event);
                 }
             }
         }
@@ -212,7 +229,7 @@ enum Source {
 pub struct Batch {
     pub seq: u64,
     pub run: Option<Arc<RunId>>,
-    pub events: Vec<Event>,
+    pub events: Vec<EncodedEvent>,
 }
 
 /// What the queue lost since the last report, per class
@@ -421,8 +438,11 @@ mod tests {
         }
     }
 
-    fn seqs(events: &[Event]) -> Vec<u64> {
-        events.iter().map(|e| e.seq).collect()
+    fn seqs(events: &[EncodedEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| e.decode().expect("an event").seq)
+            .collect()
     }
 
     #[test]

@@ -240,6 +240,13 @@ pub const SENSOR_PLANS: &[SensorPlan] = &[
 /// looked at again.
 const BULK_DRAIN_LIMIT: usize = 4096;
 
+/// Records taken from the critical ring before they are handed on. A burst
+/// waits in the ring (memory the kernel holds anyway) until the uplink's
+/// channel has room, not decoded in the reader: a drain without a limit
+/// kept up with a 220k events/s connect storm and held most of it as
+/// decoded events, 100–300 MiB.
+const CRITICAL_DRAIN_LIMIT: usize = 1024;
+
 /// How old a bulk record must be before it is enriched: far longer than any
 /// of the agent's programs runs between reserving and committing a record.
 const BULK_HOLD_NS: u64 = 2_000_000;
@@ -784,9 +791,11 @@ struct Reader {
 
 impl Reader {
     /// Drains both ring buffers. Every wake-up drains the critical ring
-    /// first, whichever ring woke it. A bulk record is enriched only once it
-    /// is [`BULK_HOLD_NS`] old at the start of a critical drain: the fork and
-    /// exec records of its process were reserved before it, and a record
+    /// first, whichever ring woke it, [`CRITICAL_DRAIN_LIMIT`] records at a
+    /// time; the bulk ring is looked at only once the critical one is empty.
+    /// A bulk record is enriched only once it is [`BULK_HOLD_NS`] old at the
+    /// start of a critical drain that emptied the ring: the fork and exec
+    /// records of its process were reserved before it, and a record
     /// reserved on another CPU that is still being written blocks the
     /// critical ring's consumer, so holding the bulk record for longer than
     /// any program runs means its process is always in the table first.
@@ -799,8 +808,9 @@ impl Reader {
         let mut batch = Vec::with_capacity(256);
         let mut held: VecDeque<KernelEvent> = VecDeque::new();
         let mut bulk_pending = false;
+        let mut critical_pending = false;
         loop {
-            if !bulk_pending {
+            if !bulk_pending && !critical_pending {
                 let matures_in = held.front().map(|event| {
                     let ripe_at = event.boot_ns().saturating_add(BULK_HOLD_NS);
                     Duration::from_nanos(ripe_at.saturating_sub(crate::clock::boot_now_ns()))
@@ -824,24 +834,27 @@ impl Reader {
             }
             let clock = BootClock::sample();
             let drained_at = crate::clock::boot_now_ns();
-            self.drain(
+            critical_pending = self.drain(
                 critical.get_mut(),
                 "critical",
-                usize::MAX,
+                CRITICAL_DRAIN_LIMIT,
                 &mut |reader, event| {
                     batch.extend(reader.enrich(event, clock));
                 },
             );
-            bulk_pending = self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, &mut |_, event| {
-                held.push_back(event);
-            });
-            let ripe_before = drained_at.saturating_sub(BULK_HOLD_NS);
-            while held
-                .front()
-                .is_some_and(|event| event.boot_ns() <= ripe_before)
-            {
-                if let Some(event) = held.pop_front() {
-                    batch.extend(self.enrich(event, clock));
+            if !critical_pending {
+                bulk_pending =
+                    self.drain(bulk.get_mut(), "bulk", BULK_DRAIN_LIMIT, &mut |_, event| {
+                        held.push_back(event);
+                    });
+                let ripe_before = drained_at.saturating_sub(BULK_HOLD_NS);
+                while held
+                    .front()
+                    .is_some_and(|event| event.boot_ns() <= ripe_before)
+                {
+                    if let Some(event) = held.pop_front() {
+                        batch.extend(self.enrich(event, clock));
+                    }
                 }
             }
             batch.append(&mut self.gaps);
@@ -852,7 +865,7 @@ impl Reader {
                     return;
                 }
             }
-            if trickle && !bulk_pending {
+            if trickle && !bulk_pending && !critical_pending {
                 tokio::time::sleep(COALESCE).await;
             }
         }

@@ -78,10 +78,11 @@
 //!
 //! # Memory
 //!
-//! Appended events also stay decoded in a bounded memory cache until they are
-//! sent, so a connected agent never reads back or decodes what it wrote: the
-//! disk is read only to replay (after a reconnect, a restart, or when the
-//! cache overflowed during an outage).
+//! Appended events also stay in a bounded memory cache, as the protobuf bytes
+//! written, until they are sent, so a connected agent never reads back what
+//! it wrote: the disk is read only to replay (after a reconnect, a restart,
+//! or when the cache overflowed during an outage). Neither path decodes: a
+//! batch is assembled from the records' bytes ([`crate::encoded`]).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -92,10 +93,12 @@ use std::{
     sync::Arc,
 };
 
+use bytes::Bytes;
 use prost::Message as _;
 use proto::telemetry::Event;
 use tracing::{info, warn};
 
+use crate::encoded::EncodedEvent;
 use crate::outbox::is_bulk;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"ZTSPOOL1";
@@ -182,7 +185,7 @@ pub struct Refused {
 pub struct SpoolBatch {
     pub key: u64,
     pub run: Arc<RunId>,
-    pub events: Vec<Event>,
+    pub events: Vec<EncodedEvent>,
 }
 
 /// Files to `fdatasync`, taken at a flush; run off the async runtime.
@@ -284,7 +287,7 @@ impl Reader {
 #[derive(Debug)]
 struct Cached {
     id: u64,
-    event: Event,
+    event: EncodedEvent,
     size: usize,
     seg_first: u64,
     /// File offset just past the record.
@@ -294,7 +297,7 @@ struct Cached {
 /// One step of reading from disk (a transient return value: not boxed).
 #[allow(clippy::large_enum_variant)]
 enum Step {
-    Record((u64, Arc<RunId>, Event)),
+    Record((u64, Arc<RunId>, EncodedEvent)),
     /// Moved on (skipped, changed segment); read again.
     Again,
     /// Nothing more is readable now.
@@ -436,7 +439,7 @@ struct Lane {
     /// The next id to hand out to a batch.
     sent: u64,
     /// A record read past a batch's end (another run), handed out next.
-    peeked: Option<(u64, Arc<RunId>, Event)>,
+    peeked: Option<(u64, Arc<RunId>, EncodedEvent)>,
     in_flight: BTreeMap<u64, (u64, u64)>,
     /// The acknowledged position last persisted.
     persisted_ack: u64,
@@ -690,7 +693,7 @@ impl Lane {
         if let Err(error) = self.prepare(size, run, limits) {
             return Err(Box::new(Refused { error, event }));
         }
-        self.write_record(event, size, limits);
+        self.write_record(&event, size, limits);
         Ok(())
     }
 
@@ -737,7 +740,7 @@ impl Lane {
         Ok(())
     }
 
-    fn write_record(&mut self, event: Event, size: usize, limits: &SpoolLimits) {
+    fn write_record(&mut self, event: &Event, size: usize, limits: &SpoolLimits) {
         let frame = (FRAME_HEADER + size) as u64;
         let writer = self.writer.as_mut().expect("an active segment");
         let seg = self.segments.back_mut().expect("an active segment");
@@ -756,6 +759,8 @@ impl Lane {
         hasher.update(&id_bytes);
         hasher.update(&writer.buf[start + FRAME_HEADER..]);
         let crc = hasher.finalize();
+        let payload =
+            EncodedEvent::from_bytes(Bytes::copy_from_slice(&writer.buf[start + FRAME_HEADER..]));
         writer.buf[start..start + 4].copy_from_slice(&len_bytes);
         writer.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         writer.buf[start + 8..start + 16].copy_from_slice(&id_bytes);
@@ -770,11 +775,11 @@ impl Lane {
                 warn!(class = self.class.name(), error = %err, unwritten = writer.buf.len(), "spool write failed");
             }
         }
-        // Keep it decoded for sending, within the cache's bounds; only
+        // Keep its bytes for sending, within the cache's bounds; only
         // records already on disk may leave the cache unsent.
         self.cache.push_back(Cached {
             id,
-            event,
+            event: payload,
             size,
             seg_first,
             end_offset,
@@ -802,7 +807,7 @@ impl Lane {
 
     /// The next record to send and its run, skipping (and counting) what is
     /// corrupt. `None`: nothing more is readable now.
-    fn next_record(&mut self) -> Option<(u64, Arc<RunId>, Event)> {
+    fn next_record(&mut self) -> Option<(u64, Arc<RunId>, EncodedEvent)> {
         if let Some(peeked) = self.peeked.take() {
             return Some(peeked);
         }
@@ -916,15 +921,15 @@ impl Lane {
                 Frame::Record { id, payload, len } => {
                     reader.offset += len;
                     let (at, n) = payload;
-                    let decoded = reader
-                        .bytes(at, n, limit)?
-                        .map(Event::decode)
-                        .and_then(Result::ok);
+                    // The frame checked, so its payload is in the buffer.
+                    let bytes = reader.bytes(at, n, limit)?.map(Bytes::copy_from_slice);
                     let from = self.sent;
                     self.count_corrupt(from, id);
                     self.sent = id + 1;
-                    match decoded {
-                        Some(event) => return Ok(Step::Record((id, run, event))),
+                    match bytes {
+                        Some(bytes) => {
+                            return Ok(Step::Record((id, run, EncodedEvent::from_bytes(bytes))))
+                        }
                         None => self.count_corrupt(id, id + 1),
                     }
                 }
@@ -1251,8 +1256,11 @@ mod tests {
         }
     }
 
-    fn seqs(events: &[Event]) -> Vec<u64> {
-        events.iter().map(|e| e.seq).collect()
+    fn seqs(events: &[EncodedEvent]) -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| e.decode().expect("an event").seq)
+            .collect()
     }
 
     /// Every batch until the spool has nothing more, acknowledged.

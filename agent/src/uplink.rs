@@ -5,7 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use proto::telemetry::{telemetry_client::TelemetryClient, AgentIdentity, Event, EventBatch};
+use proto::telemetry::{AgentIdentity, BatchAck, Event};
 use rand::Rng;
 use tokio::{
     sync::mpsc,
@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::UplinkConfig,
+    encoded::EncodedBatch,
     enrollment::SharedIdentity,
     metrics::AgentMetrics,
     outbox::{Outbox, Queue},
@@ -381,9 +382,8 @@ impl Uplink {
         };
 
         let (batches_tx, batches_rx) =
-            mpsc::channel::<EventBatch>(self.config.max_in_flight_batches);
-        let mut client = TelemetryClient::new(channel);
-        let open = client.stream(ReceiverStream::new(batches_rx));
+            mpsc::channel::<EncodedBatch>(self.config.max_in_flight_batches);
+        let open = open_stream(channel, ReceiverStream::new(batches_rx));
         tokio::pin!(open);
         // The response headers come only once the server has the stream, so
         // send the queue's first batch while opening.
@@ -462,7 +462,7 @@ impl Uplink {
     /// as the in-flight window allows.
     async fn send_ready(
         &mut self,
-        tx: &mpsc::Sender<EventBatch>,
+        tx: &mpsc::Sender<EncodedBatch>,
         flush: bool,
     ) -> Result<(), UplinkError> {
         // Losses are reported with each flush: at most one gap record per
@@ -486,7 +486,7 @@ impl Uplink {
                     agent.agent_version.clone_from(&run.agent_version);
                 }
             }
-            let batch = EventBatch {
+            let batch = EncodedBatch {
                 batch_seq: batch.seq,
                 agent: Some(agent),
                 events: batch.events,
@@ -501,6 +501,24 @@ impl Uplink {
         }
         Ok(())
     }
+}
+
+/// `Telemetry.Stream` with batches whose events are already encoded (the
+/// generated client takes `EventBatch`, which would mean decoding them):
+/// the same call, path and protobuf codec, the same bytes on the wire.
+async fn open_stream(
+    channel: tonic::transport::Channel,
+    batches: ReceiverStream<EncodedBatch>,
+) -> Result<tonic::Response<tonic::Streaming<BatchAck>>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("telemetry channel not ready: {e}")))?;
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/zt.telemetry.v1.Telemetry/Stream");
+    let codec = tonic::codec::ProstCodec::<EncodedBatch, BatchAck>::default();
+    grpc.streaming(tonic::Request::new(batches), path, codec)
+        .await
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
