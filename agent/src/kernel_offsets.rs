@@ -8,19 +8,16 @@ use std::path::Path;
 use agent_common::{
     KernelOffsets, OPT_EXE_INODE, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES,
 };
-use btf_rs::{Btf, Struct, Type};
+
+use crate::kernel_btf::{BtfError, KernelBtf, TypeId};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
-    #[error("cannot read kernel BTF from {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: anyhow::Error,
-    },
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] BtfError),
     #[error("kernel BTF has no struct {0}")]
     NoStruct(&'static str),
     #[error("kernel BTF: struct {strukt} has no member {member}")]
@@ -47,21 +44,17 @@ pub enum OffsetError {
 
 /// Reads BTF from `path` and resolves every offset in [`KernelOffsets`].
 pub fn resolve_from_file(path: &Path) -> Result<KernelOffsets, OffsetError> {
-    let btf = Btf::from_file(path).map_err(|source| OffsetError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    resolve(&btf)
+    resolve(&KernelBtf::from_file(path)?)
 }
 
 /// Resolves the structure offsets of [`KernelOffsets`] from parsed BTF
 /// (tracepoint fields are left for [`resolve_tracepoint_fields`]).
-pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
+pub fn resolve(btf: &KernelBtf) -> Result<KernelOffsets, OffsetError> {
     let task = find_struct(btf, "task_struct")?;
     let mm = find_struct(btf, "mm_struct")?;
     let cred = find_struct(btf, "cred")?;
     let signal = find_struct(btf, "signal_struct")?;
-    let task_off = |member| byte_offset(btf, &task, "task_struct", member);
+    let task_off = |member| byte_offset(btf, task, "task_struct", member);
     let mut offsets = KernelOffsets {
         valid: 1,
         task_real_parent: task_off("real_parent")?,
@@ -72,21 +65,21 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         task_start_boottime: task_off("start_boottime")?,
         task_signal: task_off("signal")?,
         task_group_leader: task_off("group_leader")?,
-        mm_arg_start: byte_offset(btf, &mm, "mm_struct", "arg_start")?,
-        mm_arg_end: byte_offset(btf, &mm, "mm_struct", "arg_end")?,
-        cred_uid: byte_offset(btf, &cred, "cred", "uid")?,
-        cred_gid: byte_offset(btf, &cred, "cred", "gid")?,
-        cred_euid: byte_offset(btf, &cred, "cred", "euid")?,
-        cred_egid: byte_offset(btf, &cred, "cred", "egid")?,
-        signal_live: byte_offset(btf, &signal, "signal_struct", "live")?,
+        mm_arg_start: byte_offset(btf, mm, "mm_struct", "arg_start")?,
+        mm_arg_end: byte_offset(btf, mm, "mm_struct", "arg_end")?,
+        cred_uid: byte_offset(btf, cred, "cred", "uid")?,
+        cred_gid: byte_offset(btf, cred, "cred", "gid")?,
+        cred_euid: byte_offset(btf, cred, "cred", "euid")?,
+        cred_egid: byte_offset(btf, cred, "cred", "egid")?,
+        signal_live: byte_offset(btf, signal, "signal_struct", "live")?,
         ..KernelOffsets::default()
     };
     // Byte counters of closed TCP connections; the programs go without them.
     if let (Ok(tcp), Ok(sock)) = (find_struct(btf, "tcp_sock"), find_struct(btf, "sock")) {
-        let sent = byte_offset(btf, &tcp, "tcp_sock", "bytes_sent");
-        let received = byte_offset(btf, &tcp, "tcp_sock", "bytes_received");
+        let sent = byte_offset(btf, tcp, "tcp_sock", "bytes_sent");
+        let received = byte_offset(btf, tcp, "tcp_sock", "bytes_received");
         // A byte on current kernels; a bit field before 6.2 (then no counters).
-        let shutdown = byte_offset(btf, &sock, "sock", "sk_shutdown");
+        let shutdown = byte_offset(btf, sock, "sock", "sk_shutdown");
         if let (Ok(sent), Ok(received), Ok(shutdown)) = (sent, received, shutdown) {
             offsets.tcp_bytes_sent = sent;
             offsets.tcp_bytes_received = received;
@@ -101,11 +94,11 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         let inode = find_struct(btf, "inode")?;
         let sb = find_struct(btf, "super_block")?;
         Ok([
-            byte_offset(btf, &mm, "mm_struct", "exe_file")?,
-            byte_offset(btf, &file, "file", "f_inode")?,
-            byte_offset(btf, &inode, "inode", "i_ino")?,
-            byte_offset(btf, &inode, "inode", "i_sb")?,
-            byte_offset(btf, &sb, "super_block", "s_dev")?,
+            byte_offset(btf, mm, "mm_struct", "exe_file")?,
+            byte_offset(btf, file, "file", "f_inode")?,
+            byte_offset(btf, inode, "inode", "i_ino")?,
+            byte_offset(btf, inode, "inode", "i_sb")?,
+            byte_offset(btf, sb, "super_block", "s_dev")?,
         ])
     })();
     if let Ok([exe_file, f_inode, i_ino, i_sb, s_dev]) = exe {
@@ -158,54 +151,29 @@ pub fn resolve_tracepoint_fields(
     Ok(())
 }
 
-fn find_struct(btf: &Btf, name: &'static str) -> Result<Struct, OffsetError> {
-    btf.resolve_types_by_name(name)
-        .map_err(|_| OffsetError::NoStruct(name))?
-        .into_iter()
-        .find_map(|t| match t {
-            Type::Struct(s) => Some(s),
-            _ => None,
-        })
-        .ok_or(OffsetError::NoStruct(name))
+fn find_struct(btf: &KernelBtf, name: &'static str) -> Result<TypeId, OffsetError> {
+    btf.find_struct(name).ok_or(OffsetError::NoStruct(name))
 }
 
 fn byte_offset(
-    btf: &Btf,
-    strukt: &Struct,
+    btf: &KernelBtf,
+    strukt: TypeId,
     strukt_name: &'static str,
     member: &'static str,
 ) -> Result<u32, OffsetError> {
-    let bits = member_bit_offset(btf, strukt, member).ok_or(OffsetError::NoMember {
-        strukt: strukt_name,
-        member,
-    })?;
-    if bits % 8 != 0 {
+    let offset = btf
+        .member_offset(strukt, member)
+        .ok_or(OffsetError::NoMember {
+            strukt: strukt_name,
+            member,
+        })?;
+    if offset.bitfield_bits.is_some() || offset.bits % 8 != 0 {
         return Err(OffsetError::BitField {
             strukt: strukt_name,
             member,
         });
     }
-    Ok(bits / 8)
-}
-
-/// Offset in bits of `name` in `strukt`, looking through anonymous struct
-/// and union members (as in `mm_struct`, whose fields sit in an anonymous
-/// struct on current kernels).
-fn member_bit_offset(btf: &Btf, strukt: &Struct, name: &str) -> Option<u32> {
-    for member in &strukt.members {
-        let member_name = btf.resolve_name(member).unwrap_or_default();
-        if member_name == name {
-            return Some(member.bit_offset());
-        }
-        if member_name.is_empty() {
-            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(member) {
-                if let Some(inner_offset) = member_bit_offset(btf, &inner, name) {
-                    return Some(member.bit_offset() + inner_offset);
-                }
-            }
-        }
-    }
-    None
+    Ok(offset.bits / 8)
 }
 
 #[cfg(test)]

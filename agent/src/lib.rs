@@ -18,6 +18,7 @@ pub mod guard;
 pub mod guard_policy;
 pub mod heap;
 pub mod identity;
+pub mod kernel_btf;
 pub mod kernel_offsets;
 pub mod listeners;
 pub mod metrics;

@@ -401,6 +401,9 @@ impl KernelSensors {
                 }
             }
         }
+        // The parsed BTF (about 20 MB) is needed only to attach: freed
+        // before the ring buffers are mapped, so the two never add up.
+        drop(btf);
         // The guard decides connections only where a policy says how; a
         // policy that cannot be enforced is an error, not a silent allow.
         let mut kernel_guard = None;
