@@ -127,6 +127,8 @@ pub const FLAG_CREDS_UNKNOWN: u32 = 1 << 4;
 pub const FLAG_LOGINUID_UNKNOWN: u32 = 1 << 5;
 /// The process start time could not be read.
 pub const FLAG_START_UNKNOWN: u32 = 1 << 6;
+/// The exec event's `exe_*` fields are not filled.
+pub const FLAG_EXE_VERSION_UNKNOWN: u32 = 1 << 10;
 
 /// `clone_flags` bit of a new thread (not a new process).
 pub const CLONE_THREAD: u64 = 0x0001_0000;
@@ -159,6 +161,16 @@ pub struct ExecEvent {
     pub cgroup_id: u64,
     /// When the process (not the program) started, boot-clock nanoseconds.
     pub start_boot_ns: u64,
+    /// The version of the file the new program runs from
+    /// (`mm->exe_file->f_inode`): inode, size, modification time and the
+    /// kernel's `dev_t` of its file system; zero and
+    /// [`FLAG_EXE_VERSION_UNKNOWN`] when unknown. User space keys its hash
+    /// cache with it and need not look the file up for a binary it knows.
+    pub exe_ino: u64,
+    pub exe_size: u64,
+    pub exe_mtime_sec: i64,
+    pub exe_dev: u32,
+    pub exe_mtime_nsec: u32,
     /// The path given to execve, NUL-terminated.
     pub filename: [u8; FILENAME_CAPACITY],
     /// The new program's argument area: `argv` strings, each NUL-terminated.
@@ -731,6 +743,13 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
     pub inode_sb: u32,
     pub sb_dev: u32,
+    /// `inode.i_size` and the inode's modification time: seconds (an `s64`)
+    /// and nanoseconds (read as a `u32`), wherever this kernel keeps them
+    /// (`i_mtime_sec`/`i_mtime_nsec` since 6.11, a `timespec64` before)
+    /// ([`OPT_EXE_VERSION`]).
+    pub inode_size: u32,
+    pub inode_mtime_sec: u32,
+    pub inode_mtime_nsec: u32,
 }
 
 /// [`KernelOffsets::task_loginuid`] is valid.
@@ -742,16 +761,19 @@ pub const OPT_EXIT_GROUP_DEAD: u32 = 1 << 1;
 pub const OPT_TCP_BYTES: u32 = 1 << 2;
 /// [`KernelOffsets::mm_exe_file`] and the inode offsets are valid.
 pub const OPT_EXE_INODE: u32 = 1 << 3;
+/// [`KernelOffsets::inode_size`] and the modification-time offsets are
+/// valid (with [`OPT_EXE_INODE`]).
+pub const OPT_EXE_VERSION: u32 = 1 << 4;
 
 // Wire layout is part of the contract between kernel and user space: fixed
 // sizes, no implicit padding.
 const _: () = assert!(size_of::<EventHeader>() == 16);
 const _: () = assert!(align_of::<EventHeader>() == 8);
 const _: () =
-    assert!(size_of::<ExecEvent>() == 16 + 10 * 4 + 2 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
+    assert!(size_of::<ExecEvent>() == 16 + 12 * 4 + 5 * 8 + FILENAME_CAPACITY + ARGS_CAPACITY);
 const _: () = assert!(size_of::<ForkEvent>() == 16 + 6 * 4 + 2 * 8);
 const _: () = assert!(size_of::<ExitEvent>() == 16 + 6 * 4 + 2 * 8);
-const _: () = assert!(size_of::<KernelOffsets>() == 28 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 31 * 4);
 const _: () = assert!(size_of::<SocketOwner>() == 32);
 const _: () = assert!(size_of::<CredIds>() == 16);
 const _: () = assert!(size_of::<CredEvent>() == 16 + 8 + 2 * 16 + 8);

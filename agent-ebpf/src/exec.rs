@@ -3,8 +3,9 @@
 
 use agent_common::{
     DropReason, EventKind, ExecEvent, KernelOffsets, ARGS_CAPACITY, FILENAME_CAPACITY,
-    FLAG_ARGS_TRUNCATED, FLAG_ARGS_UNREADABLE, FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED,
-    FLAG_LOGINUID_UNKNOWN, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET,
+    FLAG_ARGS_TRUNCATED, FLAG_ARGS_UNREADABLE, FLAG_CREDS_UNKNOWN, FLAG_EXE_VERSION_UNKNOWN,
+    FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN,
+    LOGINUID_UNSET,
 };
 use aya_ebpf::{
     helpers::{
@@ -93,8 +94,14 @@ unsafe fn fill(ctx: &TracePointContext, event: &mut ExecEvent) {
     event.egid = event.gid;
     event.loginuid = LOGINUID_UNSET;
     event.start_boot_ns = 0;
+    event.exe_ino = 0;
+    event.exe_size = 0;
+    event.exe_mtime_sec = 0;
+    event.exe_dev = 0;
+    event.exe_mtime_nsec = 0;
     if offsets.valid == 0 {
-        flags |= FLAG_PPID_UNKNOWN
+        flags |= FLAG_EXE_VERSION_UNKNOWN
+            | FLAG_PPID_UNKNOWN
             | FLAG_ARGS_UNREADABLE
             | FLAG_CREDS_UNKNOWN
             | FLAG_LOGINUID_UNKNOWN
@@ -117,6 +124,16 @@ unsafe fn fill(ctx: &TracePointContext, event: &mut ExecEvent) {
         match task.start_boot_ns(&offsets) {
             Some(start) => event.start_boot_ns = start,
             None => flags |= FLAG_START_UNKNOWN,
+        }
+        match task.exe_version(&offsets) {
+            Some((dev, ino, size, mtime_sec, mtime_nsec)) => {
+                event.exe_dev = dev;
+                event.exe_ino = ino;
+                event.exe_size = size;
+                event.exe_mtime_sec = mtime_sec;
+                event.exe_mtime_nsec = mtime_nsec;
+            }
+            None => flags |= FLAG_EXE_VERSION_UNKNOWN,
         }
         flags |= unsafe { read_args(task, &offsets, event) };
     }

@@ -48,6 +48,9 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     inode_ino: 0,
     inode_sb: 0,
     sb_dev: 0,
+    inode_size: 0,
+    inode_mtime_sec: 0,
+    inode_mtime_nsec: 0,
 };
 
 #[inline(always)]

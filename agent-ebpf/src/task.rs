@@ -44,10 +44,9 @@ impl Task {
         self.read(o.task_mm)
     }
 
-    /// `(euid, egid)` of the task's subjective credentials.
-    #[inline(always)]
     /// `(s_dev, i_ino)` of the program the task runs
     /// (`mm->exe_file->f_inode`), when the offsets are known.
+    #[inline(always)]
     pub fn exe_inode(self, o: &KernelOffsets) -> Option<(u32, u64)> {
         if o.optional & agent_common::OPT_EXE_INODE == 0 {
             return None;
@@ -61,6 +60,28 @@ impl Task {
         Some((dev, ino))
     }
 
+    /// The version of the program the task runs: `(s_dev, i_ino, i_size,
+    /// mtime seconds, mtime nanoseconds)` of `mm->exe_file->f_inode`.
+    #[inline(always)]
+    pub fn exe_version(self, o: &KernelOffsets) -> Option<(u32, u64, u64, i64, u32)> {
+        let wanted = agent_common::OPT_EXE_INODE | agent_common::OPT_EXE_VERSION;
+        if o.optional & wanted != wanted {
+            return None;
+        }
+        let mm = Task(self.mm(o)?);
+        let file = mm.pointer_at(o.mm_exe_file)?;
+        let inode = file.pointer_at(o.file_inode)?;
+        let ino: u64 = inode.read(o.inode_ino)?;
+        let size: i64 = inode.read(o.inode_size)?;
+        let mtime_sec: i64 = inode.read(o.inode_mtime_sec)?;
+        let mtime_nsec: u32 = inode.read(o.inode_mtime_nsec)?;
+        let sb = inode.pointer_at(o.inode_sb)?;
+        let dev: u32 = sb.read(o.sb_dev)?;
+        Some((dev, ino, size as u64, mtime_sec, mtime_nsec))
+    }
+
+    /// `(euid, egid)` of the task's subjective credentials.
+    #[inline(always)]
     pub fn effective_ids(self, o: &KernelOffsets) -> Option<(u32, u32)> {
         let cred = self.pointer_at(o.task_cred)?;
         Some((cred.read(o.cred_euid)?, cred.read(o.cred_egid)?))

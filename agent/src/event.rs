@@ -9,8 +9,9 @@ use agent_common::{
     CredEvent, CredIds, CredSyscall, DecisionEvent, DnsEvent, EventHeader, EventKind, ExecEvent,
     ExitEvent, FileAction, FileEvent, ForkEvent, TcpAction, TcpEvent, ARGS_CAPACITY,
     DNS_PAYLOAD_CAPACITY, FILENAME_CAPACITY, FLAG_ARGS_TRUNCATED, FLAG_BYTES_UNKNOWN,
-    FLAG_CREDS_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN, FLAG_OWNER_UNKNOWN,
-    FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET, PATH_CAPACITY,
+    FLAG_CREDS_UNKNOWN, FLAG_EXE_VERSION_UNKNOWN, FLAG_FILENAME_TRUNCATED, FLAG_LOGINUID_UNKNOWN,
+    FLAG_OWNER_UNKNOWN, FLAG_PATH_TRUNCATED, FLAG_PPID_UNKNOWN, FLAG_START_UNKNOWN, LOGINUID_UNSET,
+    PATH_CAPACITY,
 };
 
 /// A process execution as the kernel saw it.
@@ -37,6 +38,8 @@ pub struct ProcessExec {
     pub filename_truncated: bool,
     pub ppid_unknown: bool,
     pub creds_unknown: bool,
+    /// The version of the executed file, when the kernel could read it.
+    pub exe_version: Option<crate::exe_hash::FileVersion>,
 }
 
 /// A new process.
@@ -469,6 +472,15 @@ fn decode_exec(record: &[u8]) -> Result<ProcessExec, DecodeError> {
         filename_truncated: flags & FLAG_FILENAME_TRUNCATED != 0,
         ppid_unknown: flags & FLAG_PPID_UNKNOWN != 0,
         creds_unknown: flags & FLAG_CREDS_UNKNOWN != 0,
+        exe_version: (flags & FLAG_EXE_VERSION_UNKNOWN == 0).then(|| {
+            crate::exe_hash::FileVersion::from_kernel(
+                raw.exe_dev,
+                raw.exe_ino,
+                raw.exe_size,
+                raw.exe_mtime_sec,
+                raw.exe_mtime_nsec,
+            )
+        }),
     })
 }
 

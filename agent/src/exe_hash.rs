@@ -32,9 +32,33 @@ pub struct FileVersion {
 /// binary again on its first connection.
 pub type SharedExeHasher = std::sync::Arc<std::sync::Mutex<ExeHasher>>;
 
+impl FileVersion {
+    /// The version `stat` gives, for a regular file of hashable size.
+    pub fn of(meta: &std::fs::Metadata) -> Option<Self> {
+        hashable_version(meta)
+    }
+
+    /// The version of an executable as the exec sensor read it from the
+    /// kernel's inode; `dev` is the kernel's internal `dev_t` (major in the
+    /// top 12 bits, minor in the low 20), made into what `stat` reports.
+    pub fn from_kernel(dev: u32, ino: u64, size: u64, mtime_sec: i64, mtime_nsec: u32) -> Self {
+        Self {
+            dev: libc::makedev(dev >> 20, dev & 0xf_ffff),
+            ino,
+            mtime_ns: i128::from(mtime_sec) * 1_000_000_000 + i128::from(mtime_nsec),
+            size,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ExeHasher {
     cache: HashMap<FileVersion, String>,
+    /// For a file being hashed: the version the kernel reported for it
+    /// when that differs from what `stat` says (a file system whose
+    /// `st_dev` is not its super block's, as btrfs subvolumes), so the
+    /// hash is cached under both.
+    aliases: HashMap<FileVersion, FileVersion>,
     /// Files actually read (cache misses), for tests and metrics.
     pub files_hashed: u64,
 }
@@ -106,34 +130,67 @@ impl ExeHasher {
         }
     }
 
-    /// The cache's answer for what `pid` executes: a `stat`, no reading.
-    /// Only [`Lookup::New`] needs the (slow) [`NewFile::compute`].
-    pub fn lookup(&self, pid: u32, filename: &str) -> Lookup {
-        let file = File::open(format!("/proc/{pid}/exe"))
-            .or_else(|_| {
-                if filename.starts_with('/') {
-                    File::open(Path::new(filename))
-                } else {
-                    Err(io::Error::from(io::ErrorKind::NotFound))
-                }
-            })
-            .ok();
-        let Some(meta) = file.as_ref().and_then(|file| file.metadata().ok()) else {
-            return Lookup::Unreadable;
-        };
-        if !meta.is_file() || meta.len() > MAX_HASHED_BYTES {
-            return Lookup::Unreadable;
+    /// The cache's answer for the program an exec event names: when the
+    /// kernel reported its file version (`known`), no system call at all
+    /// for a version seen before; else (or on a miss) [`Self::lookup`].
+    pub fn lookup_exec(&mut self, pid: u32, filename: &str, known: Option<FileVersion>) -> Lookup {
+        if let Some(hash) = known.and_then(|version| self.cache.get(&version)) {
+            return Lookup::Cached(hash.clone());
         }
-        let version = FileVersion {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            size: meta.len(),
+        let found = self.lookup(pid, filename);
+        if let Some(known) = known {
+            match &found {
+                Lookup::Cached(hash) => {
+                    let hash = hash.clone();
+                    self.insert(known, hash);
+                }
+                Lookup::New(file) if file.version != known => {
+                    self.aliases.insert(file.version, known);
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    /// The cache's answer for what `pid` executes: one `stat` through
+    /// `/proc/<pid>/exe` and no open for a version seen before (opening
+    /// the image for every exec was an eighth of the agent's CPU in an exec
+    /// storm). Only [`Lookup::New`] opens the file, and needs the (slow)
+    /// [`NewFile::compute`].
+    pub fn lookup(&self, pid: u32, filename: &str) -> Lookup {
+        let proc_exe = format!("/proc/{pid}/exe");
+        let found = std::fs::metadata(&proc_exe)
+            .map(|meta| (Path::new(&proc_exe), meta))
+            .or_else(|err| {
+                if filename.starts_with('/') {
+                    let path = Path::new(filename);
+                    std::fs::metadata(path).map(|meta| (path, meta))
+                } else {
+                    Err(err)
+                }
+            });
+        let Some((path, version)) = found
+            .ok()
+            .and_then(|(path, meta)| Some((path, hashable_version(&meta)?)))
+        else {
+            return Lookup::Unreadable;
         };
-        match (self.cache.get(&version), file) {
-            (Some(hash), _) => Lookup::Cached(hash.clone()),
-            (None, Some(file)) => Lookup::New(NewFile { file, version }),
-            (None, None) => Lookup::Unreadable,
+        if let Some(hash) = self.cache.get(&version) {
+            return Lookup::Cached(hash.clone());
+        }
+        // The version of what is opened, which may differ from what was
+        // stat'ed if the file was replaced in between.
+        let opened = File::open(path).ok().and_then(|file| {
+            let version = hashable_version(&file.metadata().ok()?)?;
+            Some((file, version))
+        });
+        match opened {
+            Some((file, version)) => match self.cache.get(&version) {
+                Some(hash) => Lookup::Cached(hash.clone()),
+                None => Lookup::New(NewFile { file, version }),
+            },
+            None => Lookup::Unreadable,
         }
     }
 
@@ -141,11 +198,29 @@ impl ExeHasher {
     /// ([`NewFile::compute`]).
     pub fn remember(&mut self, version: FileVersion, hash: &str) {
         self.files_hashed += 1;
+        if let Some(alias) = self.aliases.remove(&version) {
+            self.insert(alias, hash.to_owned());
+        }
+        self.insert(version, hash.to_owned());
+    }
+
+    fn insert(&mut self, version: FileVersion, hash: String) {
         if self.cache.len() >= CACHE_CAPACITY {
             self.cache.clear();
+            self.aliases.clear();
         }
-        self.cache.insert(version, hash.to_owned());
+        self.cache.insert(version, hash);
     }
+}
+
+/// The cache key of a regular file of hashable size.
+fn hashable_version(meta: &std::fs::Metadata) -> Option<FileVersion> {
+    (meta.is_file() && meta.len() <= MAX_HASHED_BYTES).then(|| FileVersion {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        size: meta.len(),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -182,6 +257,59 @@ mod tests {
         let changed = hasher.hash(u32::MAX, path.to_str().unwrap()).unwrap();
         assert_ne!(changed, hash);
         assert_eq!(hasher.files_hashed, 2);
+    }
+
+    #[test]
+    fn a_version_from_the_kernel_finds_the_hash_without_a_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prog");
+        std::fs::write(&path, b"abc").unwrap();
+        let name = path.to_str().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        // What the exec sensor reads from the inode, with the kernel's dev_t.
+        let kernel_dev = (libc::major(meta.dev()) << 20) | libc::minor(meta.dev());
+        let kernel = FileVersion::from_kernel(
+            kernel_dev,
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec() as u32,
+        );
+        assert_eq!(kernel, hashable_version(&meta).unwrap(), "same key as stat");
+
+        let mut hasher = ExeHasher::default();
+        let Lookup::New(file) = hasher.lookup_exec(u32::MAX, name, Some(kernel)) else {
+            panic!("a new file");
+        };
+        let (version, hash) = file.compute();
+        hasher.remember(version, &hash.clone().unwrap());
+        // Found by the kernel's version alone: the path no longer exists.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        assert!(matches!(
+            hasher.lookup_exec(u32::MAX, name, Some(kernel)),
+            Lookup::Cached(h) if Some(&h) == hash.as_ref()
+        ));
+        assert!(matches!(
+            hasher.lookup_exec(u32::MAX, name, None),
+            Lookup::Unreadable
+        ));
+
+        // A kernel version that stat would not give (another dev): the hash
+        // is cached under both once computed.
+        let path = dir.path().join("moved");
+        let name = path.to_str().unwrap();
+        let other = FileVersion {
+            dev: 12345,
+            ..kernel
+        };
+        let Lookup::Cached(_) = hasher.lookup_exec(u32::MAX, name, Some(other)) else {
+            panic!("stat's version is cached");
+        };
+        assert!(matches!(
+            hasher.lookup_exec(u32::MAX, "/gone", Some(other)),
+            Lookup::Cached(_)
+        ));
+        assert_eq!(hasher.files_hashed, 1);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use agent_common::{
-    KernelOffsets, OPT_EXE_INODE, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES,
+    KernelOffsets, OPT_EXE_INODE, OPT_EXE_VERSION, OPT_EXIT_GROUP_DEAD, OPT_LOGINUID, OPT_TCP_BYTES,
 };
 
 use crate::kernel_btf::{BtfError, KernelBtf, TypeId};
@@ -108,6 +108,14 @@ pub fn resolve(btf: &KernelBtf) -> Result<KernelOffsets, OffsetError> {
         offsets.inode_sb = i_sb;
         offsets.sb_dev = s_dev;
         offsets.optional |= OPT_EXE_INODE;
+        // The executable's size and modification time: the exec event
+        // carries its file version, the key of the agent's hash cache.
+        if let Ok([size, sec, nsec]) = inode_version_offsets(btf) {
+            offsets.inode_size = size;
+            offsets.inode_mtime_sec = sec;
+            offsets.inode_mtime_nsec = nsec;
+            offsets.optional |= OPT_EXE_VERSION;
+        }
     }
     // Only with CONFIG_AUDIT.
     if let Ok(loginuid) = task_off("loginuid") {
@@ -149,6 +157,26 @@ pub fn resolve_tracepoint_fields(
         offsets.optional |= OPT_EXIT_GROUP_DEAD;
     }
     Ok(())
+}
+
+/// `inode.i_size` and where the inode's modification time keeps its
+/// seconds and nanoseconds: `i_mtime_sec` and `i_mtime_nsec` since 6.11,
+/// a `struct timespec64` (`__i_mtime` in 6.7–6.10, `i_mtime` before).
+fn inode_version_offsets(btf: &KernelBtf) -> Result<[u32; 3], OffsetError> {
+    let inode = find_struct(btf, "inode")?;
+    let size = byte_offset(btf, inode, "inode", "i_size")?;
+    if let (Ok(sec), Ok(nsec)) = (
+        byte_offset(btf, inode, "inode", "i_mtime_sec"),
+        byte_offset(btf, inode, "inode", "i_mtime_nsec"),
+    ) {
+        return Ok([size, sec, nsec]);
+    }
+    let mtime = byte_offset(btf, inode, "inode", "__i_mtime")
+        .or_else(|_| byte_offset(btf, inode, "inode", "i_mtime"))?;
+    let timespec = find_struct(btf, "timespec64")?;
+    let sec = byte_offset(btf, timespec, "timespec64", "tv_sec")?;
+    let nsec = byte_offset(btf, timespec, "timespec64", "tv_nsec")?;
+    Ok([size, mtime + sec, mtime + nsec])
 }
 
 fn find_struct(btf: &KernelBtf, name: &'static str) -> Result<TypeId, OffsetError> {
@@ -205,6 +233,10 @@ mod tests {
         assert!(offsets.sock_shutdown > 0);
         assert_ne!(offsets.optional & OPT_EXE_INODE, 0, "exe inode offsets");
         assert!(offsets.mm_exe_file > 0 && offsets.inode_sb > 0 && offsets.sb_dev > 0);
+        // 6.18 keeps the modification time as i_mtime_sec + i_mtime_nsec.
+        assert_ne!(offsets.optional & OPT_EXE_VERSION, 0, "exe version offsets");
+        assert!(offsets.inode_size > 0);
+        assert!(offsets.inode_mtime_sec > 0 && offsets.inode_mtime_nsec > offsets.inode_mtime_sec);
     }
 
     #[test]

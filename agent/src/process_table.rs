@@ -151,7 +151,7 @@ impl ProcessTable {
     /// The chain of `pid`'s ancestors, parent first, up to pid 1 (or the
     /// first unknown parent), at most [`MAX_ANCESTRY`] long.
     pub fn ancestry(&self, pid: u32) -> Vec<Ancestor> {
-        let mut chain = Vec::new();
+        let mut chain = Vec::with_capacity(8);
         let mut current = self.processes.get(&pid).map(|p| p.ppid);
         while let Some(ppid) = current {
             if ppid == 0 || chain.len() >= MAX_ANCESTRY {
@@ -343,6 +343,7 @@ mod tests {
             filename_truncated: false,
             ppid_unknown: false,
             creds_unknown: false,
+            exe_version: None,
         }
     }
 

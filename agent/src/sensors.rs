@@ -980,7 +980,7 @@ impl Reader {
                 let ancestry = self.table.ancestry(e.pid);
                 // Only a binary not seen before is read, off the runtime's
                 // worker; the usual case is one stat.
-                let lookup = lock(&self.hasher).lookup(e.pid, &e.filename);
+                let lookup = lock(&self.hasher).lookup_exec(e.pid, &e.filename, e.exe_version);
                 let exe_sha256 = match lookup {
                     Lookup::Cached(hash) => hash,
                     Lookup::New(file) => {
@@ -1401,6 +1401,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The exec record carries the version of the file the new program
+    /// runs from, read from its inode: the same as `stat` gives, so the
+    /// hash cache needs no lookup for a binary it has seen.
+    #[test]
+    fn the_exec_record_carries_the_programs_file_version() {
+        raise_memlock_limit();
+        let offsets = resolve_offsets();
+        assert_ne!(offsets.optional & agent_common::OPT_EXE_VERSION, 0);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(KERNEL_OFFSETS_GLOBAL, &offsets, true)
+            .load(EBPF_OBJECT)
+            .expect("the agent's eBPF object loads (root)");
+        let plan = SENSOR_PLANS
+            .iter()
+            .find(|plan| plan.sensor == "exec")
+            .expect("an exec sensor");
+        let targets = AttachTargets {
+            btf: None,
+            guarded_cgroup: Path::new("/nonexistent"),
+        };
+        let _active = attach_sensor(&mut ebpf, plan, &targets).expect("exec attaches");
+        let mut ring = RingBuf::try_from(ebpf.take_map(CRITICAL_EVENTS_MAP).unwrap()).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let program = dir.path().join("true-copy");
+        std::fs::copy("/bin/true", &program).unwrap();
+        let status = std::process::Command::new(&program).status().unwrap();
+        assert!(status.success());
+        let expected = FileVersion::of(&std::fs::metadata(&program).unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let seen = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exec record of {program:?}"
+            );
+            let Some(record) = ring.next() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            if let Ok(KernelEvent::Exec(exec)) = decode(&record) {
+                if Path::new(&exec.filename) == program {
+                    break exec;
+                }
+            }
+        };
+        assert_eq!(seen.exe_version, Some(expected), "the version stat gives");
     }
 
     /// A choice that cannot attach is passed over, with its reason, for the

@@ -30,6 +30,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds of the spool's decoded-event cache, per class.
 const SPOOL_CACHE_EVENTS: usize = 8_192;
+/// Events taken from the sensors' channel per turn of the session loop.
+const PUSH_AT_ONCE: usize = 1_024;
 const SPOOL_CACHE_BYTES: usize = 4 << 20;
 /// Spool writes and fsyncs slower than this are logged.
 const SLOW_SPOOL_IO: Duration = Duration::from_millis(500);
@@ -305,13 +307,26 @@ impl Uplink {
                         tokio::select! {
                             _ = sleep_until(until) => break,
                             event = events.recv() => match event {
-                                Some(event) => self.push(event),
+                                Some(event) => self.push_available(event, &mut events),
                                 None => source_open = false,
                             },
                             _ = sleep_until(self.next_sync()) => self.sync_spool(),
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Queues `first` and what else the sensors have already handed over
+    /// (up to [`PUSH_AT_ONCE`]): a burst costs one turn of the session
+    /// loop (its timers and the acknowledgement poll), not one per event.
+    fn push_available(&mut self, first: Event, events: &mut mpsc::Receiver<Event>) {
+        self.push(first);
+        for _ in 1..PUSH_AT_ONCE {
+            match events.try_recv() {
+                Ok(event) => self.push(event),
+                Err(_) => break,
             }
         }
     }
@@ -374,7 +389,7 @@ impl Uplink {
             tokio::select! {
                 channel = &mut connect => break channel.map_err(UplinkError::Connect)?,
                 event = events.recv(), if *source_open => match event {
-                    Some(event) => self.push(event),
+                    Some(event) => self.push_available(event, events),
                     None => *source_open = false,
                 },
                 _ = sleep_until(self.next_sync()) => self.sync_spool(),
@@ -392,7 +407,7 @@ impl Uplink {
             tokio::select! {
                 response = &mut open => break response.map_err(UplinkError::Open)?.into_inner(),
                 event = events.recv(), if *source_open => match event {
-                    Some(event) => self.push(event),
+                    Some(event) => self.push_available(event, events),
                     None => *source_open = false,
                 },
                 _ = sleep_until(self.next_sync()) => self.sync_spool(),
@@ -433,7 +448,7 @@ impl Uplink {
             tokio::select! {
                 event = events.recv(), if *source_open => match event {
                     Some(event) => {
-                        self.push(event);
+                        self.push_available(event, events);
                         flush_at.get_or_insert_with(|| Instant::now() + delay);
                     }
                     None => *source_open = false,

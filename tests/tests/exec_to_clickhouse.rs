@@ -171,6 +171,32 @@ async fn exec_in_test_cgroup_reaches_clickhouse_within_5s() -> Result<()> {
         carried <= 4096 + 1 && carried > 4000,
         "argv area carried: {carried} bytes"
     );
+
+    // A binary changed in place (same inode, new size and modification
+    // time) is hashed again: the exec event carries the file's version read
+    // from the kernel's inode, the key of the agent's hash cache, and an
+    // unchanged binary's second run is answered from that cache.
+    let dir = tempfile::tempdir()?;
+    let program = dir.path().join("echo-copy");
+    std::fs::copy("/bin/echo", &program)?;
+    let program = program.to_str().context("utf-8 path")?.to_owned();
+    let mut hashes = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&program)?
+                .write_all(b"changed in place")?;
+        }
+        let marker = marker_for(&format!("inplace{round}"));
+        run_in_cgroup(&cgroup, &program, &[&marker])?;
+        let row = wait_for_exec(&stack, &marker, Duration::from_secs(5)).await?;
+        assert_eq!(row.exe_sha256, sha256_of(&program)?, "round {round}");
+        hashes.push(row.exe_sha256);
+    }
+    assert_eq!(hashes[0], hashes[1], "the same file, the same hash");
+    assert_ne!(hashes[1], hashes[2], "the changed binary's own hash");
     Ok(())
 }
 
