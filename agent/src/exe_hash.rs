@@ -1,5 +1,8 @@
 //! SHA-256 of executed files, cached by (device, inode, mtime, size) so each
-//! binary is read once per version. The running image is read through
+//! binary is read once per version. Exec events bring that version from the
+//! kernel (the exec sensor reads the program's inode), so a binary seen
+//! before costs no system call; otherwise `stat` finds it. The running
+//! image is read through
 //! `/proc/<pid>/exe`, which works for deleted or replaced files; when the
 //! process is already gone, the exec path is hashed instead.
 
@@ -154,10 +157,11 @@ impl ExeHasher {
     }
 
     /// The cache's answer for what `pid` executes: one `stat` through
-    /// `/proc/<pid>/exe` and no open for a version seen before (opening
-    /// the image for every exec was an eighth of the agent's CPU in an exec
-    /// storm). Only [`Lookup::New`] opens the file, and needs the (slow)
-    /// [`NewFile::compute`].
+    /// `/proc/<pid>/exe` for a version seen before (its path walk, not the
+    /// open it replaced, is what costs: an eighth of the agent's CPU in an
+    /// exec storm, which is why exec events use [`Self::lookup_exec`] with
+    /// the kernel's version). Only [`Lookup::New`] opens the file, and
+    /// needs the (slow) [`NewFile::compute`].
     pub fn lookup(&self, pid: u32, filename: &str) -> Lookup {
         let proc_exe = format!("/proc/{pid}/exe");
         let found = std::fs::metadata(&proc_exe)
