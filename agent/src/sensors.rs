@@ -238,7 +238,7 @@ pub const SENSOR_PLANS: &[SensorPlan] = &[
 
 /// Records taken from the bulk ring per wake-up before the critical ring is
 /// looked at again.
-const BULK_DRAIN_LIMIT: usize = 4096;
+const BULK_DRAIN_LIMIT: usize = 1024;
 
 /// Records taken from the critical ring before they are handed on. A burst
 /// waits in the ring (memory the kernel holds anyway) until the uplink's

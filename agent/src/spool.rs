@@ -151,7 +151,7 @@ pub struct SpoolLimits {
     pub dir: PathBuf,
     pub max_bytes: u64,
     pub segment_bytes: u64,
-    /// Bound of the decoded-event cache, per class.
+    /// Bounds of the cache of record bytes (not yet sent), per class.
     pub cache_events: usize,
     pub cache_bytes: usize,
     /// How often the uplink flushes and fsyncs the spool.
