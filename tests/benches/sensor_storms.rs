@@ -23,7 +23,8 @@
 //! cgroup (waiting until the count is unchanged for 3 s, at most 60 s), the
 //! losses the agent reported in `zt.gaps` during the storm, the agent's
 //! user + system CPU time (from `/proc/<pid>/stat`) and memory (`VmHWM`,
-//! `VmRSS`), and compares the workload's wall and CPU time with the agent
+//! reset before each storm through `/proc/<pid>/clear_refs`, and `VmRSS`),
+//! and compares the workload's wall and CPU time with the agent
 //! running against the same workload without any agent (run before the
 //! agent starts and again after it stopped).
 //!
@@ -679,6 +680,10 @@ async fn run() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let sampling_at_start = bulk_sampling(&agent.log());
+        // Each storm's own peak: VmHWM starts again from the current RSS
+        // (else a later storm would report an earlier one's peak).
+        std::fs::write(format!("/proc/{agent_pid}/clear_refs"), "5")
+            .context("resetting the agent's peak RSS")?;
         let mut measured = storm_with_agent(&stack, storm, &agent, &collector)
             .await
             .with_context(|| format!("{} with the agent\n{}", storm.kind.name(), stack.logs()))?;
