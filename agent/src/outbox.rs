@@ -24,7 +24,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prost::Message as _;
 use proto::telemetry::{event::Kind, Event};
 
 use crate::encoded::EncodedEvent;
@@ -106,8 +105,9 @@ impl Outbox {
     pub fn push(&mut self, event: Event) -> u64 {
         let bulk = is_bulk(&event);
         let mut dropped = 0;
+        let event = EncodedEvent::encode(&event);
         // Gap records (few, never dropped) do not count against the bound.
-        let size = event.encoded_len();
+        let size = event.len();
         while self.critical.len() + self.bulk.len() + self.in_flight_events >= self.capacity
             || self.bytes + size > self.max_bytes
         {
@@ -129,8 +129,6 @@ impl Outbox {
             }
             dropped += 1;
         }
-        let event = EncodedEvent::encode(&event);
-        debug_assert_eq!(event.len(), size);
         self.bytes += size;
         if bulk {
             self.bulk.push_back(event);
@@ -429,6 +427,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
 
     fn event(seq: u64) -> Event {
         Event {

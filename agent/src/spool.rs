@@ -294,8 +294,7 @@ struct Cached {
     end_offset: u64,
 }
 
-/// One step of reading from disk (a transient return value: not boxed).
-#[allow(clippy::large_enum_variant)]
+/// One step of reading from disk.
 enum Step {
     Record((u64, Arc<RunId>, EncodedEvent)),
     /// Moved on (skipped, changed segment); read again.
