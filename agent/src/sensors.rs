@@ -984,7 +984,8 @@ impl Reader {
                 self.table.on_exec(&e);
                 let ancestry = self.table.ancestry(e.pid);
                 // Only a binary not seen before is read, off the runtime's
-                // worker; the usual case is one stat.
+                // worker; the usual case is the kernel's file version found
+                // in the cache, no system call.
                 let lookup = lock(&self.hasher).lookup_exec(e.pid, &e.filename, e.exe_version);
                 let exe_sha256 = match lookup {
                     Lookup::Cached(hash) => hash,
