@@ -38,7 +38,12 @@ pub type SharedExeHasher = std::sync::Arc<std::sync::Mutex<ExeHasher>>;
 impl FileVersion {
     /// The version `stat` gives, for a regular file of hashable size.
     pub fn of(meta: &std::fs::Metadata) -> Option<Self> {
-        hashable_version(meta)
+        (meta.is_file() && meta.len() <= MAX_HASHED_BYTES).then(|| Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            size: meta.len(),
+        })
     }
 
     /// The version of an executable as the exec sensor read it from the
@@ -176,7 +181,7 @@ impl ExeHasher {
             });
         let Some((path, version)) = found
             .ok()
-            .and_then(|(path, meta)| Some((path, hashable_version(&meta)?)))
+            .and_then(|(path, meta)| Some((path, FileVersion::of(&meta)?)))
         else {
             return Lookup::Unreadable;
         };
@@ -186,7 +191,7 @@ impl ExeHasher {
         // The version of what is opened, which may differ from what was
         // stat'ed if the file was replaced in between.
         let opened = File::open(path).ok().and_then(|file| {
-            let version = hashable_version(&file.metadata().ok()?)?;
+            let version = FileVersion::of(&file.metadata().ok()?)?;
             Some((file, version))
         });
         match opened {
@@ -215,16 +220,6 @@ impl ExeHasher {
         }
         self.cache.insert(version, hash);
     }
-}
-
-/// The cache key of a regular file of hashable size.
-fn hashable_version(meta: &std::fs::Metadata) -> Option<FileVersion> {
-    (meta.is_file() && meta.len() <= MAX_HASHED_BYTES).then(|| FileVersion {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        size: meta.len(),
-    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -279,7 +274,7 @@ mod tests {
             meta.mtime(),
             meta.mtime_nsec() as u32,
         );
-        assert_eq!(kernel, hashable_version(&meta).unwrap(), "same key as stat");
+        assert_eq!(kernel, FileVersion::of(&meta).unwrap(), "same key as stat");
 
         let mut hasher = ExeHasher::default();
         let Lookup::New(file) = hasher.lookup_exec(u32::MAX, name, Some(kernel)) else {

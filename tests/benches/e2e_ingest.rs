@@ -32,9 +32,7 @@
 
 use std::{
     collections::HashMap,
-    ffi::CString,
     net::SocketAddr,
-    os::unix::{ffi::OsStrExt, process::CommandExt},
     process::{Command, ExitCode, Stdio},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -532,25 +530,9 @@ fn exec_in_cgroup(cgroup: &TestCgroup, marker: &str) -> Result<()> {
 /// Runs `/bin/true <marker>` inside the cgroup whose `cgroup.procs` is
 /// `procs`, and waits for it.
 fn exec_with_procs(procs: &std::path::Path, marker: &str) -> Result<()> {
-    let procs = CString::new(procs.as_os_str().as_bytes())?;
     let mut command = Command::new("/bin/true");
     command.arg(marker);
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork
-    // and exec: the child joins the cgroup before it executes.
-    unsafe {
-        command.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    zt_e2e::cgroup::join_on_exec(procs, &mut command)?;
     let status = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())

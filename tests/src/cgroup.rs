@@ -44,25 +44,32 @@ impl TestCgroup {
     /// so the program runs in it from its first instruction. Hooks added
     /// to `command` before this one run first.
     pub fn join_on_exec(&self, command: &mut Command) -> Result<()> {
-        let procs = CString::new(self.procs_file().as_os_str().as_bytes())?;
-        // SAFETY: only async-signal-safe calls (open, write, close) between
-        // fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(())
+        join_on_exec(&self.procs_file(), command)
     }
+}
+
+/// Makes the child of `command` join the cgroup whose `cgroup.procs` is
+/// `procs_file` between fork and exec (see [`TestCgroup::join_on_exec`]);
+/// for code that holds only the path, as a thread outliving a borrow.
+pub fn join_on_exec(procs_file: &std::path::Path, command: &mut Command) -> Result<()> {
+    let procs = CString::new(procs_file.as_os_str().as_bytes())?;
+    // SAFETY: only async-signal-safe calls (open, write, close) between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl Drop for TestCgroup {
